@@ -1,0 +1,282 @@
+"""The ``local`` backend: a subprocess on the worker. The embedded default; needs no service.
+
+Each job gets a directory named after its identity under ``state_dir``, holding the step's JSON, its log,
+its pid and, once it ends, its exit code. The process runs in its own session, so it outlives a crashed
+worker and a retry reattaches to it through that directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from airflow_remote_ml.core.artifacts import is_local, local_path
+from airflow_remote_ml.core.backend import Backend, BackendConfig, StepRequest
+from airflow_remote_ml.core.errors import ConfigError
+from airflow_remote_ml.core.identity import StepIdentity
+from airflow_remote_ml.core.poll import PollPolicy
+from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
+
+log = logging.getLogger(__name__)
+
+_FILES = ("step.json", "log", "pid", "exit_code", "cancelled", "finished")
+
+
+def default_state_dir() -> str:
+    return os.environ.get("REMOTE_ML_LOCAL_STATE_DIR") or os.path.join(
+        os.path.expanduser("~"), "airflow-remote-ml", "local-jobs")
+
+
+@dataclass(frozen=True)
+class LocalConfig(BackendConfig):
+    """Settings of the local backend.
+
+    Attributes:
+        state_dir: where job directories live; must survive a worker restart for reattachment.
+        python: the interpreter that runs the step (default: the worker's own).
+        inherit_sys_path: give the step the worker's ``sys.path`` (so DAG-folder code imports).
+        kill_grace_seconds: time between SIGTERM and SIGKILL on cancel.
+        secrets_from: ``'airflow'`` (Airflow Variables) or ``'env'`` (the worker's environment).
+    """
+
+    state_dir: str = field(default_factory=default_state_dir)
+    python: str = field(default_factory=lambda: sys.executable)
+    inherit_sys_path: bool = True
+    kill_grace_seconds: float = 10.0
+    secrets_from: str = "airflow"
+
+
+class LocalBackend(Backend):
+    name: ClassVar[str] = "local"
+    config_class = LocalConfig
+    option_names = frozenset({"cwd"})
+    poll_policy = PollPolicy(first_delay=0.05, factor=1.5, cap=2.0)
+    config: LocalConfig
+
+    def __init__(self, config: LocalConfig) -> None:
+        super().__init__(config)
+        if config.secrets_from not in ("airflow", "env"):
+            raise ConfigError("backend_config[local].secrets_from", f"{config.secrets_from!r} is not known",
+                              "use 'airflow' or 'env'")
+        # Processes started by this object: waiting on them notices the exit at once.
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+
+    # -- helpers ----------------------------------------------------------------------------------------
+
+    def _job_dir(self, job_id: str) -> str:
+        return os.path.join(self.config.state_dir, job_id)
+
+    def _handle(self, job_id: str, step: dict[str, Any]) -> RunHandle:
+        return RunHandle(
+            backend=self.name,
+            job_id=job_id,
+            url=None,
+            data={
+                "job_dir": self._job_dir(job_id),
+                "manifest_uri": step["manifest_uri"],
+                "declared_outputs": sorted(step.get("outputs") or {}),
+            },
+        )
+
+    def validate(self, request: StepRequest) -> None:
+        super().validate(request)
+        if not is_local(request.artifact_root):
+            return  # the runtime uploads through fsspec; nothing to check here
+        root = local_path(request.artifact_root)
+        if not os.path.isabs(root):
+            raise ConfigError("artifact_root", f"{root!r} is relative", "use an absolute path")
+        cwd = request.spec.options_for(self.name).get("cwd")
+        if cwd is not None and not os.path.isdir(cwd):
+            raise ConfigError("backend_options.local.cwd", f"{cwd!r} is not a directory", "give an existing directory")
+
+    def _secret_env(self, request: StepRequest) -> dict[str, str]:
+        if not request.spec.secrets:
+            return {}
+        from airflow_remote_ml.hooks import resolve_secret
+
+        return {env: resolve_secret(ref, source=self.config.secrets_from) for env, ref in request.spec.secrets.items()}
+
+    # -- the interface ------------------------------------------------------------------------------------
+
+    def submit(self, request: StepRequest) -> RunHandle:
+        job_id = request.identity.digest
+        job_dir = self._job_dir(job_id)
+        os.makedirs(job_dir, exist_ok=True)
+        for name in _FILES:  # a job directory is only reused for the same identity after a failed start
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(job_dir, name))
+        step = request.runtime_config(python_path=list(sys.path) if self.config.inherit_sys_path else [])
+        with open(os.path.join(job_dir, "step.json"), "w", encoding="utf-8") as fh:
+            json.dump({**step, "identity": request.identity.to_json()}, fh)
+        env = {**os.environ, **request.spec.env, **self._secret_env(request)}
+        env["REMOTE_ML_STEP_FILE"] = os.path.join(job_dir, "step.json")
+        env["REMOTE_ML_EXIT_FILE"] = os.path.join(job_dir, "exit_code")
+        env["PYTHONUNBUFFERED"] = "1"
+        cwd = request.spec.options_for(self.name).get("cwd") or job_dir
+        with open(os.path.join(job_dir, "log"), "ab") as log_file:
+            child = subprocess.Popen(
+                [self.config.python, "-m", "airflow_remote_ml.runtime"],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # outlives the worker; a retry reattaches
+            )
+        self._children[job_id] = child
+        with open(os.path.join(job_dir, "pid"), "w", encoding="utf-8") as fh:
+            fh.write(f"{child.pid} {_start_time(child.pid)}")
+        log.info("local: started step %s as pid %s (log: %s)", request.identity.key, child.pid,
+                 os.path.join(job_dir, "log"))
+        return self._handle(job_id, step)
+
+    def find(self, identity: StepIdentity) -> RunHandle | None:
+        job_id = identity.digest
+        step_file = os.path.join(self._job_dir(job_id), "step.json")
+        pid_file = os.path.join(self._job_dir(job_id), "pid")
+        if not (os.path.exists(step_file) and os.path.exists(pid_file)):
+            return None
+        with open(step_file, encoding="utf-8") as fh:
+            step = json.load(fh)
+        return self._handle(job_id, step)
+
+    def poll(self, handle: RunHandle) -> RunStatus:
+        job_dir = handle.data["job_dir"]
+        child = self._children.get(handle.job_id)
+        if child is not None:
+            child.poll()  # reap it so it does not linger as a zombie
+        code = _read(os.path.join(job_dir, "exit_code"))
+        cancelled = os.path.exists(os.path.join(job_dir, "cancelled"))
+        if code is not None:
+            exit_code = int(code)
+            if cancelled:
+                return RunStatus(RunState.CANCELLED, "cancelled", "cancelled", exit_code)
+            if exit_code == 0:
+                return RunStatus(RunState.SUCCEEDED, "exited", "", 0)
+            return RunStatus(RunState.FAILED, "exited", f"the step exited with code {exit_code}", exit_code)
+        if self._alive(handle):
+            return RunStatus(RunState.RUNNING, "running")
+        # The process is gone without writing its exit code: killed hard, or the machine restarted.
+        if child is not None and child.returncode is not None:
+            exit_code = child.returncode if child.returncode >= 0 else 128 - child.returncode
+        else:
+            exit_code = None
+        if cancelled:
+            return RunStatus(RunState.CANCELLED, "cancelled", "cancelled", exit_code)
+        return RunStatus(RunState.LOST, "gone", "the process ended without reporting an exit code", exit_code)
+
+    def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        child = self._children.get(handle.job_id)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout)
+            # The runtime writes its exit file just before exiting; the status follows at once.
+            return self.poll(handle)
+        # Not our child (a restarted worker): look at the exit file often, it is a cheap stat().
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.poll(handle)
+            if status.is_terminal or time.monotonic() >= deadline:
+                return status
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def cancel(self, handle: RunHandle) -> None:
+        job_dir = handle.data["job_dir"]
+        if _read(os.path.join(job_dir, "exit_code")) is not None:
+            return
+        with open(os.path.join(job_dir, "cancelled"), "w", encoding="utf-8") as fh:
+            fh.write(str(time.time()))
+        pid = self._pid(handle)
+        if pid is None or not self._alive(handle):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.kill_grace_seconds
+        while self._alive(handle) and time.monotonic() < deadline:
+            self._reap(handle)
+            time.sleep(0.05)
+        if self._alive(handle):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        self._reap(handle)
+
+    def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
+        offset = int(cursor or 0)
+        path = os.path.join(handle.data["job_dir"], "log")
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return LogChunk([], offset)
+        end = data.rfind(b"\n")
+        if end < 0:
+            # No complete line yet; hand over a partial one only when the process is done.
+            if data and self.poll(handle).is_terminal:
+                return LogChunk([data.decode(errors="replace")], offset + len(data))
+            return LogChunk([], offset)
+        complete = data[: end + 1]
+        return LogChunk(complete.decode(errors="replace").splitlines(), offset + len(complete))
+
+    def mark_finished(self, handle: RunHandle) -> None:
+        with contextlib.suppress(OSError), open(os.path.join(handle.data["job_dir"], "finished"), "w") as fh:
+            fh.write(str(time.time()))
+
+    # -- process bookkeeping -----------------------------------------------------------------------------
+
+    def _pid(self, handle: RunHandle) -> int | None:
+        text = _read(os.path.join(handle.data["job_dir"], "pid"))
+        return int(text.split()[0]) if text else None
+
+    def _alive(self, handle: RunHandle) -> bool:
+        self._reap(handle)
+        text = _read(os.path.join(handle.data["job_dir"], "pid"))
+        if not text:
+            return False
+        pid_text, _, started = text.partition(" ")
+        pid = int(pid_text)
+        current = _start_time(pid)
+        if current is None:
+            return False
+        # A recycled pid belongs to another process: compare start times.
+        return not started or started == "None" or current == started
+
+    def _reap(self, handle: RunHandle) -> None:
+        child = self._children.get(handle.job_id)
+        if child is not None:
+            child.poll()
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except FileNotFoundError:
+        return None
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time as a string, or None when no such (non-zombie) process exists."""
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"{proc.create_time():.2f}"
+    except ImportError:
+        try:
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return None
+        return "None"
+    except Exception:  # psutil.NoSuchProcess and friends
+        return None

@@ -1,0 +1,55 @@
+"""When to ask a remote system again. Pure: no clock, no sleeping, shared by the sync wait and the trigger."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PollPolicy:
+    """Exponential backoff from ``first_delay`` up to ``cap`` seconds.
+
+    The first checks come quickly so a short job is noticed within seconds; a long job is then asked
+    at most every ``cap`` seconds. A ``Retry-After`` from the server always wins when it is longer.
+    """
+
+    first_delay: float = 0.5
+    factor: float = 1.5
+    cap: float = 10.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before check number ``attempt`` (0-based)."""
+        base = min(self.cap, self.first_delay * (self.factor ** max(0, attempt)))
+        if retry_after is not None and retry_after > base:
+            return float(retry_after)
+        return base
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> PollPolicy:
+        return cls(**data) if data else cls()
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from datetime import datetime
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -1,0 +1,520 @@
+"""The runtime that runs *inside* the remote step. Standard library only; any image with python3 works.
+
+A backend starts it as ``python3 -c <this file's source>`` (see :func:`launch_command`) or
+``python3 -m airflow_remote_ml.runtime`` where the package is installed, and hands it the step as JSON in
+the ``REMOTE_ML_STEP`` environment variable (or a file named by ``REMOTE_ML_STEP_FILE``). It:
+
+1. resolves the step's inputs and outputs to local paths and tells the step where they are, both as
+   environment variables (``REMOTE_ML_INPUT_<NAME>``, ``REMOTE_ML_OUTPUT_<NAME>``, ``REMOTE_ML_PARAMS``, ...)
+   and as ``{inputs.name}`` / ``{outputs.name}`` / ``{params.name}`` placeholders in a command's arguments,
+   so a step in any language can use them;
+2. runs the command (argv, or a shell string when asked) or calls ``package.module:function`` with the
+   params as keyword arguments (plus ``inputs``/``outputs`` path mappings when the function asks for them);
+3. collects metrics: every stdout line that is a JSON object (the Valohai convention), and the mapping a
+   callable returns;
+4. checks that every declared output was produced, records its URI, size and sha256, uploads it when the
+   artifact root is not a local path, and writes the result manifest (outputs, metrics, and the versions
+   that produced them: image, code, params, inputs). A small copy also goes to the container's
+   termination message where there is one.
+
+The wire format is versioned by :data:`PROTOCOL_VERSION`; a newer Airflow side refuses nothing older.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib
+import inspect
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+#: Exit code of a step whose declared output is missing (the step itself exited 0).
+EXIT_MISSING_OUTPUT = 3
+#: Exit code of a step stopped by its timeout (as coreutils' timeout).
+EXIT_TIMEOUT = 124
+#: Exit code of a bad runtime configuration.
+EXIT_BAD_CONFIG = 2
+#: Where Kubernetes reads a container's termination message by default.
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+#: Kubernetes truncates termination messages to 4096 bytes.
+TERMINATION_LOG_LIMIT = 4096
+
+_PREFIX_MAP = (("dbfs:/", "/dbfs/"),)
+
+
+class StepError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- locations ---------------------------------------------------------------------------------------
+
+
+def _local_of(uri: str) -> str | None:
+    """The local path a URI can be read/written at, or None when it needs an fsspec upload/download."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    for prefix, mount in _PREFIX_MAP:
+        if uri.startswith(prefix) and os.path.isdir(mount):
+            return mount + uri[len(prefix):]
+    if "://" in uri or (":" in uri.split("/", 1)[0] and not uri.startswith("/")):
+        return None
+    return uri
+
+
+def _fsspec():
+    try:
+        import fsspec  # type: ignore[import-not-found]
+    except ImportError:
+        raise StepError(
+            "this step reads or writes a non-local URI, which needs fsspec in the image; install fsspec "
+            "(and e.g. s3fs) in the step's image, or use an artifact root mounted into the step",
+            EXIT_BAD_CONFIG,
+        ) from None
+    return fsspec
+
+
+def _resolve_inputs(inputs: dict[str, str], scratch: str) -> dict[str, str]:
+    paths = {}
+    for name, uri in inputs.items():
+        local = _local_of(uri)
+        if local is None:
+            fs, path = _fsspec().core.url_to_fs(uri)
+            local = os.path.join(scratch, "inputs", name, os.path.basename(path.rstrip("/")) or name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get(path, local, recursive=fs.isdir(path))
+        paths[name] = local
+    return paths
+
+
+def _resolve_outputs(outputs: dict[str, str], scratch: str) -> dict[str, str]:
+    paths = {}
+    for name, uri in outputs.items():
+        local = _local_of(uri)
+        if local is None:
+            local = os.path.join(scratch, "outputs", name)
+        parent = os.path.dirname(local)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        # A leftover from an earlier attempt must never pass for this run's output.
+        if os.path.isdir(local) and not os.path.islink(local):
+            shutil.rmtree(local)
+        elif os.path.lexists(local):
+            os.remove(local)
+        paths[name] = local
+    return paths
+
+
+def _digest(path: str) -> tuple[int, str]:
+    """Size and sha256 of a file, or of a directory (over its sorted relative paths and contents)."""
+    if os.path.isfile(path):
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+                size += len(block)
+        return size, h.hexdigest()
+    h = hashlib.sha256()
+    total = 0
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            size, digest = _digest(full)
+            total += size
+            h.update(f"{os.path.relpath(full, path)}\0{digest}\n".encode())
+    return total, h.hexdigest()
+
+
+def _write_json(uri: str, document: dict[str, Any]) -> None:
+    data = json.dumps(document, indent=2, sort_keys=True, default=str)
+    local = _local_of(uri)
+    if local is not None:
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        tmp = f"{local}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(data)
+        os.replace(tmp, local)  # readers never see half a manifest
+        return
+    with _fsspec().open(uri, "w", encoding="utf-8") as fh:
+        fh.write(data)
+
+
+def _termination_log_path() -> str | None:
+    path = os.environ.get("REMOTE_ML_TERMINATION_LOG")
+    if path:
+        return path
+    if os.path.exists(DEFAULT_TERMINATION_LOG) and os.access(DEFAULT_TERMINATION_LOG, os.W_OK):
+        return DEFAULT_TERMINATION_LOG
+    return None
+
+
+def termination_message(manifest: dict[str, Any]) -> str:
+    """The manifest, or a smaller summary of it, within Kubernetes' termination-message limit."""
+    text = json.dumps(manifest, separators=(",", ":"), sort_keys=True, default=str)
+    if len(text.encode()) <= TERMINATION_LOG_LIMIT:
+        return text
+    small = {
+        "protocol_version": manifest["protocol_version"],
+        "status": manifest["status"],
+        "exit_code": manifest.get("exit_code"),
+        "error": (manifest.get("error") or "")[:1000] or None,
+        "manifest_uri": manifest.get("manifest_uri"),
+        "truncated": True,
+    }
+    return json.dumps(small, separators=(",", ":"), sort_keys=True)
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+
+
+class _MetricsCollector:
+    def __init__(self) -> None:
+        self.metrics: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def line(self, text: str) -> None:
+        text = text.strip()
+        if not (text.startswith("{") and text.endswith("}")):
+            return
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return
+        if isinstance(value, dict):
+            with self._lock:
+                self.metrics.update(value)
+
+
+class _TeeStdout(io.TextIOBase):
+    """Forwards writes to the real stdout and hands complete lines to the metrics collector."""
+
+    def __init__(self, target: Any, collector: _MetricsCollector) -> None:
+        self._target = target
+        self._collector = collector
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self._target.write(text)
+        self._partial += text
+        while "\n" in self._partial:
+            line, self._partial = self._partial.split("\n", 1)
+            self._collector.line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+    def finish(self) -> None:
+        if self._partial:
+            self._collector.line(self._partial)
+            self._partial = ""
+
+
+# -- running the step --------------------------------------------------------------------------------
+
+
+def _substitute(arg: str, values: dict[str, dict[str, Any]]) -> str:
+    """Replace ``{inputs.x}``, ``{outputs.x}`` and ``{params.x}``; anything else is left as it is."""
+    out = []
+    i = 0
+    while i < len(arg):
+        start = arg.find("{", i)
+        if start < 0:
+            out.append(arg[i:])
+            break
+        end = arg.find("}", start)
+        if end < 0:
+            out.append(arg[i:])
+            break
+        token = arg[start + 1:end]
+        group, _, key = token.partition(".")
+        if group in values and key in values[group]:
+            out.append(arg[i:start])
+            value = values[group][key]
+            out.append(value if isinstance(value, str) else json.dumps(value))
+        else:
+            out.append(arg[i:end + 1])
+        i = end + 1
+    return "".join(out)
+
+
+def _env_for(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("REMOTE_ML_STEP", "REMOTE_ML_RUNTIME"):
+        env.pop(key, None)
+    env["REMOTE_ML_PARAMS"] = json.dumps(step.get("params") or {})
+    env["REMOTE_ML_INPUTS"] = json.dumps(inputs)
+    env["REMOTE_ML_OUTPUTS"] = json.dumps(outputs)
+    for name, path in inputs.items():
+        env[f"REMOTE_ML_INPUT_{name.upper()}"] = path
+    for name, path in outputs.items():
+        env[f"REMOTE_ML_OUTPUT_{name.upper()}"] = path
+    return env
+
+
+def _run_command(step: dict[str, Any], env: dict[str, str], values: dict[str, dict[str, Any]],
+                 collector: _MetricsCollector, timeout: float | None) -> int:
+    command = step["command"]
+    if step.get("shell"):
+        argv: Any = _substitute(command, values)
+    else:
+        argv = [_substitute(arg, values) for arg in command]
+    try:
+        child = subprocess.Popen(argv, shell=bool(step.get("shell")), env=env, stdout=subprocess.PIPE,
+                                 stdin=subprocess.DEVNULL, bufsize=0, start_new_session=True)
+    except FileNotFoundError as exc:
+        raise StepError(f"command not found: {exc.filename!r}", 127) from None
+    except PermissionError as exc:
+        raise StepError(f"command is not executable: {exc.filename!r}", 126) from None
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    timer = None
+    timed_out = threading.Event()
+    if timeout:
+        def expire() -> None:
+            timed_out.set()
+            forward(signal.SIGTERM, None)
+            time.sleep(5)
+            if child.poll() is None:
+                forward(signal.SIGKILL, None)
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+    assert child.stdout is not None
+    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+    for raw in iter(child.stdout.readline, b""):
+        if out is not None:
+            out.write(raw)
+            out.flush()
+        else:
+            sys.stdout.write(raw.decode(errors="replace"))
+        collector.line(raw.decode(errors="replace"))
+    code = child.wait()
+    if timer:
+        timer.cancel()
+    if timed_out.is_set():
+        raise StepError(f"the step ran longer than its timeout of {timeout:g}s", EXIT_TIMEOUT)
+    if code < 0:  # killed by a signal: report it the way shells do
+        code = 128 - code
+    return code
+
+
+def _call(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
+          collector: _MetricsCollector, timeout: float | None) -> int:
+    module_name, _, attr = step["callable"].partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as exc:
+        raise StepError(f"cannot load callable {step['callable']!r}: {exc}", EXIT_BAD_CONFIG) from None
+    params = dict(step.get("params") or {})
+    kwargs: dict[str, Any] = dict(params)
+    try:
+        signature = inspect.signature(target)
+        accepts = signature.parameters
+        has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepts.values())
+    except (TypeError, ValueError):
+        accepts, has_var_kw = {}, True
+    for name, value in (("inputs", inputs), ("outputs", outputs)):
+        if name in accepts:
+            kwargs[name] = value
+    if not has_var_kw:
+        unknown = [k for k in params if k not in accepts]
+        if unknown:
+            raise StepError(
+                f"{step['callable']} takes no parameter(s) {', '.join(map(repr, unknown))}; "
+                f"it accepts {', '.join(accepts) or 'none'}", EXIT_BAD_CONFIG)
+    # As PID 1 of a container the runtime would ignore SIGTERM without a handler; end cleanly instead.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
+    if timeout:
+        def expire(_signum: int, _frame: Any) -> None:
+            raise TimeoutError
+        signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    tee = _TeeStdout(sys.stdout, collector)
+    try:
+        with contextlib.redirect_stdout(tee):
+            result = target(**kwargs)
+    except TimeoutError:
+        raise StepError(f"the step ran longer than its timeout of {timeout:g}s", EXIT_TIMEOUT) from None
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        return code
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        return 1
+    finally:
+        tee.finish()
+        if timeout:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    if isinstance(result, dict):
+        collector.metrics.update(result)
+    return 0
+
+
+def run(step: dict[str, Any]) -> int:
+    """Run one step and write its manifest. Returns the process exit code."""
+    started = time.time()
+    version = step.get("protocol_version")
+    manifest: dict[str, Any] = {
+        "protocol_version": PROTOCOL_VERSION,
+        "status": "failed",
+        "exit_code": None,
+        "error": None,
+        "outputs": {},
+        "metrics": {},
+        "manifest_uri": step.get("manifest_uri"),
+        "identity": step.get("identity"),
+        "versions": {
+            **(step.get("versions") or {}),
+            "code": step.get("callable") or step.get("command"),
+            "params": step.get("params") or {},
+            "inputs": step.get("inputs") or {},
+            "python": sys.version.split()[0],
+        },
+        "started_at": started,
+    }
+    collector = _MetricsCollector()
+    scratch = tempfile.mkdtemp(prefix="remote-ml-")
+    exit_code = 1
+    try:
+        if not isinstance(version, int) or version > PROTOCOL_VERSION:
+            raise StepError(f"step protocol {version!r} is newer than this runtime ({PROTOCOL_VERSION}); "
+                            "the runtime is injected by the backend, so upgrade airflow-remote-ml", EXIT_BAD_CONFIG)
+        if bool(step.get("command")) == bool(step.get("callable")):
+            raise StepError("the step needs exactly one of 'command' and 'callable'", EXIT_BAD_CONFIG)
+        inputs = _resolve_inputs(dict(step.get("inputs") or {}), scratch)
+        output_uris = dict(step.get("outputs") or {})
+        outputs = _resolve_outputs(output_uris, scratch)
+        timeout = step.get("timeout")
+        if step.get("callable"):
+            os.environ.update({k: v for k, v in _env_for(step, inputs, outputs).items()
+                               if k.startswith("REMOTE_ML_")})
+            exit_code = _call(step, inputs, outputs, collector, timeout)
+        else:
+            values = {"inputs": inputs, "outputs": outputs, "params": dict(step.get("params") or {})}
+            exit_code = _run_command(step, _env_for(step, inputs, outputs), values, collector, timeout)
+        manifest["exit_code"] = exit_code
+        if exit_code != 0:
+            raise StepError(f"the step exited with code {exit_code}", exit_code)
+        missing = [name for name, path in outputs.items() if not os.path.exists(path)]
+        if missing:
+            raise StepError(
+                "declared output" + ("s " if len(missing) > 1 else " ")
+                + ", ".join(f"{name!r} (expected at {outputs[name]})" for name in missing)
+                + " not produced by the step", EXIT_MISSING_OUTPUT)
+        for name, path in outputs.items():
+            size, digest = _digest(path)
+            uri = output_uris[name]
+            if _local_of(uri) is None:
+                fs, remote = _fsspec().core.url_to_fs(uri)
+                fs.put(path, remote, recursive=os.path.isdir(path))
+            manifest["outputs"][name] = {"uri": uri, "size": size, "sha256": digest,
+                                         "kind": "directory" if os.path.isdir(path) else "file"}
+        manifest["status"] = "succeeded"
+    except StepError as exc:
+        exit_code = exc.exit_code
+        manifest["exit_code"] = exit_code
+        manifest["error"] = str(exc)
+        print(f"remote-ml: {exc}", file=sys.stderr, flush=True)
+    except Exception as exc:  # a runtime bug or an I/O failure: report it like a step failure
+        exit_code = 1
+        manifest["exit_code"] = exit_code
+        manifest["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    manifest["metrics"] = collector.metrics
+    manifest["finished_at"] = time.time()
+    manifest["duration_seconds"] = round(manifest["finished_at"] - started, 3)
+    if step.get("manifest_uri"):
+        try:
+            _write_json(step["manifest_uri"], manifest)
+        except Exception as exc:
+            print(f"remote-ml: could not write the result manifest: {exc}", file=sys.stderr, flush=True)
+            if exit_code == 0:
+                exit_code = 1
+    path = _termination_log_path()
+    if path:
+        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as fh:
+            fh.write(termination_message(manifest))
+    return exit_code
+
+
+def load_step() -> dict[str, Any]:
+    if os.environ.get("REMOTE_ML_STEP"):
+        return json.loads(os.environ["REMOTE_ML_STEP"])
+    if os.environ.get("REMOTE_ML_STEP_FILE"):
+        with open(os.environ["REMOTE_ML_STEP_FILE"], encoding="utf-8") as fh:
+            return json.load(fh)
+    if len(sys.argv) > 1:
+        return json.loads(sys.argv[1])
+    raise StepError("no step given: set REMOTE_ML_STEP (JSON) or REMOTE_ML_STEP_FILE", EXIT_BAD_CONFIG)
+
+
+def source() -> str:
+    """This module's source, to inject into an image that does not have airflow-remote-ml installed."""
+    with open(__file__, encoding="utf-8") as fh:
+        return fh.read()
+
+
+def launch_command(python: str = "python3") -> list[str]:
+    """argv that runs this runtime in any image with ``python``, nothing installed."""
+    return [python, "-c", source()]
+
+
+def _main() -> int:
+    # Line-buffered stdout so logs stream while the step runs, whatever the image's defaults.
+    with contextlib.suppress(AttributeError, ValueError):
+        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    try:
+        step = load_step()
+    except (StepError, ValueError) as exc:
+        print(f"remote-ml: bad step configuration: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_CONFIG
+    if step.get("chdir"):
+        os.chdir(step["chdir"])
+    for entry in reversed(step.get("python_path") or []):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    return run(step)
+
+
+def main() -> int:
+    code = _main()
+    # A supervisor that is not our parent (a worker that restarted) learns the exit code from this file.
+    exit_file = os.environ.get("REMOTE_ML_EXIT_FILE")
+    if exit_file:
+        with contextlib.suppress(OSError):
+            with open(f"{exit_file}.tmp", "w", encoding="utf-8") as fh:
+                fh.write(str(code))
+            os.replace(f"{exit_file}.tmp", exit_file)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
