@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from airflow_remote_ml import runtime
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, BackendConfig, StepRequest
 from airflow_remote_ml.core.errors import ConfigError
@@ -123,7 +124,8 @@ class LocalBackend(Backend):
         cwd = request.spec.options_for(self.name).get("cwd") or job_dir
         with open(os.path.join(job_dir, "log"), "ab") as log_file:
             child = subprocess.Popen(
-                [self.config.python, "-m", "airflow_remote_ml.runtime"],
+                # By file path: works for an interpreter that does not have this package installed.
+                [self.config.python, runtime.__file__],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
