@@ -487,8 +487,8 @@ class FakeValohai:
     def url(self) -> str:
         """The base URL, e.g. ``http://127.0.0.1:41234`` (no trailing slash)."""
         assert self._server is not None, "FakeValohai was closed"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        port = self._server.server_address[1]
+        return f"http://127.0.0.1:{port}"
 
     @property
     def api_url(self) -> str:
@@ -1549,13 +1549,14 @@ class FakeValohai:
             "valohai.project-id": project.id,
             "valohai.project-name": f"{project.owner}/{project.name}",
         }
-        for file_name, content in (
-            ("parameters.json", ex.parameters),
-            ("inputs.json", inputs_json),
-            ("execution.json", execution_json),
-        ):
+        config_files: dict[str, Any] = {
+            "parameters.json": ex.parameters,
+            "inputs.json": inputs_json,
+            "execution.json": execution_json,
+        }
+        for file_name, document in config_files.items():
             with open(os.path.join(dirs["config"], file_name), "w", encoding="utf-8") as fh:
-                json.dump(content, fh, indent=2)
+                json.dump(document, fh, indent=2)
 
     def _fetch_input(self, url: str) -> tuple[str, bytes, str | None]:
         """Return ``(file name, content, datum id)`` for a ``datum://``, ``file://``, path or loopback URL."""
