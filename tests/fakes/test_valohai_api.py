@@ -663,3 +663,13 @@ def test_valohai_cli_api_session_reads_paged_lists(vh, project):
 
     assert [p["name"] for p in projects] == ["demo"]
     assert json.loads(session.get(f"/api/v0/projects/{project['id']}/").text)["id"] == project["id"]
+
+
+def test_a_datum_uploaded_by_the_test_is_an_input_and_time_limit_zero_means_none(vh, api, project):
+    datum = vh.add_datum("weights.txt", b"w=1", project_id=project["id"])
+
+    done = poll(api, create(vh, api, project, "evaluate", inputs={"model": f"datum://{datum['id']}"}, time_limit=0))
+
+    assert done["status"] == "complete"
+    assert "input weights.txt w=1" in [e["message"] for e in done["events"]]
+    assert api.get(f"{vh.api_url}data/{datum['id']}/").json()["output_execution"] is None

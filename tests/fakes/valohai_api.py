@@ -502,7 +502,7 @@ class FakeValohai:
         env = Environment(id=str(uuid.uuid4()), slug=slug, name=name or slug, gpu_spec=gpu_spec, ctime=_now())
         with self.lock:
             self.environments[env.id] = env
-        return self._environment_json(env)
+            return self._environment_json(env)
 
     def add_project(
         self,
@@ -573,7 +573,8 @@ class FakeValohai:
     def add_datum(self, name: str, content: bytes, *, project_id: str | None = None) -> dict[str, Any]:
         """Store a file as a datum (as an upload would) and return its API object."""
         datum = self._store_datum(name, content, project_id=project_id, execution_id=None)
-        return self._datum_json(datum)
+        with self.lock:
+            return self._datum_json(datum)
 
     def serve_file(self, name: str, content: bytes) -> str:
         """Serve ``content`` at a loopback HTTP URL (no auth) usable as an execution input."""
