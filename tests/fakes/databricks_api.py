@@ -40,6 +40,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import io
 import ipaddress
 import itertools
 import json
@@ -310,9 +311,7 @@ def _as_str(value: Any, name: str) -> str:
 
 
 def _str_map(value: Any, name: str) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
-    ):
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise _invalid(f"Invalid value for {name}: expected an object of string keys and string values")
     return value
 
@@ -334,9 +333,7 @@ def _decode_token(token: str, name: str = "page_token") -> int:
         raise _invalid(f"Invalid {name}: {token!r}") from exc
 
 
-def generate_self_signed_cert(
-    directory: Path, hostnames: tuple[str, ...] = ("localhost",)
-) -> tuple[Path, Path]:
+def generate_self_signed_cert(directory: Path, hostnames: tuple[str, ...] = ("localhost",)) -> tuple[Path, Path]:
     """Write a self-signed certificate for loopback (127.0.0.1, ::1 and ``hostnames``).
 
     The certificate is its own CA (``basicConstraints CA:TRUE``) so that clients can trust it by
@@ -566,9 +563,7 @@ class FakeDatabricks:
             conn["schema"] = "http"
         if oauth_client_id is not None:
             if not self.tls:
-                raise ValueError(
-                    "OAuth M2M needs tls=True: the hook always requests https://<host>/oidc/v1/token"
-                )
+                raise ValueError("OAuth M2M needs tls=True: the hook always requests https://<host>/oidc/v1/token")
             conn["login"] = oauth_client_id
             conn["password"] = self.service_principals[oauth_client_id]
             conn["extra"] = {"service_principal_oauth": True}
@@ -860,9 +855,7 @@ class FakeDatabricks:
                 self._record(method, path, version, endpoint, fault.status, params)
                 if fault.status == 0:
                     return 0, None, {}
-                err = ApiError(
-                    fault.status, fault.message or f"Injected {fault.status} error", fault.error_code
-                )
+                err = ApiError(fault.status, fault.message or f"Injected {fault.status} error", fault.error_code)
                 if fault.status == 429 and fault.message is None:
                     err.message = "Too many requests. Please wait a moment and try again."
                 extra_headers = {}
@@ -889,9 +882,7 @@ class FakeDatabricks:
             except ValueError as exc:
                 raise ApiError(400, f"Could not parse request object: {exc}", "MALFORMED_REQUEST") from exc
             if not isinstance(decoded, dict):
-                raise ApiError(
-                    400, "Could not parse request object: expected a JSON object", "MALFORMED_REQUEST"
-                )
+                raise ApiError(400, "Could not parse request object: expected a JSON object", "MALFORMED_REQUEST")
             # The provider's async hook sends GET parameters as a JSON body; a body wins over the query.
             params.update(decoded)
         return params
@@ -915,9 +906,7 @@ class FakeDatabricks:
 
     # ------------------------------------------------------------------ OAuth M2M
 
-    def _oidc_token(
-        self, method: str, headers: Any, body: bytes
-    ) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _oidc_token(self, method: str, headers: Any, body: bytes) -> tuple[int, dict[str, Any], dict[str, str]]:
         if method != "POST":
             return 405, {"error": "invalid_request", "error_description": "POST required"}, {}
         form = {k: v[-1] for k, v in parse_qs(body.decode(errors="replace")).items()}
@@ -959,8 +948,7 @@ class FakeDatabricks:
             token = _as_str(token, "idempotency_token")
             if len(token) > MAX_IDEMPOTENCY_TOKEN_LENGTH:
                 raise _invalid(
-                    f"Idempotency token must have at most {MAX_IDEMPOTENCY_TOKEN_LENGTH} characters, "
-                    f"got {len(token)}"
+                    f"Idempotency token must have at most {MAX_IDEMPOTENCY_TOKEN_LENGTH} characters, got {len(token)}"
                 )
             with self._cond:
                 if token in self._tokens_to_runs:
@@ -972,9 +960,7 @@ class FakeDatabricks:
         run_name = _as_str(run_name, "run_name")
         timeout = _as_int(body.get("timeout_seconds", 0), "timeout_seconds", minimum=0)
         job_clusters = self._job_clusters(body.get("job_clusters"))
-        environments = {
-            e.get("environment_key") for e in body.get("environments") or [] if isinstance(e, dict)
-        }
+        environments = {e.get("environment_key") for e in body.get("environments") or [] if isinstance(e, dict)}
         validated = [self._validate_task(t, i, job_clusters, environments) for i, t in enumerate(tasks_json)]
         keys = [t["task_key"] for t in validated]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
@@ -1071,14 +1057,11 @@ class FakeDatabricks:
         if key is None:
             raise _invalid(f"Missing required field: {where}.task_key")
         if not isinstance(key, str) or not _TASK_KEY_RE.match(key):
-            raise _invalid(
-                f"Invalid {where}.task_key {key!r}: use 1-100 letters, digits, underscores or hyphens"
-            )
+            raise _invalid(f"Invalid {where}.task_key {key!r}: use 1-100 letters, digits, underscores or hyphens")
         kinds = [k for k in TASK_TYPES if k in task]
         if len(kinds) != 1:
             raise _invalid(
-                f"Task {key} must set exactly one task type ({', '.join(TASK_TYPES[:5])}, ...); "
-                f"got {kinds or 'none'}"
+                f"Task {key} must set exactly one task type ({', '.join(TASK_TYPES[:5])}, ...); got {kinds or 'none'}"
             )
         kind = kinds[0]
         spec = task[kind]
@@ -1110,9 +1093,7 @@ class FakeDatabricks:
             _str_map(spec["base_parameters"], f"{where}.notebook_task.base_parameters")
 
         computes = [
-            c
-            for c in ("existing_cluster_id", "new_cluster", "job_cluster_key", "environment_key")
-            if c in task
+            c for c in ("existing_cluster_id", "new_cluster", "job_cluster_key", "environment_key") if c in task
         ]
         if len(computes) > 1:
             raise _invalid(f"Task {key} sets more than one of {', '.join(computes)}; choose one")
@@ -1127,27 +1108,19 @@ class FakeDatabricks:
         if "new_cluster" in task:
             self._validate_new_cluster(task["new_cluster"], f"{where}.new_cluster")
         if "job_cluster_key" in task and task["job_cluster_key"] not in job_clusters:
-            raise _invalid(
-                f"Task {key} refers to job_cluster_key {task['job_cluster_key']!r}, not in job_clusters"
-            )
+            raise _invalid(f"Task {key} refers to job_cluster_key {task['job_cluster_key']!r}, not in job_clusters")
         if "environment_key" in task and environments and task["environment_key"] not in environments:
-            raise _invalid(
-                f"Task {key} refers to environment_key {task['environment_key']!r}, not in environments"
-            )
+            raise _invalid(f"Task {key} refers to environment_key {task['environment_key']!r}, not in environments")
         if "libraries" in task:
             libs = task["libraries"]
             if not isinstance(libs, list):
                 raise _invalid(f"{where}.libraries must be an array")
             for i, lib in enumerate(libs):
                 if not isinstance(lib, dict) or len([k for k in LIBRARY_KINDS if k in lib]) != 1:
-                    raise _invalid(
-                        f"{where}.libraries[{i}] must set exactly one of {', '.join(LIBRARY_KINDS)}"
-                    )
+                    raise _invalid(f"{where}.libraries[{i}] must set exactly one of {', '.join(LIBRARY_KINDS)}")
                 if "pypi" in lib and not (isinstance(lib["pypi"], dict) and lib["pypi"].get("package")):
                     raise _invalid(f"Missing required field: {where}.libraries[{i}].pypi.package")
-                if "maven" in lib and not (
-                    isinstance(lib["maven"], dict) and lib["maven"].get("coordinates")
-                ):
+                if "maven" in lib and not (isinstance(lib["maven"], dict) and lib["maven"].get("coordinates")):
                     raise _invalid(f"Missing required field: {where}.libraries[{i}].maven.coordinates")
         if "timeout_seconds" in task:
             _as_int(task["timeout_seconds"], f"{where}.timeout_seconds", minimum=0)
@@ -1251,9 +1224,7 @@ class FakeDatabricks:
                 answer["logs_truncated"] = task.logs_total > self.logs_limit_bytes
             if task.kind == "notebook_task" and task.life_cycle_state in TERMINAL_LIFE_CYCLE_STATES:
                 answer["notebook_output"] = (
-                    {"result": task.notebook_result, "truncated": False}
-                    if task.notebook_result is not None
-                    else {}
+                    {"result": task.notebook_result, "truncated": False} if task.notebook_result is not None else {}
                 )
             if task.error is not None:
                 answer["error"] = task.error
@@ -1280,9 +1251,7 @@ class FakeDatabricks:
         if run_type is not None and run_type not in ("JOB_RUN", "WORKFLOW_RUN", "SUBMIT_RUN"):
             raise _invalid(f"Invalid run_type {run_type!r}: use JOB_RUN, WORKFLOW_RUN or SUBMIT_RUN")
         job_id = _as_int(params["job_id"], "job_id") if "job_id" in params else None
-        start_from = (
-            _as_int(params["start_time_from"], "start_time_from") if "start_time_from" in params else None
-        )
+        start_from = _as_int(params["start_time_from"], "start_time_from") if "start_time_from" in params else None
         start_to = _as_int(params["start_time_to"], "start_time_to") if "start_time_to" in params else None
         with self._cond:
             runs = sorted(self._runs.values(), key=lambda r: (r.start_time, r.run_id), reverse=True)
@@ -1305,8 +1274,7 @@ class FakeDatabricks:
             answer: dict[str, Any] = {"has_more": offset + limit < len(selected)}
             if page:
                 answer["runs"] = [
-                    self._run_json(r, version, tasks=r.tasks[: self.tasks_page_size] if expand else None)
-                    for r in page
+                    self._run_json(r, version, tasks=r.tasks[: self.tasks_page_size] if expand else None) for r in page
                 ]
             if answer["has_more"]:
                 answer["next_page_token"] = _encode_token(offset + limit)
@@ -1339,9 +1307,7 @@ class FakeDatabricks:
             if task is not None:
                 raise _invalid(f"Run {run_id} is a task run; delete its parent run {run.run_id} instead.")
             if not self._run_is_terminal(run):
-                raise ApiError(
-                    400, f"Run {run_id} is active and cannot be deleted; cancel it first.", "INVALID_STATE"
-                )
+                raise ApiError(400, f"Run {run_id} is active and cannot be deleted; cancel it first.", "INVALID_STATE")
             del self._runs[run_id]
             for t in run.tasks:
                 self._task_index.pop(t.run_id, None)
@@ -1399,9 +1365,7 @@ class FakeDatabricks:
             return None
         stamp = time.strftime("%m%d-%H%M%S", time.gmtime())
         cluster_id = f"{stamp}-{random.getrandbits(32):08x}"
-        self._clusters[cluster_id] = _Cluster(
-            cluster_id, "PENDING", dict(spec), "Starting Spark", ephemeral=True
-        )
+        self._clusters[cluster_id] = _Cluster(cluster_id, "PENDING", dict(spec), "Starting Spark", ephemeral=True)
         return cluster_id
 
     def _set_cluster_state(self, cluster_id: str | None, state: str, message: str = "") -> None:
@@ -1660,9 +1624,7 @@ class FakeDatabricks:
         except Exception as exc:  # a fault in the fake shows up as the documented INTERNAL_ERROR state
             log.exception("fake Databricks task %s failed internally", task.run_id)
             with self._cond:
-                self._set(
-                    task, "INTERNAL_ERROR", state_message=f"{type(exc).__name__}: {exc}", end_time=_now_ms()
-                )
+                self._set(task, "INTERNAL_ERROR", state_message=f"{type(exc).__name__}: {exc}", end_time=_now_ms())
 
     def _execute(self, run: _Run, task: _TaskRun) -> None:
         with self._cond:
@@ -1697,10 +1659,11 @@ class FakeDatabricks:
                 return self._finish_stopped(run, task, ran=False)
             self._set_cluster_state(task.cluster_id, "RUNNING")
             task.spark_context_id = str(random.getrandbits(62))
-            self._set(task, "RUNNING", state_message="In run", exec_start=_now_ms())
             outcome = self._outcomes.get(task.task_key)
             if outcome is None and task.kind != "spark_python_task":
                 outcome = self._outcomes.get(task.kind, SimulatedOutcome())
+            if outcome is not None:
+                self._set(task, "RUNNING", state_message="In run", exec_start=_now_ms())
         if outcome is None:
             result, error, trace = self._run_python(run, task)
         else:
@@ -1769,6 +1732,8 @@ class FakeDatabricks:
             cluster = self._clusters.get(task.cluster_id or "")
             cluster_spec = cluster.spec if cluster is not None else {}
         if local is None or not local.is_file():
+            with self._cond:
+                self._set(task, "RUNNING", state_message="In run", exec_start=_now_ms())
             error = f"Cannot read the python file {python_file}. Please check driver logs for more details."
             return "FAILED", error, None
         env = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", "")}
@@ -1791,7 +1756,9 @@ class FakeDatabricks:
         )
         reader = threading.Thread(target=self._pump, args=(process, task), daemon=True)
         with self._cond:
+            # RUNNING is reported only once the process exists, so a cancel always has something to kill.
             task.process = process
+            self._set(task, "RUNNING", state_message="In run", exec_start=_now_ms())
         reader.start()
         while process.poll() is None:
             with self._cond:
@@ -1815,15 +1782,17 @@ class FakeDatabricks:
         return ("FAILED", *_error_from_output(text, code))
 
     def _pump(self, process: subprocess.Popen[bytes], task: _TaskRun) -> None:
-        assert process.stdout is not None
+        stdout = process.stdout
+        assert isinstance(stdout, io.BufferedReader)
         keep = max(self.logs_limit_bytes, 1) * 2
-        for chunk in iter(lambda: process.stdout.read1(65536), b""):  # type: ignore[union-attr]
+        # read1 hands over whatever is available, so logs grow while the task runs.
+        for chunk in iter(lambda: stdout.read1(65536), b""):
             with self._cond:
                 task.logs.extend(chunk)
                 task.logs_total += len(chunk)
                 if len(task.logs) > keep:
                     del task.logs[: len(task.logs) - self.logs_limit_bytes]
-        process.stdout.close()
+        stdout.close()
 
     def _run_simulated(
         self, run: _Run, task: _TaskRun, outcome: SimulatedOutcome

@@ -1,0 +1,668 @@
+"""The Databricks Jobs API test server, driven by the provider's real ``DatabricksHook``.
+
+These tests pin down what the backend's contract tests and the benchmark rely on: the hook's sync
+(``requests``, GET parameters in the query string) and async (``aiohttp``, GET parameters in a JSON
+body) paths both work, a ``spark_python_task`` really runs, and errors look like the real service's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from airflow.providers.common.compat.sdk import AirflowException
+from airflow.providers.databricks.exceptions import DatabricksApiError
+from airflow.providers.databricks.hooks.databricks import DatabricksHook
+from tenacity import stop_after_attempt, wait_none
+
+from tests.fakes.databricks_api import (
+    MSG_MULTI_TASK_OUTPUT,
+    FakeDatabricks,
+    SimulatedOutcome,
+)
+
+# A local test server, no outside service: it runs in every test session and never skips.
+pytestmark = pytest.mark.integration
+
+TOKEN = "dapi-test-token"
+CLUSTER = {"spark_version": "15.4.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}
+
+
+def _hook(conn_id: str = "databricks_default") -> Any:
+    # No waiting between retries: the tests check that a retry happens, not how long it waits.
+    return DatabricksHook(conn_id, retry_args={"stop": stop_after_attempt(3), "wait": wait_none()})
+
+
+@pytest.fixture
+def dbx(monkeypatch: pytest.MonkeyPatch) -> Any:
+    with FakeDatabricks(token=TOKEN) as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+
+
+@pytest.fixture
+def hook(dbx: FakeDatabricks) -> Any:
+    return _hook()
+
+
+def _script(tmp_path: Path, body: str, name: str = "step.py") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _python_run(python_file: str | Path, *, parameters: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    task: dict[str, Any] = {
+        "task_key": "step",
+        "spark_python_task": {"python_file": str(python_file), "parameters": parameters or []},
+        "new_cluster": dict(CLUSTER),
+    }
+    task.update(extra.pop("task", {}))
+    return {"run_name": "fake-test", "tasks": [task], **extra}
+
+
+def _notebook_run(key: str = "nb", **extra: Any) -> dict[str, Any]:
+    return {
+        "run_name": "notebook",
+        "tasks": [{"task_key": key, "notebook_task": {"notebook_path": "/Users/x/nb"}, "existing_cluster_id": "c-1"}],
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------- execution, sync hook
+
+
+def test_python_task_runs_and_reports_success(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        import os, sys
+        print("args", sys.argv[1:])
+        print("env", os.environ["STEP_MODE"], os.environ["DATABRICKS_RUNTIME_VERSION"])
+        """,
+    )
+    body = _python_run(script, parameters=["--in", "dbfs:/a b"])
+    body["tasks"][0]["new_cluster"]["spark_env_vars"] = {"STEP_MODE": "fake"}
+
+    run_id = hook.submit_run(body)
+    dbx.wait_until_terminal(run_id)
+
+    state = hook.get_run_state(run_id)
+    assert (state.life_cycle_state, state.result_state) == ("TERMINATED", "SUCCESS")
+    assert state.is_terminal and state.is_successful
+    run = hook.get_run(run_id)
+    assert run["run_type"] == "SUBMIT_RUN"
+    assert run["run_page_url"] == hook.get_run_page_url(run_id)
+    assert run["run_page_url"].startswith(f"{dbx.url}/?o=") and run["run_page_url"].endswith(f"/run/{run_id}")
+    assert run["status"] == {
+        "state": "TERMINATED",
+        "termination_details": {"code": "SUCCESS", "type": "SUCCESS", "message": ""},
+    }
+    assert run["end_time"] >= run["start_time"] > 0
+    for name in ("setup_duration", "execution_duration", "cleanup_duration"):
+        assert isinstance(run[name], int)
+    (task,) = run["tasks"]
+    assert task["task_key"] == "step" and task["run_id"] != run_id
+    assert task["state"]["result_state"] == "SUCCESS"
+    assert task["cluster_instance"]["cluster_id"] == run["cluster_instance"]["cluster_id"]
+    assert hook.get_job_id(run_id) == run["job_id"]
+
+    output = hook.get_run_output(task["run_id"])
+    assert "args ['--in', 'dbfs:/a b']" in output["logs"]
+    assert "env fake 15.4" in output["logs"]
+    assert output["logs_truncated"] is False
+    assert "error" not in output
+    assert output["metadata"]["run_id"] == task["run_id"]
+
+
+def test_failing_task_reports_error_and_trace(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    script = _script(
+        tmp_path,
+        """
+        print("loading features")
+        def transform():
+            raise ValueError("column 'age' is missing")
+        transform()
+        """,
+    )
+    run_id = hook.submit_run(_python_run(script))
+    dbx.wait_until_terminal(run_id)
+
+    state = hook.get_run_state(run_id)
+    assert (state.life_cycle_state, state.result_state) == ("TERMINATED", "FAILED")
+    assert state.state_message.startswith("Task step failed with message: Workload failed")
+    run = hook.get_run(run_id)
+    assert run["status"]["termination_details"]["code"] == "RUN_EXECUTION_ERROR"
+    task_run_id = run["tasks"][0]["run_id"]
+
+    output = hook.get_run_output(task_run_id)
+    assert output["error"] == "ValueError: column 'age' is missing"
+    assert output["error_trace"].startswith("Traceback (most recent call last):")
+    assert "raise ValueError(\"column 'age' is missing\")" in output["error_trace"]
+    assert output["logs"].startswith("loading features")
+
+    # Like the real service, the parent run id has no output, even for a one-task run.
+    with pytest.raises(DatabricksApiError) as raised:
+        hook.get_run_output(run_id)
+    assert raised.value.http_status_code == 400
+    assert MSG_MULTI_TASK_OUTPUT in str(raised.value)
+
+
+def test_exit_code_without_traceback_fails(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    script = _script(tmp_path, "import sys\nprint('bye')\nsys.exit(3)\n")
+    run_id = hook.submit_run(_python_run(script))
+    dbx.wait_until_terminal(run_id)
+    output = hook.get_run_output(hook.get_run(run_id)["tasks"][0]["run_id"])
+    assert output["error"] == "Python process exited with exit code 3."
+    assert "error_trace" not in output
+
+
+def test_life_cycle_pending_running_terminated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    flag = tmp_path / "go"
+    script = _script(
+        tmp_path,
+        f"""
+        import os, time
+        while not os.path.exists({str(flag)!r}):
+            time.sleep(0.02)
+        """,
+    )
+    with FakeDatabricks(token=TOKEN, hold_pending=True) as dbx:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        hook = _hook()
+        run_id = hook.submit_run(_python_run(script))
+
+        task_run_id = dbx.task_run_ids(run_id)["step"]
+        dbx.wait_until(task_run_id, "PENDING")  # the task has left BLOCKED and asked for its cluster
+        assert hook.get_run_state(run_id).life_cycle_state == "PENDING"
+        run = hook.get_run(run_id)
+        assert "result_state" not in run["state"]
+        assert run["end_time"] == 0 and run["status"]["state"] == "PENDING"
+        cluster_id = run["tasks"][0]["cluster_instance"]["cluster_id"]
+        assert hook.get_cluster_state(cluster_id).state == "PENDING"
+
+        dbx.release(run_id)
+        dbx.wait_until(run_id, "RUNNING")
+        running = hook.get_run_state(run_id)
+        assert running.life_cycle_state == "RUNNING" and not running.is_terminal
+        assert hook.get_cluster_state(cluster_id).state == "RUNNING"
+        assert hook.get_run(run_id)["status"]["state"] == "RUNNING"
+
+        flag.touch()
+        dbx.wait_until_terminal(run_id)
+        assert hook.get_run_state(run_id).result_state == "SUCCESS"
+        assert hook.get_cluster_state(cluster_id).state == "TERMINATED"
+
+
+def test_dbfs_and_volume_paths_map_to_registered_directories(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    (tmp_path / "dbfs" / "jobs").mkdir(parents=True)
+    (tmp_path / "vol").mkdir()
+    _script(tmp_path / "dbfs" / "jobs", "print('from dbfs')\n")
+    _script(tmp_path / "vol", "print('from volume')\n")
+    dbx.map_path("dbfs:/", tmp_path / "dbfs")
+    dbx.map_path("/Volumes/main/ml/", tmp_path / "vol")
+
+    logs = []
+    for python_file in ("dbfs:/jobs/step.py", "/Volumes/main/ml/step.py", f"file:{tmp_path / 'vol' / 'step.py'}"):
+        run_id = hook.submit_run(_python_run(python_file))
+        dbx.wait_until_terminal(run_id)
+        logs.append(hook.get_run_output(dbx.task_run_ids(run_id)["step"])["logs"].strip())
+    assert logs == ["from dbfs", "from volume", "from volume"]
+
+    run_id = hook.submit_run(_python_run("dbfs:/nowhere/step.py"))
+    dbx.wait_until_terminal(run_id)
+    assert hook.get_run_state(run_id).result_state == "FAILED"
+    assert "dbfs:/nowhere/step.py" in hook.get_run_output(dbx.task_run_ids(run_id)["step"])["error"]
+
+
+def test_legacy_single_task_form_is_accepted(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    script = _script(tmp_path, "print('legacy')\n")
+    run_id = hook.submit_run(
+        {
+            "run_name": "legacy run",
+            "new_cluster": dict(CLUSTER),
+            "spark_python_task": {"python_file": str(script)},
+            "timeout_seconds": "600",
+        }
+    )
+    dbx.wait_until_terminal(run_id)
+    (task,) = hook.get_run(run_id)["tasks"]
+    assert task["spark_python_task"]["python_file"] == str(script)
+    assert hook.get_run_output(task["run_id"])["logs"] == "legacy\n"
+
+
+def test_logs_are_truncated_to_their_tail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    script = _script(tmp_path, "print('x' * 1000)\nprint('THE END')\n")
+    with FakeDatabricks(token=TOKEN, logs_limit_bytes=100) as dbx:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        hook = _hook()
+        run_id = hook.submit_run(_python_run(script))
+        dbx.wait_until_terminal(run_id)
+        output = hook.get_run_output(dbx.task_run_ids(run_id)["step"])
+    assert output["logs_truncated"] is True
+    assert len(output["logs"]) == 100
+    assert output["logs"].endswith("THE END\n")
+
+
+# ----------------------------------------------------------------------------- idempotency, cancel, timeout
+
+
+def test_idempotency_token_returns_the_same_run(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    script = _script(tmp_path, "print('once')\n")
+    token = "step-identity-" + "x" * 50  # 64 characters: the documented maximum
+    assert len(token) == 64
+    first = hook.submit_run(_python_run(script, idempotency_token=token))
+    second = hook.submit_run(_python_run(script, idempotency_token=token))
+    assert first == second
+    dbx.wait_until_terminal(first)
+    # Still the same run after it finished: a retry after a worker crash reconnects instead of relaunching.
+    assert hook.submit_run(_python_run(script, idempotency_token=token)) == first
+    assert dbx.run_ids == [first]
+    assert hook.get_run_output(dbx.task_run_ids(first)["step"])["logs"] == "once\n"
+
+    other = hook.submit_run(_python_run(script, idempotency_token="another-step"))
+    assert other != first
+
+    with pytest.raises(DatabricksApiError) as raised:
+        hook.submit_run(_python_run(script, idempotency_token="y" * 65))
+    assert raised.value.http_status_code == 400
+    assert "INVALID_PARAMETER_VALUE" in str(raised.value)
+    assert dbx.run_ids == sorted([first, other])
+
+
+def test_cancel_kills_the_process_and_is_idempotent(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    script = _script(
+        tmp_path,
+        f"""
+        import pathlib, time
+        pathlib.Path({str(started)!r}).touch()
+        time.sleep(300)
+        """,
+    )
+    run_id = hook.submit_run(_python_run(script))
+    dbx.wait_until(run_id, "RUNNING")
+    process = dbx.process_of(run_id)
+    assert process is not None
+
+    hook.cancel_run(run_id)
+    dbx.wait_until_terminal(run_id)
+    state = hook.get_run_state(run_id)
+    assert (state.life_cycle_state, state.result_state) == ("TERMINATED", "CANCELED")
+    run = hook.get_run(run_id)
+    assert run["state"]["user_cancelled_or_timedout"] is True
+    assert run["status"]["termination_details"]["code"] == "USER_CANCELED"
+    assert process.poll() is not None  # the subprocess is gone
+
+    hook.cancel_run(run_id)  # cancelling a finished run is a no-op, not an error
+    assert hook.get_run_state(run_id).result_state == "CANCELED"
+    assert dbx.count("jobs/runs/cancel", status=200) == 2
+
+
+def test_timeout_seconds_times_the_run_out(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    script = _script(tmp_path, "import time\ntime.sleep(300)\n")
+    run_id = hook.submit_run(_python_run(script, timeout_seconds=1))
+    run = dbx.wait_until_terminal(run_id)
+    assert run["state"]["result_state"] == "TIMEDOUT"
+    assert run["state"]["user_cancelled_or_timedout"] is True
+    assert dbx.process_of(run_id).poll() is not None  # type: ignore[union-attr]
+
+
+def test_delete_refuses_active_runs_and_forgets_deleted_ones(dbx: FakeDatabricks, hook: Any) -> None:
+    dbx.simulate("nb", seconds=300)
+    run_id = hook.submit_run(_notebook_run(idempotency_token="tok-1"))
+    with pytest.raises(DatabricksApiError) as raised:
+        hook.delete_run(run_id)
+    assert raised.value.http_status_code == 400
+    hook.cancel_run(run_id)
+    dbx.wait_until_terminal(run_id)
+    hook.delete_run(run_id)
+    with pytest.raises(DatabricksApiError) as raised:
+        hook.get_run(run_id)
+    # The real service answers 400 INVALID_PARAMETER_VALUE "Run <id> does not exist." (not 404).
+    assert raised.value.http_status_code == 400
+    assert f"Run {run_id} does not exist." in str(raised.value)
+    with pytest.raises(DatabricksApiError):
+        hook.submit_run(_notebook_run(idempotency_token="tok-1"))
+
+
+# ----------------------------------------------------------------------------- states the fake is told to report
+
+
+@pytest.mark.parametrize(
+    ("life_cycle_state", "result_state", "terminal"),
+    [
+        ("BLOCKED", None, False),
+        ("WAITING_FOR_RETRY", None, False),
+        ("QUEUED", None, False),
+        ("SKIPPED", None, True),
+        ("INTERNAL_ERROR", "FAILED", True),
+        ("TERMINATED", "SUCCESS_WITH_FAILURES", True),
+    ],
+)
+def test_forced_states_reach_the_hook(
+    dbx: FakeDatabricks, hook: Any, life_cycle_state: str, result_state: str | None, terminal: bool
+) -> None:
+    dbx.simulate("nb", seconds=300)
+    run_id = hook.submit_run(_notebook_run())
+    dbx.force_state(run_id, life_cycle_state, result_state, "forced by the test")
+    state = hook.get_run_state(run_id)
+    assert state.life_cycle_state == life_cycle_state
+    assert state.result_state == (result_state or "")
+    assert state.is_terminal is terminal
+    assert not state.is_successful
+    if terminal:
+        # A forced terminal state also stops the run's execution.
+        dbx.wait_until_terminal(dbx.task_run_ids(run_id)["nb"])
+
+
+def test_unknown_future_state_is_reported_verbatim(dbx: FakeDatabricks, hook: Any) -> None:
+    dbx.simulate("nb", seconds=300)
+    run_id = hook.submit_run(_notebook_run())
+    dbx.force_state(run_id, "SOME_FUTURE_STATE")
+    assert hook.get_run(run_id)["state"]["life_cycle_state"] == "SOME_FUTURE_STATE"
+    assert hook.get_run(run_id)["status"]["state"] == "SOME_FUTURE_STATE"
+    # The provider's RunState refuses states it does not know; a backend has to cope with that.
+    with pytest.raises(AirflowException, match="Unexpected life cycle state"):
+        hook.get_run_state(run_id)
+    dbx.clear_forced_state(run_id)
+    assert hook.get_run_state(run_id).life_cycle_state == "RUNNING"
+    hook.cancel_run(run_id)
+
+
+def test_multi_task_dependencies_and_success_with_failures(dbx: FakeDatabricks, hook: Any) -> None:
+    dbx.simulate("extract", SimulatedOutcome(result_state="FAILED", error="source table missing"))
+    cluster = {"existing_cluster_id": "c-1"}
+    run_id = hook.submit_run(
+        {
+            "tasks": [
+                {"task_key": "extract", "notebook_task": {"notebook_path": "/a"}, **cluster},
+                {
+                    "task_key": "train",
+                    "depends_on": [{"task_key": "extract"}],
+                    "notebook_task": {"notebook_path": "/b"},
+                    **cluster,
+                },
+                {
+                    "task_key": "report",
+                    "depends_on": [{"task_key": "train"}],
+                    "run_if": "ALL_DONE",
+                    "notebook_task": {"notebook_path": "/c"},
+                    **cluster,
+                },
+            ]
+        }
+    )
+    run = dbx.wait_until_terminal(run_id)
+    results = {t["task_key"]: t["state"]["result_state"] for t in run["tasks"]}
+    assert results == {"extract": "FAILED", "train": "UPSTREAM_FAILED", "report": "SUCCESS"}
+    # The leaf task succeeded, so the run is SUCCESS_WITH_FAILURES, which the provider treats as a failure.
+    state = hook.get_run_state(run_id)
+    assert state.result_state == "SUCCESS_WITH_FAILURES" and not state.is_successful
+    assert hook.get_run_output(dbx.task_run_ids(run_id)["extract"])["error"] == "source table missing"
+
+
+def test_runs_get_pages_tasks_in_2_2_but_not_in_2_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks = [
+        {"task_key": f"t{i}", "notebook_task": {"notebook_path": "/n"}, "existing_cluster_id": "c"} for i in range(5)
+    ]
+    with FakeDatabricks(token=TOKEN, tasks_page_size=2) as dbx:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        hook = _hook()
+        run_id = hook.submit_run({"tasks": tasks})
+        dbx.wait_until_terminal(run_id)
+        dbx.reset_counts()
+        assert [t["task_key"] for t in hook.get_run(run_id)["tasks"]] == [f"t{i}" for i in range(5)]
+        assert dbx.count("jobs/runs/get") == 3  # the hook followed next_page_token twice
+        v21 = requests.get(
+            f"{dbx.url}/api/2.1/jobs/runs/get", params={"run_id": run_id}, headers={"Authorization": f"Bearer {TOKEN}"}
+        ).json()
+        assert len(v21["tasks"]) == 5 and "next_page_token" not in v21
+
+
+# ----------------------------------------------------------------------------- errors, auth, faults
+
+
+def test_invalid_submissions_are_rejected_with_documented_error_body(dbx: FakeDatabricks, hook: Any) -> None:
+    python_task = {"python_file": "/x.py"}
+    bad_bodies: list[dict[str, Any]] = [
+        {"tasks": [{"spark_python_task": python_task, "new_cluster": CLUSTER}]},  # no task_key
+        {"tasks": [{"task_key": "a", "new_cluster": CLUSTER}]},  # no task type
+        {"tasks": [{"task_key": "a", "spark_python_task": python_task, "notebook_task": {"notebook_path": "/n"}}]},
+        {"tasks": [{"task_key": "a", "spark_python_task": python_task}]},  # no compute
+        {"tasks": [{"task_key": "a", "spark_python_task": {}, "new_cluster": CLUSTER}]},  # no python_file
+        {"tasks": [{"task_key": "a", "spark_python_task": python_task, "new_cluster": {"node_type_id": "n"}}]},
+        {
+            "tasks": [
+                {
+                    "task_key": "a",
+                    "spark_python_task": python_task,
+                    "new_cluster": {**CLUSTER, "autoscale": {"min_workers": 4, "max_workers": 2}},
+                }
+            ]
+        },
+        {"tasks": [{"task_key": "a", "spark_python_task": python_task, "new_cluster": CLUSTER, "libraries": [{}]}]},
+        {"tasks": [{"task_key": "a b", "spark_python_task": python_task, "new_cluster": CLUSTER}]},
+        {"run_name": "no task at all"},
+    ]
+    for body in bad_bodies:
+        response = requests.post(
+            f"{dbx.url}/api/2.2/jobs/runs/submit", json=body, headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert response.status_code == 400, body
+        error = response.json()
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE", body
+        assert error["message"], body
+    assert dbx.run_ids == []
+
+    # What the provider's operators send: every number as a string.
+    ok = _notebook_run(timeout_seconds="60")
+    ok["tasks"][0] = {
+        "task_key": "nb",
+        "notebook_task": {"notebook_path": "/n"},
+        "new_cluster": {**CLUSTER, "num_workers": "2", "autoscale": {"min_workers": "1", "max_workers": "3"}},
+        "libraries": [{"pypi": {"package": "pandas"}}, {"whl": "dbfs:/w.whl"}],
+    }
+    assert hook.submit_run(ok) in dbx.run_ids
+
+
+def test_auth_errors(dbx: FakeDatabricks, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"{dbx.url}/api/2.2/jobs/runs/list"
+    missing = requests.get(url)
+    assert missing.status_code == 401
+    assert missing.json() == {
+        "error_code": 401,
+        "message": "Credential was not sent or was of an unsupported type for this API.",
+    }
+
+    monkeypatch.setenv("AIRFLOW_CONN_WRONG", dbx.connection_json(token="dapi-wrong"))
+    with pytest.raises(DatabricksApiError) as raised:
+        _hook("wrong").get_run_state(1)
+    assert raised.value.http_status_code == 403
+    assert "Invalid access token." in str(raised.value)
+    assert dbx.count("jobs/runs/get", status=403) == 1  # not retried
+
+    dbx.invalid_token_status = 401
+    assert requests.get(url, headers={"Authorization": "Bearer nope"}).status_code == 401
+
+
+def test_429_with_retry_after_is_retried_by_the_hook(dbx: FakeDatabricks, hook: Any) -> None:
+    dbx.simulate("nb", seconds=300)
+    run_id = hook.submit_run(_notebook_run())
+    dbx.fail_next("jobs/runs/get", 429, retry_after=2)
+    raw = requests.get(
+        f"{dbx.url}/api/2.2/jobs/runs/get", params={"run_id": run_id}, headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    assert raw.status_code == 429
+    assert raw.headers["Retry-After"] == "2"
+    assert raw.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+
+    dbx.fail_next("jobs/runs/get", 429, retry_after=1)
+    dbx.fail_next("jobs/runs/get", 503)
+    dbx.reset_counts()
+    assert hook.get_run_state(run_id).life_cycle_state == "RUNNING"
+    assert [r.status for r in dbx.requests] == [429, 503, 200]
+
+    dbx.fail_next("jobs/runs/get", 500, times=3)
+    with pytest.raises(AirflowException, match="failed 3 times"):
+        hook.get_run_state(run_id)
+
+    dbx.fail_next("jobs/runs/get", 0)  # connection reset without an answer
+    assert hook.get_run_state(run_id).life_cycle_state == "RUNNING"
+    hook.cancel_run(run_id)
+
+
+def test_unknown_endpoints_and_versions(dbx: FakeDatabricks) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    assert requests.get(f"{dbx.url}/api/2.0/jobs/runs/list", headers=headers).status_code == 404
+    wrong_method = requests.post(f"{dbx.url}/api/2.2/jobs/runs/get", json={"run_id": 1}, headers=headers)
+    assert wrong_method.status_code == 404
+    assert wrong_method.json()["error_code"] == "ENDPOINT_NOT_FOUND"
+    assert requests.get(f"{dbx.url}/api/2.1/jobs/runs/list", headers=headers).json() == {"has_more": False}
+
+
+# ----------------------------------------------------------------------------- runs/list
+
+
+def test_runs_list_paging_and_filters(dbx: FakeDatabricks, hook: Any) -> None:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    dbx.simulate("slow", seconds=300)
+    done = [hook.submit_run(_notebook_run()) for _ in range(4)]
+    for run_id in done:
+        dbx.wait_until_terminal(run_id)
+    active = hook.submit_run(_notebook_run("slow"))
+    newest_first = [active, *reversed(done)]
+
+    def page(version: str = "2.2", **params: Any) -> dict[str, Any]:
+        response = requests.get(f"{dbx.url}/api/{version}/jobs/runs/list", params=params, headers=headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    seen, token = [], None
+    while True:
+        answer = page(limit=2, **({"page_token": token} if token else {}))
+        seen += [r["run_id"] for r in answer["runs"]]
+        assert "tasks" not in answer["runs"][0]
+        if not answer["has_more"]:
+            assert "next_page_token" not in answer
+            break
+        token = answer["next_page_token"]
+    assert seen == newest_first
+
+    by_offset = [r["run_id"] for offset in (0, 2, 4) for r in page("2.1", limit=2, offset=offset)["runs"]]
+    assert by_offset == newest_first
+    assert [r["run_id"] for r in page(active_only="true")["runs"]] == [active]
+    assert [r["run_id"] for r in page(completed_only=True)["runs"]] == newest_first[1:]
+    assert page(run_type="JOB_RUN") == {"has_more": False}
+    assert [r["run_id"] for r in page(run_type="SUBMIT_RUN", limit=1, expand_tasks="true")["runs"]] == [active]
+    assert page(limit=1, expand_tasks="true")["runs"][0]["tasks"][0]["task_key"] == "slow"
+
+    both = requests.get(
+        f"{dbx.url}/api/2.2/jobs/runs/list", params={"active_only": "true", "completed_only": "true"}, headers=headers
+    )
+    assert both.status_code == 400 and both.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    too_many = requests.get(f"{dbx.url}/api/2.2/jobs/runs/list", params={"limit": 26}, headers=headers)
+    assert too_many.status_code == 400
+    hook.cancel_run(active)
+
+
+# ----------------------------------------------------------------------------- async hook (GET with a JSON body)
+
+
+async def test_async_hook_methods(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    script = _script(tmp_path, "raise SystemExit('stopping: bad input')\n")
+    run_id = await asyncio.to_thread(_hook().submit_run, _python_run(script))
+    await asyncio.to_thread(dbx.wait_until_terminal, run_id)
+    dbx.reset_counts()
+
+    async with _hook() as hook:
+        state = await hook.a_get_run_state(run_id)
+        run = await hook.a_get_run(run_id)
+        url = await hook.a_get_run_page_url(run_id)
+        output = await hook.a_get_run_output(run["tasks"][0]["run_id"])
+
+    assert (state.life_cycle_state, state.result_state) == ("TERMINATED", "FAILED")
+    assert run["run_id"] == run_id and url == run["run_page_url"]
+    assert output["logs"] == "stopping: bad input\n"
+    assert output["error"] == "Python process exited with exit code 1."
+    # aiohttp sent the parameters as a JSON body on GET (ints), not in the query string (strings).
+    assert [(r.method, r.endpoint, r.params.get("run_id")) for r in dbx.requests] == [
+        ("GET", "jobs/runs/get", run_id),
+        ("GET", "jobs/runs/get", run_id),
+        ("GET", "jobs/runs/get", run_id),
+        ("GET", "jobs/runs/get-output", run["tasks"][0]["run_id"]),
+    ]
+
+
+async def test_async_hook_retries_429(dbx: FakeDatabricks) -> None:
+    dbx.simulate("nb", seconds=300)
+    run_id = await asyncio.to_thread(_hook().submit_run, _notebook_run())
+    dbx.fail_next("jobs/runs/get", 429, retry_after=1)
+    async with _hook() as hook:
+        assert (await hook.a_get_run_state(run_id)).life_cycle_state == "RUNNING"
+    assert dbx.count("jobs/runs/get", status=429) == 1
+    assert dbx.count("jobs/runs/get", status=200) == 1
+    dbx.cancel(run_id)
+
+
+# ----------------------------------------------------------------------------- OAuth M2M over TLS
+
+
+def test_service_principal_oauth_over_tls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    script = _script(tmp_path, "print('oauth ok')\n")
+    with (
+        FakeDatabricks(token=TOKEN, tls=True, service_principals={"sp-client": "sp-secret"}) as dbx,
+        dbx.trust_ca(),
+    ):
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json(oauth_client_id="sp-client"))
+        assert json.loads(dbx.connection_json(oauth_client_id="sp-client"))["extra"] == {
+            "service_principal_oauth": True
+        }
+        hook = _hook()
+        run_id = hook.submit_run(_python_run(script))
+        dbx.wait_until_terminal(run_id)
+        assert hook.get_run_state(run_id).result_state == "SUCCESS"
+
+        async def read_async() -> str:
+            async with _hook() as async_hook:
+                return (await async_hook.a_get_run_state(run_id)).result_state
+
+        assert asyncio.run(read_async()) == "SUCCESS"
+        # One token for the sync hook (cached across calls), one for the async hook instance.
+        assert dbx.count("/oidc/v1/token", status=200) == 2
+        assert dbx.count("jobs/runs/get", status=200) == 2
+
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_BAD_SP", dbx.connection_json(oauth_client_id="sp-client").replace("sp-secret", "x")
+        )
+        with pytest.raises(AirflowException):
+            _hook("bad_sp").get_run_state(run_id)
+        assert dbx.count("/oidc/v1/token", status=401) >= 1
+
+
+# ----------------------------------------------------------------------------- the provider's own operator
+
+
+def test_databricks_submit_run_operator_runs_against_the_fake(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
+
+    script = _script(tmp_path, "print('operator step')\n")
+    operator = DatabricksSubmitRunOperator(
+        task_id="spark_step",
+        spark_python_task={"python_file": str(script), "parameters": ["1"]},
+        new_cluster=dict(CLUSTER),
+        polling_period_seconds=0,
+        do_xcom_push=False,
+        databricks_retry_args={"stop": stop_after_attempt(3), "wait": wait_none()},
+    )
+    operator.execute(context={})  # type: ignore[arg-type]
+    (run_id,) = dbx.run_ids
+    assert dbx.get_run(run_id)["state"]["result_state"] == "SUCCESS"
+    assert dbx.calls["jobs/runs/submit"] == 1
+    assert dbx.calls["jobs/runs/get"] >= 2  # get_run_page_url, then polling
