@@ -55,6 +55,14 @@ install_docker() {
     apt-get install -y -qq --no-install-recommends docker.io iptables ca-certificates >/dev/null
 }
 
+# dockerd's log is mostly gRPC chatter: show the errors of the latest attempt, then its last lines.
+log_tail() {
+    local attempt
+    attempt="$(awk '/^==== / {n = 0} {line[n++] = $0} END {for (i = 0; i < n; i++) print line[i]}' "$LOG")"
+    grep -E 'level=(error|fatal)|failed|Error' <<<"$attempt" | tail -n 10 >&2 || true
+    tail -n 3 <<<"$attempt" >&2 || true
+}
+
 # Wait for the engine started with pid $1; returns 1 as soon as that dockerd dies.
 wait_for_engine() {
     local pid="$1" deadline=$((SECONDS + WAIT))
@@ -93,8 +101,8 @@ start_attempt() {
         for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
         kill -9 "$pid" 2>/dev/null || true
     fi
-    say "dockerd ${flags:-(default flags)} failed; last log lines:"
-    tail -n 15 "$LOG" >&2 || true
+    say "dockerd ${flags:-(default flags)} failed; its errors and last log lines:"
+    log_tail
     return 1
 }
 
@@ -111,6 +119,10 @@ main() {
 
     mkdir -p "$(dirname "$LOG")"
     touch "$LOG"
+    # One log across runs, for diagnosis; kept from growing without bound on a long-lived machine.
+    if [ "$(stat -c %s "$LOG")" -gt 10485760 ]; then
+        : >"$LOG"
+    fi
 
     local pid
     if pid="$(dockerd_pid)"; then
@@ -120,8 +132,8 @@ main() {
             say "engine answers: $(docker info --format '{{.ServerVersion}} {{.Driver}}')"
             return 0
         fi
-        say "the running dockerd (pid $pid) does not answer within ${WAIT}s; last log lines:"
-        tail -n 30 "$LOG" >&2 || true
+        say "the running dockerd (pid $pid) does not answer within ${WAIT}s; its errors and last log lines:"
+        log_tail
         return 1
     fi
 

@@ -163,7 +163,7 @@ EOF
 # satisfy scipy's python3-pythran), slim it, and write it as an uncompressed tarball (docker import
 # reads that fastest; disk is not the constraint here).
 make_base_tarball() {
-    local out="$1" mirror work root
+    local out="$1" mirror work root t0=$SECONDS
     mirror="${DEBIAN_MIRROR:-$(apt_mirror | head -n 1)}"
     [ -n "$mirror" ] || die "no apt source serves '$SUITE main'; set DEBIAN_MIRROR=<debian mirror url>"
     ensure_debootstrap
@@ -179,6 +179,7 @@ make_base_tarball() {
         [ -f "$root/debootstrap/debootstrap.log" ] && tail -n 30 "$root/debootstrap/debootstrap.log" >&2
         die "debootstrap failed"
     fi
+    say "debootstrap took $((SECONDS - t0))s"
     install_pythran_stub "$root"
     say "apt-get install $PACKAGES (inside the new root)"
     mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
@@ -190,6 +191,7 @@ make_base_tarball() {
         die "apt-get install $PACKAGES failed inside the new root"
     fi
     umount -l "$root/proc" "$root/sys" 2>/dev/null || true
+    say "debootstrap + apt-get took $((SECONDS - t0))s"
     slim_rootfs "$root"
     mkdir -p "$(dirname "$out")"
     tar --numeric-owner --one-file-system -C "$root" -cf "$out.partial" .
@@ -261,9 +263,15 @@ build_runner() {
     else
         say "docker build -> $RUNNER_IMAGE"
         # --pull=false: the base exists only locally; --network=none: no RUN step needs the network.
-        docker build --pull=false --network=none --quiet \
+        # Its output is only shown on failure: newer CLIs print a legacy-builder deprecation notice.
+        if ! docker build --pull=false --network=none --force-rm \
             --label "$HASH_LABEL=$hash" \
-            -t "$RUNNER_IMAGE" "$ctx" >/dev/null
+            -t "$RUNNER_IMAGE" "$ctx" >"$ctx.log" 2>&1; then
+            cat "$ctx.log" >&2
+            rm -f "$ctx.log"
+            die "docker build of $RUNNER_IMAGE failed"
+        fi
+        rm -f "$ctx.log"
     fi
     rm -rf "$ctx"
     trap - EXIT
@@ -271,6 +279,10 @@ build_runner() {
 
 main() {
     local t0=$SECONDS
+    # Two builds at once (a developer and a CI run on one machine) would race on the tarball and tags.
+    mkdir -p "$CACHE_DIR"
+    exec 9>"$CACHE_DIR/build.lock"
+    flock 9
     build_base
     build_runner
     # Images replaced by a rebuild linger untagged; drop ours (dangling ones only).
