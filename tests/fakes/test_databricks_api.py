@@ -666,3 +666,63 @@ def test_databricks_submit_run_operator_runs_against_the_fake(dbx: FakeDatabrick
     assert dbx.get_run(run_id)["state"]["result_state"] == "SUCCESS"
     assert dbx.calls["jobs/runs/submit"] == 1
     assert dbx.calls["jobs/runs/get"] >= 2  # get_run_page_url, then polling
+
+
+async def test_deferrable_trigger_reports_the_failed_task_error(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
+
+    script = _script(tmp_path, "raise RuntimeError('spark step exploded')\n")
+    run_id = await asyncio.to_thread(_hook().submit_run, _python_run(script))
+    trigger = DatabricksExecutionTrigger(
+        run_id=run_id, databricks_conn_id="databricks_default", polling_period_seconds=1, retry_delay=0
+    )
+    event = await anext(trigger.run())
+
+    assert json.loads(event.payload["run_state"])["result_state"] == "FAILED"
+    assert event.payload["errors"] == [
+        {"task_key": "step", "run_id": dbx.task_run_ids(run_id)["step"], "error": "RuntimeError: spark step exploded"}
+    ]
+    assert dbx.count("jobs/runs/get-output") == 1
+    # Repair bookkeeping reads the run's history: one ORIGINAL entry, so no repair yet.
+    assert await asyncio.to_thread(_hook().get_latest_repair_id, run_id) is None
+
+
+def test_full_life_cycle_with_queue_and_cleanup_phases(monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeDatabricks(token=TOKEN, queued_seconds=0.3, pending_seconds=0.3, terminating_seconds=0.3) as dbx:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        dbx.simulate("nb", seconds=0.3)
+        run_id = _hook().submit_run(_notebook_run())
+        seen: list[tuple[str, str]] = []
+        phases = {"QUEUED", "PENDING", "RUNNING", "TERMINATING", "TERMINATED"}
+        while True:
+            run = dbx.get_run(run_id)
+            observed = (run["state"]["life_cycle_state"], run["status"]["state"])
+            if not seen or seen[-1] != observed:
+                seen.append(observed)
+            if observed[0] == "TERMINATED":
+                break
+            dbx.wait_until(run_id, *(phases - {observed[0]}))
+        assert seen == [
+            ("QUEUED", "QUEUED"),
+            ("PENDING", "PENDING"),
+            ("RUNNING", "RUNNING"),
+            ("TERMINATING", "TERMINATING"),
+            ("TERMINATED", "TERMINATED"),
+        ]
+        assert run["setup_duration"] > 0 and run["execution_duration"] > 0 and run["cleanup_duration"] > 0
+
+
+def test_cancel_before_the_cluster_starts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    script = _script(tmp_path, f"open({str(marker)!r}, 'w').close()\n")
+    with FakeDatabricks(token=TOKEN, hold_pending=True) as dbx:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        hook = _hook()
+        run_id = hook.submit_run(_python_run(script))
+        dbx.wait_until(dbx.task_run_ids(run_id)["step"], "PENDING")
+        hook.cancel_run(run_id)
+        run = dbx.wait_until_terminal(run_id)
+        dbx.release()
+    assert run["state"]["result_state"] == "CANCELED"
+    assert run["tasks"][0]["state"]["result_state"] == "CANCELED"
+    assert not marker.exists()  # the script never ran
