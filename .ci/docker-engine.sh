@@ -49,7 +49,7 @@ dockerd_pid() {
 
 install_docker() {
     say "dockerd not found: installing Debian's docker.io"
-    export DEBIAN_FRONTEND=noninteractive
+    export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
     apt-get update -qq
     # iptables is a docker.io dependency already; listed so a minimal image surely has it.
     apt-get install -y -qq --no-install-recommends docker.io iptables ca-certificates >/dev/null

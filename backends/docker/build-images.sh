@@ -107,7 +107,7 @@ ensure_debootstrap() {
         return
     fi
     say "installing debootstrap"
-    export DEBIAN_FRONTEND=noninteractive
+    export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends debootstrap debian-archive-keyring >/dev/null
 }
