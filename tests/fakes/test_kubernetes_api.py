@@ -481,3 +481,50 @@ async def test_kubernetes_asyncio_watch_sees_pod_complete(k8s: FakeKubernetes) -
         log = await core.read_namespaced_pod_log("async", NS)
     assert phases[-1] == "Succeeded"
     assert "async hi" in log
+
+
+# ------------------------------------------------------------------- restarts, init, watch edges
+
+
+def test_on_failure_restarts_with_crash_loop_back_off_and_previous_log() -> None:
+    with FakeKubernetes(crashloop_backoff=0.1) as k8s:
+        v1 = k8s.core_v1()
+        v1.create_namespaced_pod(NS, pod_body("flaky", ["python3", "-c", "print('attempt'); raise SystemExit(2)"],
+                                              restartPolicy="OnFailure"))
+        pod = k8s.wait_for_pod("flaky", lambda p: bool(p) and p["status"].get("containerStatuses", [{}])[0]
+                               .get("restartCount", 0) >= 1)
+        status = pod["status"]["containerStatuses"][0]  # type: ignore[index]
+        assert status["lastState"]["terminated"]["exitCode"] == 2
+        assert pod["status"]["phase"] == "Running"  # type: ignore[index]
+        previous = v1.read_namespaced_pod_log("flaky", NS, previous=True, _preload_content=False)
+        assert previous.data.decode() == "attempt\n"
+        assert "BackOff" in [e["reason"] for e in k8s.events("flaky")]
+
+
+def test_init_container_runs_before_main_container(k8s: FakeKubernetes, v1: client.CoreV1Api, tmp_path: Path) -> None:
+    k8s.register_volume_claim("work", tmp_path)
+    mount = {"volumeMounts": [{"name": "w", "mountPath": "/work"}]}
+    body = pod_body("ordered", ["python3", "-c", "print(open('/work/init.txt').read())"], container=mount,
+                    volumes=[{"name": "w", "persistentVolumeClaim": {"claimName": "work"}}],
+                    initContainers=[{"name": "prep", "image": "python:3.11-slim", **mount,
+                                     "command": ["python3", "-c", "open('/work/init.txt','w').write('prepared')"]}])
+    v1.create_namespaced_pod(NS, body)
+
+    pod = k8s.wait_for_pod("ordered", "Succeeded")
+
+    assert pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"  # type: ignore
+    assert k8s.pod_log("ordered", "main") == "prepared\n"
+
+
+def test_label_selector_watch_sees_deleted_when_label_is_patched_away(k8s: FakeKubernetes,
+                                                                        v1: client.CoreV1Api) -> None:
+    v1.create_namespaced_pod(NS, pod_body("tagged", ["sleep", "30"], labels={"live": "yes"}))
+    rv = v1.list_namespaced_pod(NS).metadata.resource_version
+    v1.patch_namespaced_pod("tagged", NS, {"metadata": {"labels": {"live": None}}},
+                            _content_type="application/merge-patch+json")
+
+    types = [e["type"] for e in watch.Watch().stream(v1.list_namespaced_pod, NS, label_selector="live=yes",
+                                                     resource_version=rv, timeout_seconds=1)]
+
+    assert types[-1] == "DELETED"  # it left the selection, as the watch cache reports it
+    assert v1.read_namespaced_pod("tagged", NS).metadata.labels is None  # empty maps are omitted, as in Go

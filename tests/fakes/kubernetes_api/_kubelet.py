@@ -530,6 +530,7 @@ class Kubelet:
     def _remove(self, rt: PodRuntime) -> None:
         pod = self.store.peek("pods", rt.ns, rt.name)
         if pod is None or pod["metadata"].get("uid") != rt.uid:
+            self.forget(rt)  # already gone from the API (immediate deletion)
             return
         if pod["metadata"].get("finalizers"):
             return
@@ -1180,8 +1181,10 @@ class Kubelet:
             rt.deleting = True
             self.spawn(self.kill(rt, float(period)))
         if immediate and not answered["metadata"].get("finalizers"):
-            # The object goes now; the runtime (if any) still stops its processes and cleans up.
+            # The object goes now; a live runtime still stops its processes and cleans up in _finish.
             gone = self.store.delete("pods", ns, name)
+            if rt is not None and rt.finished.is_set():
+                self.forget(rt)
             return gone or answered
         return answered
 
@@ -1220,6 +1223,10 @@ class Kubelet:
             rt.stop_event.set()
             for c in rt.all_runs():
                 self._signal(c, signal.SIGKILL)
+        # Let killed processes be reaped first, so no subprocess transport outlives the loop.
+        pod_tasks = [rt.task for rt in self.pods.values() if rt.task is not None]
+        if pod_tasks:
+            await asyncio.wait(pod_tasks, timeout=5)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -427,6 +427,9 @@ class ApiServer:
                 new_meta[f] = current["metadata"][f]
             else:
                 new_meta.pop(f, None)
+        for f in ("labels", "annotations", "finalizers", "ownerReferences"):
+            if not new_meta.get(f):  # Go's omitempty: an emptied map or list disappears
+                new_meta.pop(f, None)
         new["kind"], new["apiVersion"] = kind, "v1"
         if resource == "pods":
             new["status"] = current.get("status", {})  # status only changes through pods/status
