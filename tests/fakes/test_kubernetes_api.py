@@ -528,3 +528,28 @@ def test_label_selector_watch_sees_deleted_when_label_is_patched_away(k8s: FakeK
 
     assert types[-1] == "DELETED"  # it left the selection, as the watch cache reports it
     assert v1.read_namespaced_pod("tagged", NS).metadata.labels is None  # empty maps are omitted, as in Go
+
+
+def test_default_termination_path_in_args_is_rewritten(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    code = "open('/dev/termination-log', 'w').write('written to the default path')"
+    v1.create_namespaced_pod(NS, pod_body("default-path", ["python3", "-c", code]))
+
+    pod = k8s.wait_for_pod("default-path", "Succeeded")
+
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
+    assert term["message"] == "written to the default path"
+
+
+def test_insufficient_gpu_is_unschedulable_until_a_gpu_node_appears(k8s: FakeKubernetes,
+                                                                    v1: client.CoreV1Api) -> None:
+    body = pod_body("train", ["true"], container={"resources": {"limits": {"nvidia.com/gpu": "1"}}})
+    v1.create_namespaced_pod(NS, body)
+    pod = k8s.wait_for_pod("train", lambda p: bool(p and p["status"].get("conditions")))
+    assert pod["status"]["conditions"][0]["message"] == (  # type: ignore[index]
+        "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available: "
+        "1 No preemption victims found for incoming pod.")
+
+    k8s.add_node(FakeNode("gpu-node", allocatable={"cpu": "8", "memory": "64Gi", "pods": "110",
+                                                   "nvidia.com/gpu": "1"}))
+
+    assert k8s.wait_for_pod("train", "Succeeded")["spec"]["nodeName"] == "gpu-node"  # type: ignore[index]
