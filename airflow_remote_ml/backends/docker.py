@@ -84,6 +84,9 @@ class DockerConfig(BackendConfig):
         stop_timeout: seconds between SIGTERM and SIGKILL when a step is cancelled.
         user: the container user (``"1000"``, ``"1000:1000"``, a name); unset: the image's.
         labels: extra labels for every container.
+        init: run the engine's init (``docker run --init``) as PID 1. It forwards ``docker stop``'s SIGTERM
+            to the runtime even before the runtime has installed its handlers (a PID 1 without a handler
+            ignores SIGTERM, so the stop would wait for SIGKILL) and reaps orphaned processes.
         artifact_mount: bind-mount a local artifact root into the container at the same path.
         artifact_host_path: where the artifact root is on the Docker host when that differs from the
             worker's path (a worker that itself runs in a container).
@@ -107,6 +110,7 @@ class DockerConfig(BackendConfig):
     stop_timeout: float = 10.0
     user: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    init: bool = True
     artifact_mount: bool = True
     artifact_host_path: str | None = None
     secrets_from: str = "airflow"
@@ -160,6 +164,8 @@ def status_from_inspect(attrs: Mapping[str, Any]) -> RunStatus:
 
 def _exit_message(code: Any, error: str) -> str:
     message = f"the step exited with code {code}"
+    if code == 127:
+        message += " (command not found: is the backend's python interpreter in the image?)"
     if isinstance(code, int) and 128 < code < 128 + 65:
         with contextlib.suppress(ValueError):
             message += f" (killed by {signal.Signals(code - 128).name})"
@@ -338,9 +344,12 @@ def container_request(config: DockerConfig, request: StepRequest, profile: Mappi
         host["runtime"] = settings["runtime"]
     if settings.get("shm_size"):
         host["shm_size"] = parse_memory(settings["shm_size"], "backend_options.docker.shm_size")
-    for key in ("extra_hosts", "ipc_mode", "cap_add", "init"):
+    for key in ("extra_hosts", "ipc_mode", "cap_add"):
         if settings.get(key) is not None:
             host[key] = settings[key]
+    init = settings.get("init", config.init)
+    if init:
+        host["init"] = True
 
     create: dict[str, Any] = {
         "image": spec.image,
@@ -522,20 +531,26 @@ class DockerBackend(Backend):
         if spec.resources.gpu and profile.get("gpus") not in (None, "all") and spec.resources.gpu > profile["gpus"]:
             raise ConfigError("resources.gpu", f"asks for {spec.resources.gpu} GPUs but profile "
                               f"{spec.resources.profile!r} has {profile['gpus']}", "ask for fewer or change profile")
-        if self.config.artifact_mount and is_local(request.artifact_root) and not self.config.artifact_host_path:
-            root = local_path(request.artifact_root)
-            try:
-                os.makedirs(root, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError("artifact_root", f"{root!r} cannot be created on the worker ({exc.strerror})",
-                                  "use a directory the worker can create and the Docker host can bind-mount, "
-                                  "or set artifact_host_path") from None
-            if not os.path.isdir(root):
-                raise ConfigError("artifact_root", f"{root!r} is not a directory", "use a directory")
+        self._ensure_artifact_root(request)
         if spec.secrets and self.config.secrets_from not in ("airflow", "env"):
             raise ConfigError("secrets_from", f"{self.config.secrets_from!r} is not known", "use 'airflow' or 'env'")
         # Build the request once without secrets: every remaining value error surfaces here, not at submit.
         container_request(self.config, request, profile, {})
+
+    def _ensure_artifact_root(self, request: StepRequest) -> None:
+        """A local artifact root must exist before the engine bind-mounts it (the engine refuses a missing
+        source), so it is created here, on the worker, with the worker's ownership."""
+        if not (self.config.artifact_mount and is_local(request.artifact_root)) or self.config.artifact_host_path:
+            return
+        root = local_path(request.artifact_root)
+        try:
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError("artifact_root", f"{root!r} cannot be created on the worker ({exc.strerror})",
+                              "use a directory the worker can create and the Docker host can bind-mount, "
+                              "or set artifact_host_path") from None
+        if not os.path.isdir(root):
+            raise ConfigError("artifact_root", f"{root!r} is not a directory", "use a directory")
 
     def _secret_env(self, request: StepRequest) -> dict[str, str]:
         if not request.spec.secrets:
@@ -548,6 +563,7 @@ class DockerBackend(Backend):
 
     def submit(self, request: StepRequest) -> RunHandle:
         profile = self.config.profile(request.spec.resources.profile, self.name)
+        self._ensure_artifact_root(request)
         built = container_request(self.config, request, profile, self._secret_env(request))
         create, image, name = built["create"], request.spec.image or "", built["create"]["name"]
         if self.config.pull == "always":

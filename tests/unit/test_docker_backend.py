@@ -223,6 +223,8 @@ def test_container_carries_runtime_step_identity_and_mounts(tmp_path):
     root = str(tmp_path / "artifacts")
     assert {"Target": root, "Source": root, "Type": "bind", "ReadOnly": False}.items() <= host["mounts"][0].items()
     assert host["network_mode"] == "none"
+    assert host["init"] is True  # SIGTERM reaches the runtime even before it installs its handlers
+    assert "init" not in container_request(DockerConfig(init=False), request, {}, {})["host"]
     assert "user" not in create and "nano_cpus" not in host and "device_requests" not in host
 
 
