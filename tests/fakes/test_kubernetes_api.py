@@ -326,8 +326,8 @@ def test_secret_env_resolution_and_missing_secret(k8s: FakeKubernetes, v1: clien
     missing = pod_body("nosecret", ["true"], container={
         "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]})
     v1.create_namespaced_pod(NS, missing)
-    pod = k8s.wait_for_pod("nosecret", lambda p: bool(p) and "CreateContainerConfigError" in json.dumps(p["status"]))
-    waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]  # type: ignore[index]
+    pod = k8s.wait_for_pod("nosecret", lambda p: p is not None and "CreateContainerConfigError" in json.dumps(p["status"]))
+    waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]
     assert waiting == {"reason": "CreateContainerConfigError", "message": 'secret "absent" not found'}
 
 
@@ -336,10 +336,10 @@ def test_image_pull_error_backs_off_with_real_reasons(k8s: FakeKubernetes, v1: c
                                            '"docker.io/library/nope:1": not found')
     v1.create_namespaced_pod(NS, pod_body("pull", ["true"], image="nope:1"))
 
-    pod = k8s.wait_for_pod("pull", lambda p: bool(p) and "ImagePullBackOff" in json.dumps(p["status"]))
+    pod = k8s.wait_for_pod("pull", lambda p: p is not None and "ImagePullBackOff" in json.dumps(p["status"]))
 
-    assert pod["status"]["phase"] == "Pending"  # type: ignore[index]
-    assert pod["status"]["containerStatuses"][0]["state"]["waiting"] == {  # type: ignore[index]
+    assert pod["status"]["phase"] == "Pending"
+    assert pod["status"]["containerStatuses"][0]["state"]["waiting"] == {
         "reason": "ImagePullBackOff", "message": 'Back-off pulling image "nope:1"'}
     messages = [e["message"] for e in k8s.events("pull")]
     assert "Error: ErrImagePull" in messages and "Error: ImagePullBackOff" in messages
@@ -355,7 +355,7 @@ def test_untolerated_taint_is_unschedulable_with_scheduler_message() -> None:
         v1 = k8s.core_v1()
         v1.create_namespaced_pod(NS, pod_body("plain", ["true"]))
         pod = k8s.wait_for_pod("plain", lambda p: bool(p and p["status"].get("conditions")))
-        cond = pod["status"]["conditions"][0]  # type: ignore[index]
+        cond = pod["status"]["conditions"][0]
         assert (cond["type"], cond["status"], cond["reason"]) == ("PodScheduled", "False", "Unschedulable")
         assert cond["message"] == ("0/3 nodes are available: 3 node(s) had untolerated taint {gpu: true}. "
                                    "preemption: 0/3 nodes are available: 3 Preemption is not helpful for "
@@ -366,7 +366,7 @@ def test_untolerated_taint_is_unschedulable_with_scheduler_message() -> None:
                                                                 "effect": "NoSchedule"}],
                             nodeSelector={"pool": "gpu"})
         v1.create_namespaced_pod(NS, tolerant)
-        assert k8s.wait_for_pod("tolerant", "Succeeded")["spec"]["nodeName"].startswith("gpu-")  # type: ignore[index]
+        assert k8s.wait_for_pod("tolerant", "Succeeded")["spec"]["nodeName"].startswith("gpu-")
 
 
 def test_oom_and_eviction_report_kubelet_reasons(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
@@ -379,11 +379,11 @@ def test_oom_and_eviction_report_kubelet_reasons(k8s: FakeKubernetes, v1: client
     k8s.evict("evictee")
 
     hog = k8s.wait_for_pod("hog", "Failed")
-    term = hog["status"]["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
+    term = hog["status"]["containerStatuses"][0]["state"]["terminated"]
     assert (term["reason"], term["exitCode"]) == ("OOMKilled", 137)
     evicted = k8s.wait_for_pod("evictee", "Failed")
-    assert evicted["status"]["reason"] == "Evicted"  # type: ignore[index]
-    assert evicted["status"]["message"].startswith("The node was low on resource: memory.")  # type: ignore[index]
+    assert evicted["status"]["reason"] == "Evicted"
+    assert evicted["status"]["message"].startswith("The node was low on resource: memory.")
     assert "Evicted" in [e["reason"] for e in k8s.events("evictee")]
 
 
@@ -394,7 +394,7 @@ def test_simulated_image_runs_until_finished(k8s: FakeKubernetes, v1: client.Cor
     k8s.wait_for_pod("sim", "Running")
     assert k8s.finish_container("sim", exit_code=0)
     pod = k8s.wait_for_pod("sim", "Succeeded")
-    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "{}"  # type: ignore[index]
+    assert pod["status"]["containerStatuses"][0]["state"]["terminated"]["message"] == "{}"
     assert k8s.pod_log("sim") == "working\n"
 
 
@@ -470,7 +470,8 @@ async def test_kubernetes_asyncio_watch_sees_pod_complete(k8s: FakeKubernetes) -
 
     async with aclient.ApiClient(k8s.async_configuration()) as api:
         core = aclient.CoreV1Api(api)
-        await core.create_namespaced_pod(NS, pod_body("async", ["python3", "-c", "print('async hi')"]))
+        body = pod_body("async", ["python3", "-c", "print('async hi')"])
+        await core.create_namespaced_pod(NS, body)  # type: ignore[arg-type]
         phases = []
         async with awatch.Watch() as w:
             async for event in w.stream(core.list_namespaced_pod, NS, field_selector="metadata.name=async",
@@ -491,11 +492,11 @@ def test_on_failure_restarts_with_crash_loop_back_off_and_previous_log() -> None
         v1 = k8s.core_v1()
         v1.create_namespaced_pod(NS, pod_body("flaky", ["python3", "-c", "print('attempt'); raise SystemExit(2)"],
                                               restartPolicy="OnFailure"))
-        pod = k8s.wait_for_pod("flaky", lambda p: bool(p) and p["status"].get("containerStatuses", [{}])[0]
+        pod = k8s.wait_for_pod("flaky", lambda p: p is not None and p["status"].get("containerStatuses", [{}])[0]
                                .get("restartCount", 0) >= 1)
-        status = pod["status"]["containerStatuses"][0]  # type: ignore[index]
+        status = pod["status"]["containerStatuses"][0]
         assert status["lastState"]["terminated"]["exitCode"] == 2
-        assert pod["status"]["phase"] == "Running"  # type: ignore[index]
+        assert pod["status"]["phase"] == "Running"
         previous = v1.read_namespaced_pod_log("flaky", NS, previous=True, _preload_content=False)
         assert previous.data.decode() == "attempt\n"
         assert "BackOff" in [e["reason"] for e in k8s.events("flaky")]
@@ -512,7 +513,7 @@ def test_init_container_runs_before_main_container(k8s: FakeKubernetes, v1: clie
 
     pod = k8s.wait_for_pod("ordered", "Succeeded")
 
-    assert pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"  # type: ignore
+    assert pod["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"] == "Completed"
     assert k8s.pod_log("ordered", "main") == "prepared\n"
 
 
@@ -536,7 +537,7 @@ def test_default_termination_path_in_args_is_rewritten(k8s: FakeKubernetes, v1: 
 
     pod = k8s.wait_for_pod("default-path", "Succeeded")
 
-    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]  # type: ignore[index]
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["message"] == "written to the default path"
 
 
@@ -545,11 +546,11 @@ def test_insufficient_gpu_is_unschedulable_until_a_gpu_node_appears(k8s: FakeKub
     body = pod_body("train", ["true"], container={"resources": {"limits": {"nvidia.com/gpu": "1"}}})
     v1.create_namespaced_pod(NS, body)
     pod = k8s.wait_for_pod("train", lambda p: bool(p and p["status"].get("conditions")))
-    assert pod["status"]["conditions"][0]["message"] == (  # type: ignore[index]
+    assert pod["status"]["conditions"][0]["message"] == (
         "0/1 nodes are available: 1 Insufficient nvidia.com/gpu. preemption: 0/1 nodes are available: "
         "1 No preemption victims found for incoming pod.")
 
     k8s.add_node(FakeNode("gpu-node", allocatable={"cpu": "8", "memory": "64Gi", "pods": "110",
                                                    "nvidia.com/gpu": "1"}))
 
-    assert k8s.wait_for_pod("train", "Succeeded")["spec"]["nodeName"] == "gpu-node"  # type: ignore[index]
+    assert k8s.wait_for_pod("train", "Succeeded")["spec"]["nodeName"] == "gpu-node"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import json
 import os
 import shutil
@@ -339,8 +340,10 @@ class FakeKubernetes:
 
     def list_pods(self, *, namespace: str | None = None) -> list[JSON]:
         ns = namespace or self.namespace
-        return self._call(lambda: [self.store.get("pods", ns, n) for (s, n) in self.store.objects["pods"]
-                                   if s == ns])  # type: ignore[misc]
+        def do() -> list[JSON]:
+            return [copy.deepcopy(obj) for (s, _), obj in self.store.objects["pods"].items() if s == ns]
+
+        return self._call(do)
 
     def events(self, name: str | None = None, *, namespace: str | None = None) -> list[JSON]:
         """Events (oldest first), optionally only those about pod ``name``."""
@@ -383,10 +386,11 @@ class FakeKubernetes:
         return self._call(lambda: self._runtime(name, namespace).dir)
 
     def wait_for_pod(self, name: str, condition: str | Callable[[JSON | None], bool], *, timeout: float = 30.0,
-                     namespace: str | None = None) -> JSON | None:
+                     namespace: str | None = None) -> JSON:
         """Wait (in the test thread, no API calls counted) until the pod meets ``condition``.
 
         ``condition`` is a phase name, ``"Deleted"``, or a predicate on the pod dict (None once gone).
+        Returns the pod as it then is, or ``{}`` once it is gone.
         """
         if isinstance(condition, str):
             phase = condition
@@ -398,7 +402,7 @@ class FakeKubernetes:
         while True:
             pod = self.get_pod(name, namespace=namespace)
             if condition(pod):
-                return pod
+                return pod or {}
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pod {name} did not reach the expected state; last: "
                                    f"{json.dumps((pod or {}).get('status'))}")

@@ -291,7 +291,8 @@ def _tolerates(tolerations: list[JSON], taint: JSON) -> bool:
 
 
 def _match_expression(expr: JSON, labels: dict[str, str]) -> bool:
-    key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+    key: str = expr.get("key", "")
+    op, values = expr.get("operator"), expr.get("values") or []
     present = key in labels
     if op == "In":
         return present and labels[key] in values
@@ -936,8 +937,10 @@ class Kubelet:
         for cpath, host in mounts:
             if cpath == "/":
                 continue
+            # A callable replacement, so backslashes in the host path are taken literally.
+            host_text = str(host)
             value = re.sub(r"(?<![\w.-])" + re.escape(cpath) + r"(?=/|$|[^\w.-])",
-                           lambda _m, h=str(host): h, value)
+                           lambda _m: host_text, value)  # noqa: B023 - used immediately
         return value
 
     async def _run_container(self, rt: PodRuntime, c: ContainerRun) -> None:
