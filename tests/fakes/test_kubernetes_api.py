@@ -554,3 +554,17 @@ def test_insufficient_gpu_is_unschedulable_until_a_gpu_node_appears(k8s: FakeKub
                                                    "nvidia.com/gpu": "1"}))
 
     assert k8s.wait_for_pod("train", "Succeeded")["spec"]["nodeName"] == "gpu-node"
+
+
+def test_abrupt_watch_drop_resets_the_connection(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    import urllib3
+
+    resp = v1.list_namespaced_pod(NS, watch=True, timeout_seconds=30, _preload_content=False)
+    deadline = time.monotonic() + 5
+    while k8s.active_watches == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    assert k8s.drop_watches(abrupt=True) == 1
+
+    with pytest.raises(urllib3.exceptions.ProtocolError):
+        resp.read()
