@@ -125,7 +125,8 @@ def test_retry_after_a_crash_between_create_and_start_reuses_the_container(engin
     assert len(containers_of(engine, request)) == 1
 
 
-def test_a_finished_container_is_never_reattached(engine, backend, tmp_path):
+def test_a_finished_container_is_never_reattached(engine, make_backend, tmp_path):
+    backend = make_backend(removal_policy="never")  # kept, so only its mark hides it
     request = request_for(tmp_path, "print('first')")
     handle, outcome = run_to_end(backend, request)
     assert backend.find(request.identity).job_id == handle.job_id

@@ -655,6 +655,24 @@ def test_mark_finished_hides_the_container_from_find(tmp_path):
     assert ("list", {"label": f"{LABEL_STEP_ID}={request.identity.digest}"}) in api.calls
 
 
+@pytest.mark.parametrize(("policy", "code", "outcome"), [
+    ("on_success", 0, "removed"),
+    ("on_success", 1, "renamed"),
+    ("always", 1, "removed"),
+    ("never", 0, "renamed"),
+])
+def test_mark_finished_removes_what_the_policy_would_remove_anyway(tmp_path, policy, code, outcome):
+    b, api, request, handle = submitted(tmp_path, removal_policy=policy)
+    api.containers_by_id[handle.data["container_id"]]["State"].update(Status="exited", ExitCode=code)
+    b.mark_finished(handle)
+    doc = api.containers_by_id.get(handle.data["container_id"])
+    if outcome == "removed":
+        assert doc is None
+        b.cleanup(handle, b.poll(handle))  # already gone: nothing to do, no error
+    else:
+        assert doc["Name"] == f"/{request.identity.name()}.finished"
+
+
 def test_find_skips_never_started_containers_and_rebuilds_the_handle(tmp_path):
     b, api = backend()
     request = make_request(tmp_path, outputs=["model"])

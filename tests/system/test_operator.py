@@ -1,0 +1,282 @@
+"""The operator's promises: results, error text, cancel on kill/timeout, reattach after a crash, rerun on clear."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+
+from airflow_remote_ml.core import StepFailedError, StepTimeoutError
+from airflow_remote_ml.operators import STATE_KEY, RemoteExecutionOperator
+from airflow_remote_ml.triggers import RemoteStepTrigger
+from tests.system.helpers import FakeTI, FileStateStore, context
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def config(tmp_path):
+    return {"state_dir": str(tmp_path / "jobs"), "kill_grace_seconds": 2}
+
+
+@pytest.fixture
+def store(tmp_path):
+    return FileStateStore(str(tmp_path / "state.json"))
+
+
+def make(tmp_path, config, **kwargs):
+    kwargs.setdefault("task_id", "step")
+    return RemoteExecutionOperator(backend="local", backend_config=config, artifact_root=str(tmp_path / "art"),
+                                   **kwargs)
+
+
+COUNTED = ("import os, sys, time\n"
+           "open(sys.argv[1], 'a').write('started\\n')\n"
+           "time.sleep(float(sys.argv[2]))\n"
+           "open(os.environ['REMOTE_ML_OUTPUT_MODEL'], 'w').write('m')\n"
+           "print('{\"score\": 0.9}')\n")
+
+
+def counted_step(tmp_path, seconds: float) -> dict:
+    return {"command": [sys.executable, "-c", COUNTED, str(tmp_path / "starts.txt"), str(seconds)],
+            "outputs": ["model"]}
+
+
+def starts(tmp_path) -> int:
+    path = tmp_path / "starts.txt"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_success_returns_uris_and_metrics_and_pushes_each_output(tmp_path, config, store):
+    ti = FakeTI()
+    result = make(tmp_path, config, **counted_step(tmp_path, 0)).execute(context(ti, store))
+    assert result["backend"] == "local" and result["metrics"] == {"score": 0.9}
+    assert os.path.exists(result["outputs"]["model"])
+    assert ti.xcoms["model"] == result["outputs"]["model"]
+    assert ti.xcoms["outputs"] == result["outputs"] and ti.xcoms["metrics"] == {"score": 0.9}
+    assert len(json.dumps(result)) < 1024
+    assert store.get(STATE_KEY)["phase"] == "finished"
+
+
+def test_bad_spec_fails_at_parse_time_naming_the_field(tmp_path, config):
+    from airflow_remote_ml.core import ConfigError
+
+    with pytest.raises(ConfigError, match=r"resources.memory: '4GG' is not a size; use e.g. '512Mi' or '4Gi'"):
+        make(tmp_path, config, command=["true"], compute={"memory": "4GG"})
+    with pytest.raises(ConfigError, match="did you mean 'docker'"):
+        RemoteExecutionOperator(task_id="x", backend="dokcer", command=["true"])
+    with pytest.raises(ConfigError, match="reserved XCom key"):
+        make(tmp_path, config, command=["true"], outputs=["metrics"])
+
+
+def test_templated_bad_value_fails_before_anything_is_submitted(tmp_path, config, store):
+    op = make(tmp_path, config, command=["true"], compute={"memory": "{{ params.mem }}"})
+    op.compute = {"memory": "4GG"}  # what rendering produced
+    with pytest.raises(AirflowFailException, match="resources.memory"):
+        op.execute(context(FakeTI(), store))
+    assert not os.path.exists(config["state_dir"]) or not os.listdir(config["state_dir"])
+    assert store.get(STATE_KEY) is None
+
+
+def test_failed_step_error_has_exit_code_and_log_tail(tmp_path, config, store):
+    op = make(tmp_path, config, command=[sys.executable, "-c",
+                                         "import sys; print('epoch 1 loss=0.3', flush=True); sys.exit(3)"])
+    with pytest.raises(StepFailedError) as info:
+        op.execute(context(FakeTI(), store))
+    text = str(info.value)
+    assert "exit code: 3" in text
+    assert "epoch 1 loss=0.3" in text
+    assert info.value.exit_code == 3
+
+
+def test_missing_output_fails_the_task_naming_it(tmp_path, config, store):
+    op = make(tmp_path, config, command=[sys.executable, "-c", "print('no output')"], outputs=["model"])
+    with pytest.raises(StepFailedError, match="'model'"):
+        op.execute(context(FakeTI(), store))
+
+
+def test_kill_cancels_the_remote_job(tmp_path, config, store):
+    op = make(tmp_path, config, **counted_step(tmp_path, 120))
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            op.execute(context(FakeTI(), store))
+        except BaseException as exc:  # the task ends with the job's cancellation
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while starts(tmp_path) == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    handle = op._handle
+    op.on_kill()
+    thread.join(30)
+    assert not thread.is_alive()
+    backend = op._make_backend()
+    assert backend.poll(handle).state.value == "cancelled"
+    pid = int(open(os.path.join(handle.data["job_dir"], "pid")).read().split()[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert store.get(STATE_KEY)["phase"] == "finished"
+    assert errors and isinstance(errors[0], StepFailedError)
+
+
+def test_step_timeout_cancels_and_says_so(tmp_path, config, store):
+    op = make(tmp_path, config, command=["sleep", "60"], timeout=1)
+    with pytest.raises(StepFailedError, match="timeout"):
+        op.execute(context(FakeTI(), store))
+
+
+def test_operator_deadline_cancels_a_job_that_outlives_its_timeout(tmp_path, config, store, monkeypatch):
+    import airflow_remote_ml.operators as operators
+
+    monkeypatch.setattr(operators, "TIMEOUT_GRACE_SECONDS", 0.0)
+    # A command that ignores SIGTERM and the runtime's own timer cannot stop: Airflow's deadline must.
+    op = make(tmp_path, config, timeout=1, command=[
+        sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])
+    started = time.monotonic()
+    with pytest.raises(StepTimeoutError, match="timed out after 1s"):
+        op.execute(context(FakeTI(), store))
+    assert time.monotonic() - started < 30
+
+
+CRASHING_WORKER = textwrap.dedent("""
+    import json, sys
+    sys.path[:0] = {paths!r}
+    from airflow_remote_ml.operators import RemoteExecutionOperator
+    from tests.system.helpers import FakeTI, FileStateStore, context
+    op = RemoteExecutionOperator(task_id="step", backend="local", backend_config={config!r},
+                                 artifact_root={root!r}, **{step!r})
+    op.execute(context(FakeTI(try_number=1), FileStateStore({store!r})))
+""")
+
+
+def test_worker_crash_then_retry_reattaches_and_exactly_one_job_runs(tmp_path, config, store):
+    step = counted_step(tmp_path, 4)
+    script = CRASHING_WORKER.format(paths=[REPO], config=config, root=str(tmp_path / "art"), step=step,
+                                    store=store.path)
+    worker = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while starts(tmp_path) == 0:
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker dies hard: no on_kill, no cleanup
+    worker.wait()
+    record = store.get(STATE_KEY)
+    assert record["phase"] == "submitted"
+
+    retry = make(tmp_path, config, **step)
+    result = retry.execute(context(FakeTI(try_number=2), store))
+    assert result["job_id"] == record["handle"]["job_id"]
+    assert result["metrics"] == {"score": 0.9}
+    assert starts(tmp_path) == 1
+
+
+def test_crash_between_submit_and_recording_the_handle_still_finds_the_job(tmp_path, config, store, monkeypatch):
+    from airflow_remote_ml.backends.local import LocalBackend
+
+    step = counted_step(tmp_path, 2)
+    original = LocalBackend.submit
+
+    def submit_then_die(self, request):
+        original(self, request)
+        raise KeyboardInterrupt("worker lost right after submitting")
+
+    monkeypatch.setattr(LocalBackend, "submit", submit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, config, **step).execute(context(FakeTI(), store))
+    # The interrupted try cancelled what it had started? No: it never learnt the handle, the job runs on.
+    monkeypatch.setattr(LocalBackend, "submit", original)
+    assert store.get(STATE_KEY)["phase"] == "submitting"
+    result = make(tmp_path, config, **step).execute(context(FakeTI(try_number=2), store))
+    assert result["metrics"] == {"score": 0.9}
+    assert starts(tmp_path) == 1
+
+
+def test_a_cleared_task_runs_anew(tmp_path, config, store):
+    step = counted_step(tmp_path, 0)
+    first = make(tmp_path, config, **step).execute(context(FakeTI(), store))
+    second = make(tmp_path, config, **step).execute(context(FakeTI(try_number=2), store))
+    assert starts(tmp_path) == 2
+    assert first["job_id"] != second["job_id"]
+    assert first["outputs"]["model"] != second["outputs"]["model"]
+    assert store.get(STATE_KEY)["generation"] == 1
+
+
+def test_a_retry_after_a_failed_step_starts_a_new_job(tmp_path, config, store):
+    op = make(tmp_path, config, command=[sys.executable, "-c", "import sys; sys.exit(1)"])
+    with pytest.raises(StepFailedError):
+        op.execute(context(FakeTI(), store))
+    with pytest.raises(StepFailedError):
+        make(tmp_path, config, command=[sys.executable, "-c", "import sys; sys.exit(1)"]).execute(
+            context(FakeTI(try_number=2), store))
+    assert store.get(STATE_KEY)["generation"] == 1
+
+
+def test_deferred_mode_runs_through_the_trigger(tmp_path, config, store):
+    op = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 0.5))
+    ti = FakeTI()
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context(ti, store))
+    trigger = info.value.trigger
+    assert isinstance(trigger, RemoteStepTrigger)
+    classpath, kwargs = trigger.serialize()
+    json.dumps(kwargs)  # trigger kwargs must survive the database
+    rebuilt = RemoteStepTrigger(**json.loads(json.dumps(kwargs)))
+
+    async def first_event():
+        async for event in rebuilt.run():
+            return event.payload
+
+    payload = asyncio.run(first_event())
+    assert payload["status"]["state"] == "succeeded" and payload["error"] is None
+    result = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 0.5)).execute_complete(
+        context(ti, store), payload)
+    assert result["metrics"] == {"score": 0.9}
+    assert ti.xcoms["model"] == result["outputs"]["model"]
+    assert starts(tmp_path) == 1
+
+
+def test_trigger_on_kill_cancels_the_job(tmp_path, config, store):
+    op = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 120))
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context(FakeTI(), store))
+    trigger = info.value.trigger
+    deadline = time.monotonic() + 30
+    while starts(tmp_path) == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    asyncio.run(trigger.on_kill())
+    backend = op._make_backend()
+    assert backend.poll(trigger.handle).state.value == "cancelled"
+
+
+def test_trigger_deadline_cancels_the_job(tmp_path, config, store):
+    op = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 120))
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context(FakeTI(), store))
+    _, kwargs = info.value.trigger.serialize()
+    trigger = RemoteStepTrigger(**{**kwargs, "deadline": time.time() + 1})
+
+    async def first_event():
+        async for event in trigger.run():
+            return event.payload
+
+    payload = asyncio.run(first_event())
+    assert payload["timed_out"] is True
+    assert payload["status"]["state"] == "cancelled"
+    with pytest.raises(StepTimeoutError):
+        make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 120)).execute_complete(
+            context(FakeTI(), store), payload)
