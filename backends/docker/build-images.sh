@@ -4,6 +4,7 @@
 #   airflow-remote-ml/base:bookworm   debootstrap (minbase) Debian bookworm + python3 + python3-sklearn,
 #                                     tarred and `docker import`ed: nothing is ever pulled
 #   airflow-remote-ml/runner:latest   `docker build` of backends/docker/Dockerfile FROM the base
+#   airflow-remote-ml/example:latest  the runner plus the example pipeline's code (example.Dockerfile)
 #
 # Fast on re-runs: each image carries a label with the hash of its recipe and is skipped when that
 # hash is unchanged; the debootstrap tarball is cached under $CACHE_DIR keyed by the base recipe's
@@ -27,6 +28,7 @@ REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
 
 BASE_IMAGE="airflow-remote-ml/base:bookworm"
 RUNNER_IMAGE="airflow-remote-ml/runner:latest"
+EXAMPLE_IMAGE="airflow-remote-ml/example:latest"
 HASH_LABEL="org.airflow-remote-ml.build-hash"
 CACHE_DIR="${CACHE_DIR:-/var/cache/airflow-remote-ml}"
 
@@ -277,6 +279,38 @@ build_runner() {
     trap - EXIT
 }
 
+# The example image: the runner plus dags/example_ml, rebuilt when that code or the runner changes.
+build_example() {
+    local ctx hash runner_id
+    ctx="$(mktemp -d /var/tmp/airflow-remote-ml-ctx.XXXXXX)"
+    trap 'rm -rf "'"$ctx"'"' EXIT
+    cp "$SCRIPT_DIR/example.Dockerfile" "$ctx/Dockerfile"
+    cp -a "$REPO_ROOT/dags/example_ml" "$ctx/example_ml"
+    find "$ctx" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
+    runner_id="$(docker image inspect --format '{{.Id}}' "$RUNNER_IMAGE")"
+    hash="$(
+        {
+            printf '%s\n' "$runner_id" "$(declare -f build_example)"
+            (cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+        } | sha256sum | cut -c1-16
+    )"
+    if [ -z "${FORCE:-}" ] && [ "$(image_hash "$EXAMPLE_IMAGE")" = "$hash" ]; then
+        say "$EXAMPLE_IMAGE is up to date (recipe $hash)"
+    else
+        say "docker build -> $EXAMPLE_IMAGE"
+        if ! docker build --pull=false --network=none --force-rm \
+            --label "$HASH_LABEL=$hash" \
+            -t "$EXAMPLE_IMAGE" "$ctx" >"$ctx.log" 2>&1; then
+            cat "$ctx.log" >&2
+            rm -f "$ctx.log"
+            die "docker build of $EXAMPLE_IMAGE failed"
+        fi
+        rm -f "$ctx.log"
+    fi
+    rm -rf "$ctx"
+    trap - EXIT
+}
+
 main() {
     local t0=$SECONDS
     # Two builds at once (a developer and a CI run on one machine) would race on the tarball and tags.
@@ -285,11 +319,13 @@ main() {
     flock 9
     build_base
     build_runner
+    build_example
     # Images replaced by a rebuild linger untagged; drop ours (dangling ones only).
     docker image prune -f --filter "label=$HASH_LABEL" >/dev/null 2>&1 || true
     say "done in $((SECONDS - t0))s:"
     docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' airflow-remote-ml/base >&2
     docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' airflow-remote-ml/runner >&2
+    docker image ls --format '  {{.Repository}}:{{.Tag}}  {{.ID}}  {{.Size}}' airflow-remote-ml/example >&2
 }
 
 main "$@"
