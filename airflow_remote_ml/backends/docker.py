@@ -188,7 +188,7 @@ _TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d
 def parse_log_entries(raw: bytes | str) -> list[tuple[int, str]]:
     """``(nanoseconds since the epoch, text)`` of each entry of ``docker logs --timestamps`` output."""
     text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    entries = []
+    entries: list[tuple[int, str]] = []
     for line in text.split("\n"):
         match = _TS_RE.match(line)
         if not match:
@@ -200,6 +200,17 @@ def parse_log_entries(raw: bytes | str) -> list[tuple[int, str]]:
         nanos = int(moment.timestamp()) * 1_000_000_000 + int((fraction or "0").ljust(9, "0"))
         entries.append((nanos, line[match.end():].rstrip("\r")))
     return entries
+
+
+def demux(stream: bytes) -> bytes:
+    """The payload of the engine's multiplexed stdout/stderr stream: 8-byte frame headers dropped, in order."""
+    parts = []
+    at = 0
+    while at + 8 <= len(stream):
+        size = int.from_bytes(stream[at + 4:at + 8], "big")
+        parts.append(stream[at + 8:at + 8 + size])
+        at += 8 + size
+    return b"".join(parts)
 
 
 def next_log_chunk(entries: Sequence[tuple[int, str]], cursor: Mapping[str, int] | None) -> LogChunk:
@@ -686,13 +697,22 @@ class DockerBackend(Backend):
 
     def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
         since = int((cursor or {}).get("since", 0))
+        params: dict[str, Any] = {"stdout": 1, "stderr": 1, "timestamps": 1}
+        if since > 0:
+            params["since"] = since
+        # One request where the SDK's logs() makes two (it inspects first to learn whether the container
+        # has a TTY; ours never do, so the answer is always the multiplexed stream).
+        url = f"{self.api.base_url}/v{self.api.api_version}/containers/{handle.data['container_id']}/logs"
         try:
             with self._mapped(f"reading the logs of container {handle.job_id}"):
-                raw = self.api.logs(handle.data["container_id"], stdout=True, stderr=True, timestamps=True,
-                                    since=since if since > 0 else None)
+                response = self.api.get(url, params=params, timeout=self.api.timeout)
+                try:
+                    response.raise_for_status()
+                except requests.exceptions.HTTPError as exc:
+                    raise docker.errors.create_api_error_from_http_exception(exc) from exc
         except _Gone:
             return LogChunk([], cursor)
-        return next_log_chunk(parse_log_entries(raw), cursor)
+        return next_log_chunk(parse_log_entries(demux(response.content)), cursor)
 
     # -- cancel, marks, cleanup -------------------------------------------------------------------------------
 
@@ -710,9 +730,15 @@ class DockerBackend(Backend):
         log.info("docker: cancelled container %s", handle.job_id)
 
     def mark_finished(self, handle: RunHandle) -> None:
+        """Rename the container with the ``.finished`` mark; one the removal policy is going to remove
+        anyway is removed at once instead (a removed container cannot be reattached either)."""
         try:
             attrs = self._inspect(handle.data["container_id"])
-            self._add_mark(handle.data["container_id"], attrs["Name"], MARK_FINISHED)
+            status = status_from_inspect(attrs)
+            if status.is_terminal and self._removes(status):
+                self._remove(handle)
+            else:
+                self._add_mark(handle.data["container_id"], attrs["Name"], MARK_FINISHED)
         except _Gone:
             return
 
@@ -730,12 +756,19 @@ class DockerBackend(Backend):
             with self._mapped(f"renaming container {container_id[:12]}"):
                 self.api.rename(container_id, f"{name}.{mark}.{uuid.uuid4().hex[:8]}")
 
-    def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
+    def _removes(self, status: RunStatus) -> bool:
         policy = self.config.removal_policy
-        if policy == "never" or (policy == "on_success" and not status.is_successful):
+        return policy == "always" or (policy == "on_success" and status.is_successful)
+
+    def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
+        if not self._removes(status):
             if not status.is_successful:
-                log.info("docker: keeping container %s for debugging (removal_policy=%s)", handle.job_id, policy)
+                log.info("docker: keeping container %s for debugging (removal_policy=%s)", handle.job_id,
+                         self.config.removal_policy)
             return
+        self._remove(handle)
+
+    def _remove(self, handle: RunHandle) -> None:
         try:
             with self._mapped(f"removing container {handle.job_id}"):
                 self.api.remove_container(handle.data["container_id"], v=True, force=True)

@@ -23,6 +23,7 @@ from airflow_remote_ml.backends.docker import (
     DockerBackend,
     DockerConfig,
     container_request,
+    demux,
     marks,
     next_log_chunk,
     parse_log_entries,
@@ -471,10 +472,24 @@ class FakeAPI:
         self.calls.append(("list", filters))
         return self.list_result
 
-    def logs(self, container: str, **kwargs: Any) -> bytes:
-        self.calls.append(("logs", kwargs.get("since")))
-        self._get(container)
-        return b""
+    base_url = "http+docker://localhost"
+    api_version = "1.41"
+    timeout = 60
+
+    def get(self, url: str, params: dict[str, Any], timeout: float) -> requests.Response:
+        self.calls.append(("logs", params.get("since")))
+        response = requests.Response()
+        response.url = url
+        container = url.split("/containers/")[1].split("/")[0]
+        try:
+            doc = self._get(container)
+        except NotFound:
+            response.status_code = 404
+            response._content = json.dumps({"message": f"No such container: {container}"}).encode()
+            return response
+        response.status_code = 200
+        response._content = b"".join(frame(stream, text) for stream, text in doc.get("Logs", []))
+        return response
 
     def pull(self, repository: str, tag: str | None = None, auth_config: Any = None) -> None:
         self.calls.append(("pull", f"{repository}:{tag}"))
@@ -482,6 +497,27 @@ class FakeAPI:
 
     def close(self) -> None:
         self.calls.append(("close", None))
+
+
+def frame(stream: int, text: bytes) -> bytes:
+    """One frame of the engine's multiplexed log stream (1 = stdout, 2 = stderr)."""
+    return bytes([stream, 0, 0, 0]) + len(text).to_bytes(4, "big") + text
+
+
+def test_demux_drops_frame_headers_in_order():
+    stream = frame(1, b"2026-11-24T17:34:48.1Z out\n") + frame(2, b"2026-11-24T17:34:48.2Z err\n") + frame(1, b"")
+    assert demux(stream) == b"2026-11-24T17:34:48.1Z out\n2026-11-24T17:34:48.2Z err\n"
+    assert demux(stream[:-3]) == b"2026-11-24T17:34:48.1Z out\n2026-11-24T17:34:48.2Z err\n"  # torn tail
+
+
+def test_read_logs_through_the_fake_engine(tmp_path):
+    b, api, _, handle = submitted(tmp_path)
+    doc = api.containers_by_id[handle.data["container_id"]]
+    doc["Logs"] = [(1, b"2026-11-24T17:34:48.100000000Z preparing\n"), (2, b"2026-11-24T17:34:48.2Z warn\n")]
+    first = b.read_logs(handle, None)
+    assert first.lines == ["preparing", "warn"]
+    doc["Logs"].append((1, b"2026-11-24T17:34:49.5Z done\n"))
+    assert b.read_logs(handle, first.cursor).lines == ["done"]
 
 
 def submitted(tmp_path, **config: Any):
