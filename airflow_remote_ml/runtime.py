@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
-import inspect
 import io
 import json
 import os
@@ -330,6 +329,8 @@ def _call(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
         raise StepError(f"cannot load callable {step['callable']!r}: {exc}", EXIT_BAD_CONFIG) from None
+    import inspect  # only callables need it; a command step starts faster without it
+
     params = dict(step.get("params") or {})
     kwargs: dict[str, Any] = dict(params)
     try:

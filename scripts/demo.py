@@ -56,8 +56,8 @@ def main() -> int:
     runs = sorted((artifacts / "example_ml_pipeline").iterdir(), key=lambda p: p.stat().st_mtime)
     run_dir = runs[-1]
     print(f"\nPipeline succeeded (full log: {log_path}).\nArtifacts of run {run_dir.name}:\n")
-    for manifest_path in sorted(run_dir.glob("*/*/*/manifest.json")):
-        manifest = json.loads(manifest_path.read_text())
+    manifests = [(json.loads(path.read_text()), path) for path in run_dir.glob("*/*/*/manifest.json")]
+    for manifest, manifest_path in sorted(manifests, key=lambda item: item[0].get("finished_at") or 0):
         step = manifest_path.relative_to(run_dir).parts
         label = step[0] + ("" if step[1] == "map_-1" else f"[{step[1][4:]}]")
         print(f"  {label}")
