@@ -280,3 +280,23 @@ def test_trigger_deadline_cancels_the_job(tmp_path, config, store):
     with pytest.raises(StepTimeoutError):
         make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 120)).execute_complete(
             context(FakeTI(), store), payload)
+
+
+def test_secret_reference_reaches_the_step_but_not_xcom_or_the_record(tmp_path, config, store, monkeypatch, caplog):
+    monkeypatch.setenv("AIRFLOW_VAR_DB_CREDS", json.dumps({"password": "s3cret-value"}))
+    ti = FakeTI()
+    op = make(tmp_path, config, secrets={"DB_PASSWORD": "db_creds/password"}, outputs=["seen"], command=[
+        sys.executable, "-c", "import os; open(os.environ['REMOTE_ML_OUTPUT_SEEN'], 'w').write(os.environ['DB_PASSWORD'])"])
+    result = op.execute(context(ti, store))
+    assert open(result["outputs"]["seen"]).read() == "s3cret-value"
+    assert "s3cret-value" not in json.dumps(ti.xcoms)
+    assert "s3cret-value" not in open(store.path).read()
+    assert "s3cret-value" not in caplog.text
+    step_files = [os.path.join(root, f) for root, _, files in os.walk(config["state_dir"]) for f in files]
+    assert all("s3cret-value" not in open(path, errors="replace").read() for path in step_files)
+
+
+def test_missing_secret_fails_before_submitting(tmp_path, config, store):
+    op = make(tmp_path, config, secrets={"TOKEN": "no_such_variable_xyz"}, command=["true"])
+    with pytest.raises(AirflowFailException, match="no Airflow Variable 'no_such_variable_xyz'"):
+        op.execute(context(FakeTI(), store))
