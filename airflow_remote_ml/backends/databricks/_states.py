@@ -1,0 +1,294 @@
+"""Pure parts of the Databricks backend that read what the Jobs API answers: run states, errors, polling.
+
+Nothing here does I/O, so each piece is table-tested in ``tests/unit/test_databricks_backend.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from airflow_remote_ml.core.poll import PollPolicy
+from airflow_remote_ml.core.status import RunState, RunStatus
+
+log = logging.getLogger(__name__)
+
+# -- run states ------------------------------------------------------------------------------------------
+
+#: ``state.life_cycle_state`` of a Jobs API run → our state, for the states that need no result_state.
+#: (Jobs API reference, ``RunLifeCycleState``.) TERMINATED is decided by ``result_state``.
+LIFE_CYCLE_STATES: dict[str, RunState] = {
+    # "The run is queued" (queueing enabled, a concurrency limit reached).
+    "QUEUED": RunState.QUEUED,
+    # "The run has been triggered ... the cluster and execution context are being prepared."
+    "PENDING": RunState.QUEUED,
+    # "The run is blocked on an upstream dependency."
+    "BLOCKED": RunState.QUEUED,
+    # "The run is waiting for a retry." The run is not over: the service starts another attempt.
+    "WAITING_FOR_RETRY": RunState.QUEUED,
+    "RUNNING": RunState.RUNNING,
+    # "The task of this run has completed, and the cluster and execution context are being cleaned up."
+    # Kept non-terminal like the provider's RunState: cancel and the run page still refer to a live run.
+    "TERMINATING": RunState.RUNNING,
+    # "This run was aborted because a previous run of the same job was already active."
+    "SKIPPED": RunState.FAILED,
+    # "An exceptional state that indicates a failure in the Jobs service."
+    "INTERNAL_ERROR": RunState.FAILED,
+}
+
+#: ``state.result_state`` of a TERMINATED run → our state (``RunResultState``).
+#: SUCCESS_WITH_FAILURES is decided by the ``success_with_failures_is_success`` setting.
+RESULT_STATES: dict[str, RunState] = {
+    "SUCCESS": RunState.SUCCEEDED,
+    "FAILED": RunState.FAILED,
+    "TIMEDOUT": RunState.FAILED,
+    "CANCELED": RunState.CANCELLED,
+    "MAXIMUM_CONCURRENT_RUNS_REACHED": RunState.FAILED,
+    "EXCLUDED": RunState.FAILED,
+    "UPSTREAM_FAILED": RunState.FAILED,
+    "UPSTREAM_CANCELED": RunState.CANCELLED,
+    "DISABLED": RunState.FAILED,
+}
+
+#: The Jobs API 2.2 ``status.state`` (``RunLifecycleStateV2State``), used when ``life_cycle_state`` is
+#: missing or is a value this version does not know.
+STATUS_STATES: dict[str, RunState] = {
+    "QUEUED": RunState.QUEUED,
+    "PENDING": RunState.QUEUED,
+    "BLOCKED": RunState.QUEUED,
+    "WAITING": RunState.QUEUED,
+    "RUNNING": RunState.RUNNING,
+    "TERMINATING": RunState.RUNNING,
+}
+
+#: ``status.termination_details.code`` → our state, for a terminated run whose result_state is unknown.
+_TERMINATION_CODES: dict[str, RunState] = {
+    "SUCCESS": RunState.SUCCEEDED,
+    "USER_CANCELED": RunState.CANCELLED,
+    "CANCELED": RunState.CANCELLED,
+}
+
+_EXPLANATIONS = {
+    "SKIPPED": "the run was skipped (a previous run of the same job was already active)",
+    "INTERNAL_ERROR": "the Jobs service failed (INTERNAL_ERROR)",
+    "TIMEDOUT": "the run timed out on Databricks",
+    "MAXIMUM_CONCURRENT_RUNS_REACHED": "the run was not started: maximum concurrent runs reached",
+    "EXCLUDED": "the run was excluded (its run conditions were not met)",
+    "UPSTREAM_FAILED": "an upstream task failed",
+    "UPSTREAM_CANCELED": "an upstream task was cancelled",
+    "DISABLED": "the run was disabled and never executed",
+    "SUCCESS_WITH_FAILURES": "the run succeeded with failures (some tasks failed); "
+    "set success_with_failures_is_success=True to accept it",
+}
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _warn_once(run_id: Any, text: str) -> None:
+    key = (str(run_id), text)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("databricks run %s: %s; still waiting", run_id, text)
+
+
+def status_from_run(run: Mapping[str, Any], *, success_with_failures_is_success: bool = False) -> RunStatus:
+    """Map a raw ``runs/get`` (or ``runs/list`` entry) answer to a :class:`RunStatus`.
+
+    Parsed from the raw JSON on purpose: the provider's ``RunState`` raises on a life-cycle state it does
+    not know, and a new state must keep the wait going (with a warning), never crash it.
+    """
+    state = run.get("state") or {}
+    status = run.get("status") or {}
+    life = str(state.get("life_cycle_state") or "")
+    result = state.get("result_state")
+    message = str(state.get("state_message") or "")
+    run_id = run.get("run_id", "?")
+    remote = f"{life}/{result}" if result else life
+
+    if (
+        life == "TERMINATED"
+        or (not life and status.get("state") == "TERMINATED")
+        or (life not in LIFE_CYCLE_STATES and status.get("state") == "TERMINATED")
+    ):
+        return _terminated(
+            run_id, remote or "TERMINATED", result, message, status, success_with_failures_is_success
+        )
+    if life in LIFE_CYCLE_STATES:
+        mapped = LIFE_CYCLE_STATES[life]
+        if mapped.is_terminal:
+            return RunStatus(mapped, remote, _join(_EXPLANATIONS.get(life, life), message))
+        return RunStatus(mapped, remote, message)
+    # A life-cycle state newer than this code: fall back to the 2.2 status object, else keep waiting.
+    v2 = str(status.get("state") or "")
+    if v2 in STATUS_STATES:
+        if life:
+            _warn_once(run_id, f"unknown life_cycle_state {life!r} (status.state {v2})")
+        return RunStatus(STATUS_STATES[v2], remote or v2, message)
+    _warn_once(run_id, f"unknown life_cycle_state {life or '(none)'!r}")
+    return RunStatus(RunState.RUNNING, remote or "UNKNOWN", message)
+
+
+def _terminated(
+    run_id: Any,
+    remote: str,
+    result: Any,
+    message: str,
+    status: Mapping[str, Any],
+    success_with_failures_is_success: bool,
+) -> RunStatus:
+    if result == "SUCCESS_WITH_FAILURES":
+        if success_with_failures_is_success:
+            return RunStatus(RunState.SUCCEEDED, remote, message)
+        return RunStatus(RunState.FAILED, remote, _join(_EXPLANATIONS[result], message))
+    if result in RESULT_STATES:
+        mapped = RESULT_STATES[result]
+        if mapped is RunState.SUCCEEDED:
+            return RunStatus(mapped, remote, message)
+        return RunStatus(mapped, remote, _join(_EXPLANATIONS.get(result, ""), message) or str(result))
+    # A result state this version does not know (or none yet): the 2.2 termination details decide.
+    details = status.get("termination_details") or {}
+    code = str(details.get("code") or "")
+    if code in _TERMINATION_CODES:
+        if result:
+            _warn_once(run_id, f"unknown result_state {result!r}, decided by termination code {code}")
+        return RunStatus(_TERMINATION_CODES[code], remote, message or str(details.get("message") or ""))
+    if code:
+        return RunStatus(
+            RunState.FAILED,
+            remote,
+            _join(f"terminated with code {code}", message or str(details.get("message") or "")),
+        )
+    if result:
+        return RunStatus(
+            RunState.FAILED, remote, _join(f"terminated with unknown result_state {result}", message)
+        )
+    # TERMINATED without any result yet: the answer is incomplete; look again rather than guess.
+    _warn_once(run_id, "TERMINATED without result_state")
+    return RunStatus(RunState.RUNNING, remote, message)
+
+
+def _join(*parts: str) -> str:
+    return ": ".join(p for p in parts if p)
+
+
+def task_run_id(run: Mapping[str, Any], task_key: str | None = None) -> int | None:
+    """The run id of the (single) task of a submitted run: ``runs/get-output`` needs it."""
+    tasks = run.get("tasks") or []
+    for task in tasks:
+        if task_key is None or task.get("task_key") == task_key:
+            return int(task["run_id"])
+    return None
+
+
+_EXIT_CODE_RE = re.compile(r"exit(?:ed)? (?:with )?(?:exit )?code:? ?(-?\d+)", re.IGNORECASE)
+
+
+def exit_code_from(text: str | None) -> int | None:
+    """An exit code mentioned in an error text ("Python process exited with exit code 7.")."""
+    if not text:
+        return None
+    match = _EXIT_CODE_RE.search(text)
+    return int(match.group(1)) if match else None
+
+
+def metrics_from_logs(text: str) -> dict[str, Any]:
+    """JSON objects printed one per line (the runtime's metrics convention), for tasks without a manifest."""
+    metrics: dict[str, Any] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                metrics.update(value)
+    return metrics
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ApiErrorInfo:
+    """An HTTP error of the Jobs API: ``{"error_code", "message"}``, status and Retry-After."""
+
+    status: int | None
+    error_code: str = ""
+    message: str = ""
+    retry_after: float | None = None
+
+    @property
+    def transient(self) -> bool:
+        return self.status is None or self.status == 429 or self.status >= 500
+
+    @property
+    def not_found(self) -> bool:
+        """``runs/get`` on an unknown id answers 400 INVALID_PARAMETER_VALUE "Run N does not exist."."""
+        if self.status == 404 or self.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return True
+        return self.status == 400 and "does not exist" in self.message
+
+
+_BODY_RE = re.compile(r"Response: (.*), Status Code: (\d+)\s*$", re.DOTALL)
+
+
+def parse_error_body(text: str) -> tuple[str, str]:
+    """``(error_code, message)`` from a documented error body (or from the hook's wrapped message)."""
+    match = _BODY_RE.search(text)
+    if match:
+        text = match.group(1)
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return "", text.strip()
+    if isinstance(body, dict):
+        return str(body.get("error_code") or ""), str(body.get("message") or "")
+    return "", text.strip()
+
+
+# -- polling -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatabricksPollPolicy(PollPolicy):
+    """Quick checks first, then exponential backoff to a cap.
+
+    For the first ``quick_window`` seconds the checks come every ``first_delay`` seconds growing to at most
+    ``quick_delay``, so a short run on a warm cluster is noticed within ``quick_delay`` seconds. After that
+    the delay doubles (``factor``) from ``quick_delay`` up to ``cap``: a long run costs a handful of calls
+    per ten minutes instead of the provider's fixed 30-second loop. A longer ``Retry-After`` always wins.
+    """
+
+    first_delay: float = 1.0
+    factor: float = 2.0
+    cap: float = 120.0
+    quick_delay: float = 3.0
+    quick_window: float = 24.0
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        base = self.schedule(max(0, attempt) + 1)[-1]
+        if retry_after is not None and retry_after > base:
+            return float(retry_after)
+        return base
+
+    def schedule(self, checks: int) -> list[float]:
+        """The first ``checks`` delays (pure; used by :meth:`delay` and by the benchmark)."""
+        delays: list[float] = []
+        elapsed = 0.0
+        quick = self.first_delay
+        slow = self.quick_delay
+        for _ in range(checks):
+            if elapsed < self.quick_window:
+                delay = min(quick, self.quick_delay, self.cap)
+                quick += self.first_delay
+            else:
+                slow = min(self.cap, slow * self.factor)
+                delay = slow
+            delays.append(delay)
+            elapsed += delay
+        return delays
