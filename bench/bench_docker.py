@@ -1,0 +1,229 @@
+"""Benchmark: a step through our docker backend versus the Docker provider's ``DockerOperator``.
+
+Both run the same image and the same command on the same engine, alternating within one run (the order
+flips every iteration so neither side always runs on a warmer engine). Each side does what a task does:
+
+* ours: build the backend from its configuration, ``validate``, ``find`` (reattachment check), ``submit``,
+  ``wait_for_completion`` (event-driven wait + logs), ``fetch_result`` (reads the manifest),
+  ``mark_finished``, ``cleanup`` (removal_policy on_success removes it), ``close``; as
+  ``RemoteExecutionOperator.execute`` does, without Airflow's task bookkeeping;
+* theirs: ``DockerOperator(...).execute(context)`` with its defaults except ``auto_remove="success"``
+  (so both remove their container) and ``network_mode="none"`` (both).
+
+It also reports how soon our wait noticed each container's exit: the moment ``wait`` returned minus the
+engine's ``State.FinishedAt`` (same host clock).
+
+Run (needs the engine and the runner image: ``bash .ci/docker-engine.sh && bash backends/docker/build-images.sh``)::
+
+    /work/venv/bin/python bench/bench_docker.py --iterations 10
+
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+
+RUNNER_IMAGE = "airflow-remote-ml/runner:latest"
+STEPS = {
+    "no-op": ["python3", "-c", "pass"],
+    "1-second": ["python3", "-c", "import time; time.sleep(1)"],
+}
+
+
+def finished_at(attrs: dict[str, Any], key: str = "FinishedAt") -> float:
+    """``State.FinishedAt`` (or another RFC 3339 time of ``State``) as epoch seconds."""
+    stamp = attrs["State"][key]
+    head, _, fraction = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(head + "+00:00").timestamp() + float(f"0.{fraction or 0}")
+
+
+class Probe:
+    """Times engine calls on both sides alike: when the wait API answered, and each container's own end.
+
+    The container's ``State.FinishedAt`` is read just before it is removed; that extra inspect is not
+    counted in the step's time.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait_returned: float | None = None
+        self.exited: float | None = None
+        self.ran: float | None = None
+        self.excluded = 0.0
+
+    def install(self) -> None:
+        import docker
+
+        wait, remove, inspect = docker.APIClient.wait, docker.APIClient.remove_container, docker.APIClient.inspect_container
+        probe = self
+
+        def timed_wait(client, container, *args, **kwargs):  # type: ignore[no-untyped-def]
+            result = wait(client, container, *args, **kwargs)
+            probe.wait_returned = time.time()
+            return result
+
+        def timed_remove(client, container, *args, **kwargs):  # type: ignore[no-untyped-def]
+            started = time.perf_counter()
+            attrs = inspect(client, container)
+            probe.exited = finished_at(attrs)
+            probe.ran = probe.exited - finished_at(attrs, "StartedAt")
+            probe.excluded += time.perf_counter() - started
+            return remove(client, container, *args, **kwargs)
+
+        docker.APIClient.wait = timed_wait
+        docker.APIClient.remove_container = timed_remove
+
+
+def make_timed_backend_class() -> type:
+    from airflow_remote_ml.backends.docker import DockerBackend
+
+    class TimedDockerBackend(DockerBackend):
+        """Records when ``wait`` knew the step's final status (the wait API's answer plus one inspect)."""
+
+        noticed: float | None = None
+
+        def wait(self, handle, timeout):  # type: ignore[no-untyped-def]
+            status = super().wait(handle, timeout)
+            if status.is_terminal and self.noticed is None:
+                self.noticed = time.time()
+            return status
+
+    return TimedDockerBackend
+
+
+def run_ours(backend_class: type, command: list[str], artifact_root: str, probe: Probe) -> dict[str, float]:
+    from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
+    from airflow_remote_ml.core.wait import wait_for_completion
+
+    probe.reset()
+    phases: dict[str, float] = {}
+    started = time.perf_counter()
+    backend = backend_class.from_config({"network_mode": "none", "pull": "never"})
+    identity = StepIdentity("bench", "step", f"run-{uuid.uuid4().hex[:12]}")
+    request = StepRequest.create(StepSpec.build(image=RUNNER_IMAGE, command=command), identity,
+                                 ArtifactStore(artifact_root))
+    backend.validate(request)
+    handle = backend.find(identity) or backend.submit(request)
+    phases["submit"] = time.perf_counter() - started
+    outcome = wait_for_completion(backend, handle, on_line=lambda line: None,
+                                  deadline=time.monotonic() + 300)
+    phases["wait"] = time.perf_counter() - started - phases["submit"]
+    if not outcome.status.is_successful:
+        raise RuntimeError(f"our step failed: {outcome.status}\n" + "\n".join(outcome.tail))
+    backend.fetch_result(handle)
+    backend.mark_finished(handle)
+    backend.cleanup(handle, outcome.status)
+    backend.close()
+    total = time.perf_counter() - started - probe.excluded
+    phases["finish"] = total - phases["submit"] - phases["wait"]
+    phases["total"] = total
+    phases["noticed_ms"] = (backend.noticed - probe.exited) * 1000
+    phases["wait_api_ms"] = (probe.wait_returned - probe.exited) * 1000
+    phases["ran_ms"] = probe.ran * 1000
+    return phases
+
+
+def run_theirs(command: list[str], probe: Probe) -> dict[str, float]:
+    from airflow.providers.docker.operators.docker import DockerOperator
+
+    probe.reset()
+    started = time.perf_counter()
+    operator = DockerOperator(task_id=f"bench_{uuid.uuid4().hex[:8]}", image=RUNNER_IMAGE, command=command,
+                              network_mode="none", auto_remove="success")
+    operator.execute(context={})  # type: ignore[arg-type]
+    total = time.perf_counter() - started - probe.excluded
+    return {"total": total, "wait_api_ms": (probe.wait_returned - probe.exited) * 1000, "ran_ms": probe.ran * 1000}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--iterations", "-n", type=int, default=10)
+    parser.add_argument("--phases", action="store_true", help="also print where our time goes")
+    args = parser.parse_args(argv)
+    # Importing Airflow configures its logging; quieten it afterwards. The operator and our backend log
+    # every step, and the operator warns that it runs outside a task runner: a table needs none of it.
+    import airflow.providers.docker.operators.docker  # noqa: F401
+
+    for noisy in ("airflow", "airflow_remote_ml"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    # The task SDK's operator logger prints to sys.stdout whatever the levels say: hide it during the runs.
+    table = sys.stdout
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - swapped back before the table is printed
+
+    import docker
+
+    engine = docker.from_env(version="auto")
+    engine.images.get(RUNNER_IMAGE)  # fail early and clearly when the image is not built
+    version = engine.version()
+    info = engine.info()
+    engine.close()
+
+    probe = Probe()
+    probe.install()
+    backend_class = make_timed_backend_class()
+    ours: dict[str, list[dict[str, float]]] = defaultdict(list)
+    theirs: dict[str, list[dict[str, float]]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="bench-docker-") as artifact_root:
+        for command in STEPS.values():  # warm-up, untimed: first-use costs on both sides
+            run_ours(backend_class, command, artifact_root, probe)
+            run_theirs(command, probe)
+        for i in range(args.iterations):
+            for name, command in STEPS.items():
+                pair = [lambda c=command, n=name: ours[n].append(run_ours(backend_class, c, artifact_root, probe)),
+                        lambda c=command, n=name: theirs[n].append(run_theirs(c, probe))]
+                for run in pair if i % 2 == 0 else reversed(pair):
+                    run()
+            print(f"iteration {i + 1}/{args.iterations} done", file=sys.stderr)
+
+    sys.stdout.close()
+    sys.stdout = table
+    print(f"Docker engine {version['Version']} (API {version['ApiVersion']}, storage {info['Driver']}), "
+          f"image `{RUNNER_IMAGE}`, {args.iterations} iterations per step, alternating.\n")
+    print("| step | docker backend (median s) | DockerOperator (median s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for name in STEPS:
+        mine = statistics.median(r["total"] for r in ours[name])
+        other = statistics.median(r["total"] for r in theirs[name])
+        print(f"| {name} | {mine:.3f} | {other:.3f} | {mine / other:.2f}× |")
+    print("\nMilliseconds from the container's exit (`State.FinishedAt`) to ... (median / max over all runs):\n")
+    print("| | docker backend | DockerOperator |")
+    print("|---|---:|---:|")
+    every_ours = [r for name in STEPS for r in ours[name]]
+    every_theirs = [r for name in STEPS for r in theirs[name]]
+
+    def cell(values: list[float]) -> str:
+        return f"{statistics.median(values):.1f} / {max(values):.1f}"
+
+    print(f"| the engine's wait API answered | {cell([r['wait_api_ms'] for r in every_ours])} | "
+          f"{cell([r['wait_api_ms'] for r in every_theirs])} |")
+    print(f"| the final status was known (wait API + inspect) | {cell([r['noticed_ms'] for r in every_ours])} | |")
+    print("\nContainer run time, `StartedAt` → `FinishedAt` (median ms): what runs inside the container.\n")
+    print("| step | docker backend (runtime + command) | DockerOperator (command) |")
+    print("|---|---:|---:|")
+    for name in STEPS:
+        print(f"| {name} | {statistics.median(r['ran_ms'] for r in ours[name]):.0f} | "
+              f"{statistics.median(r['ran_ms'] for r in theirs[name]):.0f} |")
+    if args.phases:
+        print("\n| step | submit (s) | wait (s) | result + mark + cleanup (s) |")
+        print("|---|---:|---:|---:|")
+        for name in STEPS:
+            med = {k: statistics.median(r[k] for r in ours[name]) for k in ("submit", "wait", "finish")}
+            print(f"| {name} | {med['submit']:.3f} | {med['wait']:.3f} | {med['finish']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
