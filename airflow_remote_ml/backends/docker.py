@@ -490,8 +490,12 @@ class DockerBackend(Backend):
                         raise ConfigError("tls_client_key", "a client certificate needs its key and vice versa",
                                           "set both tls_client_cert and tls_client_key")
                     client_cert = (s["tls_client_cert"], s["tls_client_key"]) if s.get("tls_client_cert") else None
-                    kwargs["tls"] = docker.TLSConfig(client_cert=client_cert, ca_cert=s.get("tls_ca_cert"),
-                                                     verify=bool(s["tls_verify"]))
+                    try:
+                        kwargs["tls"] = docker.TLSConfig(client_cert=client_cert, ca_cert=s.get("tls_ca_cert"),
+                                                         verify=bool(s["tls_verify"]))
+                    except docker.errors.TLSParameterError as exc:
+                        raise ConfigError("tls_ca_cert/tls_client_cert/tls_client_key", str(exc),
+                                          "give paths of PEM files that exist on the worker") from None
             else:  # DOCKER_HOST, DOCKER_TLS_VERIFY and DOCKER_CERT_PATH, as the docker CLI reads them
                 kwargs.update(docker.utils.kwargs_from_env())
                 kwargs.setdefault("base_url", DEFAULT_SOCKET)

@@ -398,6 +398,39 @@ def test_connection_without_registry_login_has_no_credentials():
     assert settings == {} and auth is None
 
 
+def test_engine_address_and_tls_come_from_the_airflow_connection(tmp_path, monkeypatch):
+    pems = {}
+    for name in ("ca", "cert", "key"):
+        pems[name] = tmp_path / f"{name}.pem"
+        pems[name].write_text("-----BEGIN PLACEHOLDER-----\n")
+    monkeypatch.setenv("AIRFLOW_CONN_DOCKER_REMOTE", json.dumps({
+        "conn_type": "docker", "host": "registry.internal", "login": "bot", "password": "registry-pw",
+        "extra": {"docker_url": "tcp://127.0.0.1:2376", "api_version": "1.41", "tls_ca_cert": str(pems["ca"]),
+                  "tls_client_cert": str(pems["cert"]), "tls_client_key": str(pems["key"])}}))
+    b = DockerBackend.from_config({"conn_id": "docker_remote"})
+    api = b.api  # built from the connection; a pinned API version means nothing is contacted yet
+    assert api.base_url == "https://127.0.0.1:2376"
+    assert api.cert == (str(pems["cert"]), str(pems["key"]))
+    assert api.verify == str(pems["ca"])
+    assert "registry-pw" not in json.dumps(b.config_json())  # credentials never travel with the config
+    b.close()
+
+
+def test_config_wins_over_the_connection(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_DOCKER_REMOTE", json.dumps({
+        "conn_type": "docker", "extra": {"docker_url": "tcp://127.0.0.1:2376", "api_version": "1.41"}}))
+    b = DockerBackend.from_config({"conn_id": "docker_remote", "base_url": "tcp://127.0.0.1:2375"})
+    assert b.api.base_url == "http://127.0.0.1:2375"
+    b.close()
+
+
+def test_missing_tls_file_is_a_config_error(tmp_path):
+    b = DockerBackend.from_config({"base_url": "tcp://127.0.0.1:2376", "api_version": "1.41",
+                                   "tls_ca_cert": str(tmp_path / "missing-ca.pem")})
+    with pytest.raises(ConfigError, match="tls_ca_cert"):
+        b.api  # noqa: B018 - the property builds the client
+
+
 def test_client_cert_without_key_is_a_config_error():
     b = DockerBackend(DockerConfig(base_url="tcp://engine:2376", tls_client_cert="/c.pem"))
     with pytest.raises(ConfigError, match="tls_client_key"):
