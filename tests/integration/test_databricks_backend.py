@@ -1,0 +1,282 @@
+"""The databricks backend against the Jobs API test server: what the contract suite does not cover.
+
+Failures carry Databricks' error and trace, every odd state is handled, 429s wait for Retry-After,
+auth problems name the connection, find() reattaches to finished runs, the runtime can live on DBFS,
+and the trigger's async path speaks the hook's GET-with-JSON-body dialect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from airflow_remote_ml.backends.databricks import DatabricksBackend
+from airflow_remote_ml.core import (
+    ArtifactStore,
+    BackendAPIError,
+    ConfigError,
+    RunState,
+    StepIdentity,
+    StepRequest,
+    StepSpec,
+    TransientBackendError,
+)
+from airflow_remote_ml.core.wait import await_completion, failure_error, wait_for_completion
+from tests.fakes.databricks_api import FakeDatabricks
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+TOKEN = "dapi-integration"
+CLUSTER = {"spark_version": "15.4.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}
+QUICK = {"poll_first_delay": 0.1, "poll_quick_delay": 0.2, "poll_quick_window": 60, "poll_cap": 0.5,
+         "retry_delay": 0.05}
+
+
+@pytest.fixture
+def dbx(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDatabricks]:
+    with FakeDatabricks(token=TOKEN) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", server.connection_json())
+        yield server
+
+
+def make_backend(tmp_path: Path, **settings: Any) -> DatabricksBackend:
+    return DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime"),
+                                          **QUICK, **settings})
+
+
+def make_request(tmp_path: Path, task_id: str = "step", **spec: Any) -> StepRequest:
+    identity = StepIdentity("dbx_it", task_id, f"run-{uuid.uuid4().hex[:10]}")
+    return StepRequest.create(StepSpec.build(**spec), identity, ArtifactStore(str(tmp_path / "artifacts")))
+
+
+def run_to_end(backend: DatabricksBackend, request: StepRequest) -> tuple[Any, Any]:
+    backend.validate(request)
+    handle = backend.submit(request)
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    assert not outcome.timed_out
+    return handle, outcome
+
+
+def test_failed_user_file_reports_databricks_error_trace_and_run_page(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    script = tmp_path / "features.py"
+    script.write_text("print('reading input')\ndef load():\n    raise RuntimeError('bad partition 7')\nload()\n")
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["--day", "1"],
+                           backend_options={"databricks": {"python_file": str(script)}})
+    handle, outcome = run_to_end(backend, request)
+    assert outcome.status.state is RunState.FAILED
+    error = failure_error(backend, handle, outcome.status, outcome.tail)
+    text = str(error)
+    assert "RuntimeError: bad partition 7" in text
+    assert "Traceback (most recent call last)" in text  # error_trace from runs/get-output
+    assert "reading input" in text  # the log tail
+    assert handle.url and handle.url in text and f"/run/{handle.job_id}" in handle.url
+
+
+def test_failed_runtime_step_reports_the_step_error_and_exit_code(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "import sys; sys.exit(5)"], outputs=["x"])
+    handle, outcome = run_to_end(backend, request)
+    assert outcome.status.state is RunState.FAILED and outcome.status.exit_code == 5
+    assert "exited with code 5" in outcome.status.message
+    assert "Databricks: Python process exited with exit code 5." in outcome.status.message
+
+
+@pytest.mark.parametrize(("forced", "expected"), [
+    (("INTERNAL_ERROR", None, "cluster lost"), RunState.FAILED),
+    (("SKIPPED", None, "already active"), RunState.FAILED),
+    (("TERMINATED", "SUCCESS_WITH_FAILURES", ""), RunState.FAILED),
+    (("TERMINATED", "CANCELED", "Run cancelled."), RunState.CANCELLED),
+])
+def test_forced_terminal_states(dbx: FakeDatabricks, tmp_path: Path, forced: tuple[Any, ...],
+                                expected: RunState) -> None:
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"])
+    handle = backend.submit(request)
+    dbx.force_state(int(handle.job_id), *forced)
+    status = wait_for_completion(backend, handle, deadline=time.monotonic() + 30).status
+    assert status.state is expected
+    if forced[2]:
+        assert forced[2] in status.message
+
+
+def test_success_with_failures_accepted_when_configured(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, success_with_failures_is_success=True)
+    handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"]))
+    dbx.force_state(int(handle.job_id), "TERMINATED", "SUCCESS_WITH_FAILURES")
+    assert wait_for_completion(backend, handle, deadline=time.monotonic() + 30).status.is_successful
+
+
+@pytest.mark.parametrize("state", ["BLOCKED", "WAITING_FOR_RETRY", "QUEUED", "SOME_FUTURE_STATE"])
+def test_non_terminal_and_unknown_states_keep_waiting(dbx: FakeDatabricks, tmp_path: Path, state: str) -> None:
+    backend = make_backend(tmp_path)
+    handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"]))
+    dbx.force_state(int(handle.job_id), state, status_state="RUNNING" if state == "SOME_FUTURE_STATE" else None)
+    time.sleep(0.6)  # past the reuse window of the submit's own look-up
+    status = backend.poll(handle)
+    assert not status.is_terminal and status.remote_state == state
+    dbx.clear_forced_state(int(handle.job_id))
+    backend.cancel(handle)
+
+
+def test_deleted_run_is_lost(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path)
+    handle, outcome = run_to_end(backend, make_request(tmp_path, command=["python3", "-c", "pass"]))
+    assert outcome.status.is_successful
+    import requests
+
+    requests.post(f"{dbx.url}/api/2.2/jobs/runs/delete", json={"run_id": int(handle.job_id)},
+                  headers={"Authorization": f"Bearer {TOKEN}"}).raise_for_status()
+    fresh = make_backend(tmp_path)
+    assert fresh.poll(handle).state is RunState.LOST
+    fresh.cancel(handle)  # cancelling a vanished run is not an error
+
+
+def test_429_waits_for_retry_after_inside_the_hook(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path)
+    handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"]))
+    time.sleep(0.6)
+    dbx.reset_counts()
+    dbx.fail_next("jobs/runs/get", 429, retry_after=1.5)
+    assert backend.poll(handle).state in (RunState.QUEUED, RunState.RUNNING)
+    first, second = dbx.requests[:2]
+    assert (first.status, second.status) == (429, 200)
+    assert second.timestamp - first.timestamp >= 1.4  # the hook alone would have waited retry_delay
+    backend.cancel(handle)
+
+
+def test_exhausted_retries_become_a_transient_error_with_retry_after(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, retry_limit=2, max_retry_after=0.2)
+    handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"]))
+    time.sleep(0.6)
+    dbx.fail_next("jobs/runs/get", 429, retry_after=9, times=2)
+    with pytest.raises(TransientBackendError) as caught:
+        backend.poll(handle)
+    assert caught.value.status_code == 429 and caught.value.retry_after == 9
+    dbx.fail_next("jobs/runs/get", 503, times=2)
+    with pytest.raises(TransientBackendError, match="TEMPORARILY_UNAVAILABLE"):
+        backend.poll(handle)
+    backend.cancel(handle)
+
+
+def test_auth_errors_name_the_connection(dbx: FakeDatabricks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json(token="dapi-wrong"))
+    with pytest.raises(BackendAPIError, match="databricks_default") as caught:
+        make_backend(tmp_path).submit(make_request(tmp_path, command=["python3", "-c", "pass"]))
+    assert caught.value.status_code == 403
+    with pytest.raises(ConfigError, match="no_such_conn"):
+        make_backend(tmp_path, databricks_conn_id="no_such_conn").find(StepIdentity("d", "t", "r"))
+
+
+def test_find_reattaches_to_a_finished_run_and_resubmitting_never_duplicates(dbx: FakeDatabricks,
+                                                                            tmp_path: Path) -> None:
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "print('{\"rows\": 3}')"], outputs=[])
+    handle, outcome = run_to_end(backend, request)
+    # Other runs in the workspace, newer than ours, on several pages.
+    for i in range(30):
+        make_backend(tmp_path).submit(make_request(tmp_path, task_id=f"other{i}", command=["python3", "-c", "pass"]))
+    fresh = make_backend(tmp_path)
+    found = fresh.find(request.identity)
+    assert found is not None and found.job_id == handle.job_id
+    assert found.data["manifest_uri"] == request.manifest_uri and found.url == handle.url
+    assert fresh.fetch_result(found).metrics == {"rows": 3}
+    again = fresh.submit(request)  # the same idempotency token: the same run
+    assert again.job_id == handle.job_id
+    assert len(dbx.run_ids) == 31
+
+
+def test_runtime_uploaded_to_dbfs_through_a_mount(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    dbfs = tmp_path / "dbfs"
+    dbx.map_path("dbfs:/", dbfs)
+    backend = make_backend(tmp_path, runtime_dir="dbfs:/airflow-remote-ml/runtime",
+                           local_mounts={"dbfs:/": str(dbfs)})
+    request = make_request(tmp_path, command=["python3", "-c", "print('from dbfs runtime')"])
+    handle, outcome = run_to_end(backend, request)
+    assert outcome.status.is_successful, outcome.status
+    submitted = dbx.get_run(int(handle.job_id))["tasks"][0]["spark_python_task"]["python_file"]
+    assert submitted.startswith("dbfs:/airflow-remote-ml/runtime/remote_ml_runtime_v1_")
+    assert (dbfs / submitted[len("dbfs:/"):]).is_file()
+    assert "from dbfs runtime" in outcome.tail
+
+
+def test_workspace_path_without_a_mount_is_a_config_error(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, runtime_dir="/Volumes/main/ml/runtime")
+    with pytest.raises(ConfigError, match="local_mounts"):
+        backend.submit(make_request(tmp_path, command=["python3", "-c", "pass"]))
+
+
+def test_streamed_logs_arrive_while_the_run_goes_on(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, stream_logs=True)
+    request = make_request(tmp_path, command=[
+        "python3", "-c", "import time\nprint('early', flush=True)\ntime.sleep(30)"])
+    handle = backend.submit(request)
+    deadline = time.monotonic() + 20
+    lines: list[str] = []
+    cursor = None
+    while "early" not in lines:
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.2)
+        assert not backend.poll(handle).is_terminal
+        chunk = backend.read_logs(handle, cursor)
+        lines += chunk.lines
+        cursor = chunk.cursor
+    assert backend.read_logs(handle, cursor).lines == []
+    backend.cancel(handle)
+
+
+def test_without_streaming_logs_cost_no_calls_until_the_end(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "import time; print('x'); time.sleep(1)"])
+    handle, outcome = run_to_end(backend, request)
+    assert outcome.status.is_successful and "x" in outcome.tail
+    calls = dbx.calls
+    assert calls["jobs/runs/submit"] == 1 and calls["jobs/runs/get-output"] == 1
+    assert calls["jobs/runs/get"] >= 2
+
+
+def test_async_path_uses_the_hooks_async_methods(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "print('async ok')"], outputs=[])
+    handle = backend.submit(request)
+    dbx.reset_counts()
+    lines: list[str] = []
+    outcome = asyncio.run(await_completion(backend, handle, on_line=lines.append,
+                                           deadline=time.monotonic() + 60))
+    assert outcome.status.is_successful and "async ok" in lines
+    # aiohttp sends GET parameters as a JSON body (ints), the sync requests path as a query (strings).
+    gets = [r for r in dbx.requests if r.endpoint == "jobs/runs/get"]
+    assert gets and all(r.params["run_id"] == int(handle.job_id) for r in gets)
+
+    slow = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(60)"]))
+
+    async def cancel_it() -> RunState:
+        await backend.acancel(slow)
+        await backend.acancel(slow)  # idempotent
+        for _ in range(100):
+            status = await backend.apoll(slow)
+            if status.is_terminal:
+                return status.state
+            await asyncio.sleep(0.1)
+        raise AssertionError("not cancelled")
+
+    assert asyncio.run(cancel_it()) is RunState.CANCELLED
+
+
+def test_notebook_exit_value_becomes_the_result(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    dbx.simulate("notebook_task", notebook_result=json.dumps({"metrics": {"auc": 0.91},
+                                                              "outputs": {"report": "dbfs:/ml/report.json"}}))
+    backend = make_backend(tmp_path, existing_cluster_id="0101-shared")
+    request = make_request(tmp_path, command=["unused"], outputs=["report"],
+                           backend_options={"databricks": {"task": "notebook_task", "notebook_path": "/Users/x/nb"}})
+    handle, outcome = run_to_end(backend, request)
+    assert outcome.status.is_successful
+    result = backend.fetch_result(handle)
+    assert result.metrics == {"auc": 0.91} and result.outputs == {"report": "dbfs:/ml/report.json"}
