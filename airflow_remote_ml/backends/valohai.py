@@ -75,6 +75,7 @@ _STATES: dict[str, RunState] = {
     "crashed": RunState.LOST,
     "stopped": RunState.CANCELLED,
 }
+_warned: set[tuple[Any, str]] = set()
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 _TAG_BAD = re.compile(r"[^A-Za-z0-9._:/=+-]+")
 
@@ -177,7 +178,7 @@ class ValohaiAPI:
         self.timeout = timeout
         self.max_retries = max(0, int(max_retries))
         self.max_retry_wait = max_retry_wait
-        self._sleep = sleep
+        self.sleep = sleep
         self.session = requests.Session()
         self.session.headers.update({"Authorization": f"Token {token}", "Accept": "application/json",
                                      "User-Agent": "airflow-remote-ml"})
@@ -197,7 +198,7 @@ class ValohaiAPI:
             retry=tenacity.retry_if_exception_type(TransientBackendError),
             stop=tenacity.stop_after_attempt(self.max_retries + 1),
             wait=self._wait,
-            sleep=self._sleep,
+            sleep=self.sleep,
             before_sleep=lambda state: log.warning("valohai: %s %s: %s; retrying", method, path,
                                                    state.outcome.exception() if state.outcome else "?"),
             reraise=True,
@@ -319,8 +320,10 @@ def map_status(execution: Mapping[str, Any]) -> RunStatus:
     detail = str(execution.get("status_detail") or "")
     state = _STATES.get(remote)
     if state is None:
-        log.warning("valohai: execution %s has a status this backend does not know (%r); still waiting",
-                    execution.get("id"), remote)
+        if (execution.get("id"), remote) not in _warned:  # once per execution and status, not every poll
+            _warned.add((execution.get("id"), remote))
+            log.warning("valohai: execution %s has a status this backend does not know (%r); still waiting",
+                        execution.get("id"), remote)
         state = RunState.RUNNING if execution.get("start_time") else RunState.QUEUED
         return RunStatus(state, remote, detail)
     if remote == "stopped" and "time limit" in detail.lower():
@@ -592,7 +595,7 @@ class ValohaiBackend(Backend):
                     raise
                 delay = min(self.settings.max_retry_wait, max(0.5 * 2 ** attempt, exc.retry_after or 0))
                 log.warning("valohai: creating the execution failed (%s); retrying in %.1fs", exc, delay)
-                self.api._sleep(delay)
+                self.api.sleep(delay)
         handle = self._handle(execution, data)
         log.info("valohai: created execution #%s for %s: %s", execution.get("counter"), request.identity.key,
                  handle.url)

@@ -119,7 +119,7 @@ def test_a_time_limit_stop_says_so():
 @pytest.mark.parametrize(("start_time", "state"), [(None, RunState.QUEUED), ("2026-01-01T00:00:00Z", RunState.RUNNING)])
 def test_an_unknown_status_keeps_waiting_and_is_logged(caplog, start_time, state):
     with caplog.at_level(logging.WARNING):
-        mapped = map_status({"id": "e1", "status": "hibernating", "start_time": start_time})
+        mapped = map_status({"id": f"e-{start_time}", "status": "hibernating", "start_time": start_time})
     assert mapped.state is state and not mapped.is_terminal
     assert "hibernating" in caplog.text
 
