@@ -59,9 +59,9 @@ class Probe:
         self.reset()
 
     def reset(self) -> None:
-        self.wait_returned: float | None = None
-        self.exited: float | None = None
-        self.ran: float | None = None
+        self.wait_returned = 0.0
+        self.exited = 0.0
+        self.ran = 0.0
         self.excluded = 0.0
 
     def install(self) -> None:
@@ -87,24 +87,24 @@ class Probe:
         docker.APIClient.remove_container = timed_remove
 
 
-def make_timed_backend_class() -> type:
+def make_timed_backend_class() -> Any:
     from airflow_remote_ml.backends.docker import DockerBackend
 
     class TimedDockerBackend(DockerBackend):
         """Records when ``wait`` knew the step's final status (the wait API's answer plus one inspect)."""
 
-        noticed: float | None = None
+        noticed = 0.0
 
         def wait(self, handle, timeout):  # type: ignore[no-untyped-def]
             status = super().wait(handle, timeout)
-            if status.is_terminal and self.noticed is None:
+            if status.is_terminal and not self.noticed:
                 self.noticed = time.time()
             return status
 
     return TimedDockerBackend
 
 
-def run_ours(backend_class: type, command: list[str], artifact_root: str, probe: Probe) -> dict[str, float]:
+def run_ours(backend_class: Any, command: list[str], artifact_root: str, probe: Probe) -> dict[str, float]:
     from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
     from airflow_remote_ml.core.wait import wait_for_completion
 
