@@ -564,6 +564,26 @@ class ValohaiBackend(Backend):
         self._project_id = str(found[0]["id"])
         return self._project_id
 
+    def branch_commit(self, project_id: str, branch: str) -> str:
+        """The identifier of the newest commit Valohai has fetched on ``branch``.
+
+        Resolved here rather than sent as ``commit`` because executions are created from a commit
+        identifier (the old airflow-valohai-plugin did the same); ``ref`` is matched locally too, in case
+        a server ignores the filter.
+        """
+        params = {"project": project_id, "ref": branch, "ordering": "-commit_time", "limit": 100}
+        on_branch = []
+        for scanned, commit in enumerate(self.api.paged("commits/", params)):
+            if scanned >= 1000:
+                break
+            if branch in {commit.get("ref"), *(commit.get("ref_names") or [])}:
+                on_branch.append(commit)
+        if on_branch:
+            newest = max(on_branch, key=lambda c: str(c.get("commit_time") or ""))
+            return str(newest["identifier"])
+        raise ConfigError("backend_config[valohai].branch", f"Valohai knows no commit on branch {branch!r}",
+                          "check the branch name; after pushing it set 'fetch': true so Valohai fetches it")
+
     def _handle(self, execution: Mapping[str, Any], data: Mapping[str, Any]) -> RunHandle:
         url = (execution.get("urls") or {}).get("display")
         if not url and execution.get("link"):
@@ -581,6 +601,8 @@ class ValohaiBackend(Backend):
         body, data = build_execution(request, self.settings, project_id)
         if self.settings.fetch:
             self.api.request("POST", f"projects/{project_id}/fetch/", json_body={})
+        if not (request.spec.options_for(self.name).get("commit") or self.settings.commit):
+            body["commit"] = self.branch_commit(project_id, str(self.settings.branch))
         for attempt in range(self.settings.max_retries + 1):
             try:
                 # Creating is not idempotent: never blindly resent. After a transient failure the server

@@ -322,3 +322,18 @@ def test_long_logs_arrive_once_and_in_order_with_small_event_pages(valohai, tmp_
     assert outcome.cursor == len(valohai.executions[handle.job_id].events)
     assert small.read_logs(handle, outcome.cursor).lines == []
     assert small.log_tail(handle, 3)[-1].startswith("[valohai]")
+
+
+def test_a_branch_runs_its_newest_commit_and_fetch_reveals_a_new_push(valohai, tmp_path):
+    project_id = next(iter(valohai.projects))
+    newer = [{"step": {"name": "quick", "image": "busybox", "command": "echo newer"}}]
+    pushed = valohai.add_commit(project_id, newer, ref="main", fetched=False)
+    without_fetch = make_backend(valohai)
+    _, _, lines = run(without_fetch, request(tmp_path, "quick"))
+    assert "quick" in lines  # the pushed commit is not known to Valohai yet
+    fetching = make_backend(valohai, fetch=True)
+    handle, _, lines = run(fetching, request(tmp_path, "quick"))
+    assert "newer" in lines
+    assert valohai.execution(handle.job_id)["commit"]["identifier"] == pushed["identifier"]
+    with pytest.raises(ConfigError, match="no commit on branch 'nope'"):
+        make_backend(valohai, branch="nope").submit(request(tmp_path, "quick"))
