@@ -400,3 +400,14 @@ def test_hook_metadata():
             ValohaiHook.hook_name) == ("valohai", "valohai_conn_id", "valohai_default", "Valohai")
     ui = ValohaiHook.get_ui_field_behaviour()
     assert "login" in ui["hidden_fields"] and ui["relabeling"]["password"] == "API token"
+
+
+def test_the_backend_module_never_imports_airflow():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['airflow'] = None\n"
+            "from airflow_remote_ml.backends.valohai import ValohaiBackend\n"
+            "ValohaiBackend.from_config({'token': 't', 'project': 'p', 'branch': 'main'}).close()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
