@@ -17,6 +17,7 @@ See ``docs/backends/kubernetes.md``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -83,6 +84,8 @@ JSON = dict[str, Any]
 DELETE_POLICIES = ("on_success", "always", "never")
 LOG_PATH = "/api/v1/namespaces/{namespace}/pods/{name}/log"
 TAIL_LINES = 40
+#: How long a waiting step waits for the shared watch's first list before asking for its pod itself.
+SYNC_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -593,6 +596,10 @@ class KubernetesBackend(Backend):
     async def _astatus(self, session: ClusterSession, handle: RunHandle, ask: bool = True) -> RunStatus | None:
         """The status from the shared cache; with ``ask``, one GET when the cache cannot tell yet."""
         key = self._key(handle)
+        if not session.synced.is_set():
+            # The first list is on its way; it answers for every waiting step at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.synced.wait(), SYNC_WAIT_SECONDS)
         found = session.lookup(key[1])
         if found is not None:
             kind, pod = found
