@@ -2,9 +2,9 @@
 
 Reads ``train.csv`` and ``test.csv`` of the example data set (scikit-learn's diabetes data, written by
 ``example_ml.steps.prepare``), standardises every feature with the *training* mean and standard
-deviation, adds three interaction features, and writes ``train/`` and ``test/`` CSV directories (one
-part file each, with a header) under the ``features`` output. The training step reads them on any
-backend.
+deviation, adds three interaction features, and writes ``train.csv`` and ``test.csv`` (same layout as
+the input, the original column names now standardised) under the ``features`` output, so the example's
+training and evaluation steps (``example_ml.steps``) read them unchanged, on any backend.
 
 Two ways to run it on Databricks:
 
@@ -31,6 +31,7 @@ import glob
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 from typing import Any
@@ -107,25 +108,40 @@ def _with_spark(dataset: str, target: str) -> dict[str, int]:
         for name, (a, b) in INTERACTIONS.items():
             scaled = scaled.withColumn(name, F.col(a) * F.col(b))
         result = scaled.select("row", *[F.round(F.col(c), DIGITS).alias(c) for c in feature_names()])
+        staging = os.path.join(target, f"_spark_{split}")
         (result.orderBy("row").drop("row").coalesce(1).write.mode("overwrite")
-         .csv(_spark_path(os.path.join(target, split)), header=True))
+         .csv(_spark_path(staging), header=True))
         counts[split] = result.count()
+        _single_file(staging, os.path.join(target, f"{split}.csv"))
     return counts
+
+
+def _local(path: str) -> str:
+    """File operations go through the FUSE mount on Databricks (``dbfs:/x`` is ``/dbfs/x`` there)."""
+    return "/dbfs/" + path[len("dbfs:/"):] if path.startswith("dbfs:/") else path
+
+
+def _single_file(spark_dir: str, destination: str) -> None:
+    """Spark writes a directory of part files; the next step wants one CSV file."""
+    parts = sorted(glob.glob(os.path.join(_local(spark_dir), "part-*.csv")))
+    if len(parts) != 1:
+        raise RuntimeError(f"expected one part file in {spark_dir}, found {len(parts)}")
+    shutil.copyfile(parts[0], _local(destination))
+    shutil.rmtree(_local(spark_dir), ignore_errors=True)
 
 
 # -- plain Python (same numbers, no Spark) ---------------------------------------------------------------
 
 
 def _with_python(dataset: str, target: str) -> dict[str, int]:
-    tables = {split: _read(os.path.join(dataset, f"{split}.csv")) for split in SPLITS}
+    tables = {split: _read(os.path.join(_local(dataset), f"{split}.csv")) for split in SPLITS}
     train = tables["train"]
     means = {c: math.fsum(r[c] for r in train) / len(train) for c in FEATURES}
     stds = {c: statistics.stdev(r[c] for r in train) for c in FEATURES}
     counts = {}
+    os.makedirs(_local(target), exist_ok=True)
     for split, rows in tables.items():
-        out_dir = os.path.join(target, split)
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "part-00000.csv"), "w", newline="", encoding="utf-8") as fh:
+        with open(os.path.join(_local(target), f"{split}.csv"), "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(feature_names())
             for row in rows:
@@ -142,19 +158,12 @@ def _read(path: str) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def read_features(directory: str) -> tuple[list[str], list[list[float]]]:
-    """Header and rows of a features split directory written by either engine (for the next step)."""
-    parts = sorted(glob.glob(os.path.join(directory, "part-*.csv")))
-    if not parts:
-        raise FileNotFoundError(f"no part-*.csv files in {directory}")
-    header: list[str] = []
-    rows: list[list[float]] = []
-    for part in parts:
-        with open(part, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            header = next(reader)
-            rows.extend([float(v) for v in row] for row in reader)
-    return header, rows
+def read_features(path: str) -> tuple[list[str], list[list[float]]]:
+    """Header and rows of a features CSV written by either engine."""
+    with open(_local(path), newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        return header, [[float(v) for v in row] for row in reader]
 
 
 def main(argv: list[str] | None = None) -> int:

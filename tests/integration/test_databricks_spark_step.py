@@ -88,13 +88,14 @@ def test_spark_feature_step_runs_on_the_databricks_backend(dbx: FakeDatabricks, 
     finally:
         sys.path.remove(str(CODE_DIR))
     for split in ("train", "test"):
-        header, rows = _load(f"{features}/{split}")
-        plain_header, plain_rows = _load(str(tmp_path / "plain" / split))
+        header, rows = _load(f"{features}/{split}.csv")
+        plain_header, plain_rows = _load(str(tmp_path / "plain" / f"{split}.csv"))
         assert header == plain_header == [*plain.FEATURES, *plain.INTERACTIONS, "target"]
         assert len(rows) == len(plain_rows)
         for got, want in zip(rows, plain_rows, strict=True):
             assert all(math.isclose(a, b, rel_tol=1e-7, abs_tol=1e-8) for a, b in zip(got, want, strict=True))
     # Standardised with the training statistics: the training columns have mean 0.
-    header, rows = _load(f"{features}/train")
+    header, rows = _load(f"{features}/train.csv")
+    assert sorted(Path(features).iterdir()) == [Path(features) / "test.csv", Path(features) / "train.csv"]
     bmi = [row[header.index("bmi")] for row in rows]
     assert abs(sum(bmi) / len(bmi)) < 1e-6
