@@ -23,7 +23,19 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "operators": [{"integration-name": "Remote ML", "python-modules": ["airflow_remote_ml.operators"]}],
         "triggers": [{"integration-name": "Remote ML", "python-modules": ["airflow_remote_ml.triggers"]}],
-        "hooks": [{"integration-name": "Remote ML", "python-modules": ["airflow_remote_ml.hooks"]}],
+        "hooks": [
+            {
+                "integration-name": "Remote ML",
+                "python-modules": ["airflow_remote_ml.hooks", "airflow_remote_ml.valohai_hook"],
+            }
+        ],
+        "connection-types": [
+            {
+                "connection-type": "valohai",
+                "hook-class-name": "airflow_remote_ml.valohai_hook.ValohaiHook",
+                "hook-name": "Valohai",
+            }
+        ],
         "extra-links": ["airflow_remote_ml.links.RemoteJobLink"],
         "config": {
             "remote_ml": {

@@ -6,6 +6,10 @@ pipeline runs as subprocesses (``local``, the default), in containers (``docker`
 
     airflow dags test example_ml_pipeline                                  # local backend, quick set
     airflow dags test example_ml_pipeline -c '{"backend": "docker", "scenario_set": "full"}'
+
+``train_backend`` runs only the training steps elsewhere, e.g. on Valohai (the valohai.yaml step ``train``,
+whose model is copied back under the artifact root for evaluation). The other steps' outputs must then be
+where that platform can fetch them: an object-store ``[remote_ml] artifact_root`` such as ``s3://...``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ with DAG(
     params={
         "backend": Param("local", type="string", enum=["local", "docker", "kubernetes", "databricks", "valohai"],
                          description="Where every step runs."),
+        "train_backend": Param("", type="string", enum=["", "local", "docker", "kubernetes", "databricks", "valohai"],
+                               description="Where training runs, if not on the 'backend' of the other steps."),
         "scenario_set": Param("quick", type="string", enum=["quick", "review", "full"],
                               description="quick: one scenario; review: three; full: all of them."),
         "image": Param("airflow-remote-ml/example:latest", type="string",
@@ -57,7 +63,10 @@ with DAG(
         inputs={"dataset": prepare.output["outputs"]["dataset"]},
         outputs=["model"],
         compute={"cpu": 2, "memory": "2Gi"},
-        **step,
+        # On Valohai, run the valohai.yaml step "train" and copy its model back under the artifact root
+        # so evaluation on another backend can read it (backends/valohai/valohai.yaml).
+        backend_options={"valohai": {"step": "train", "export_outputs": True}},
+        **{**step, "backend": "{{ params.train_backend or params.backend }}"},
     ).expand(parameters=scenarios())
 
     @task
