@@ -431,3 +431,48 @@ def test_sessions_close_when_the_loop_ends(k8s, backend, root):
 
     assert asyncio.run(main()) == 1
     assert json.dumps(handle.to_json())
+
+
+# -- RBAC ---------------------------------------------------------------------------------------------------
+
+
+def _verb(method: str, kind: str, watch: bool) -> tuple[str, str]:
+    resource = "pods/log" if kind.endswith("/log") else "pods"
+    if method == "GET":
+        return resource, ("watch" if watch else "list" if kind == "pods" else "get")
+    return resource, {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[method]
+
+
+def test_the_role_grants_exactly_the_verbs_the_backend_uses(k8s, backend, root):
+    import yaml
+
+    role = next(d for d in yaml.safe_load_all((Path(__file__).parents[2] / "backends/kubernetes/rbac.yaml")
+                                              .read_text()) if d["kind"] == "Role")
+    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}
+    k8s.reset_counts()
+    # Every call the backend makes in a step's life: submit, find, wait, logs, result, mark, cleanup, cancel.
+    ok = request(root, task="ok", command=["python3", "-c", "print('hi')"])
+    handle, outcome, _ = run(backend, ok)
+    backend.find(ok.identity)
+    backend.fetch_result(handle)
+    backend.log_tail(handle)
+    backend.mark_finished(handle)
+    backend.cleanup(handle, outcome.status)
+    kept = make_backend(k8s, root, delete_policy="never")
+    try:
+        handle2, outcome2, _ = run(kept, request(root, task="kept", command=["true"]))
+        kept.mark_finished(handle2)
+    finally:
+        kept.close()
+    slow = backend.submit(request(root, task="slow", command=SLEEP))
+    k8s.wait_for_pod(slow.job_id, "Running")
+
+    async def deferred() -> None:
+        await backend.await_change(slow, 0.5)
+        await backend.aread_logs(slow, None)
+        await backend.acancel(slow)
+        await backend.aclose()
+
+    asyncio.run(deferred())
+    used = {_verb(r.method, r.kind, r.watch) for r in k8s.requests}
+    assert used == granted
