@@ -485,7 +485,7 @@ class DockerBackend(Backend):
             if s.get("base_url"):
                 kwargs["base_url"] = s["base_url"]
                 certs = [s.get("tls_ca_cert"), s.get("tls_client_cert"), s.get("tls_client_key")]
-                if any(certs):
+                if any(certs) or str(s["base_url"]).startswith("https://"):
                     if bool(s.get("tls_client_cert")) != bool(s.get("tls_client_key")):
                         raise ConfigError("tls_client_key", "a client certificate needs its key and vice versa",
                                           "set both tls_client_cert and tls_client_key")
@@ -547,8 +547,6 @@ class DockerBackend(Backend):
             raise ConfigError("resources.gpu", f"asks for {spec.resources.gpu} GPUs but profile "
                               f"{spec.resources.profile!r} has {profile['gpus']}", "ask for fewer or change profile")
         self._ensure_artifact_root(request)
-        if spec.secrets and self.config.secrets_from not in ("airflow", "env"):
-            raise ConfigError("secrets_from", f"{self.config.secrets_from!r} is not known", "use 'airflow' or 'env'")
         # Build the request once without secrets: every remaining value error surfaces here, not at submit.
         container_request(self.config, request, profile, {})
 

@@ -424,6 +424,13 @@ def test_config_wins_over_the_connection(monkeypatch):
     b.close()
 
 
+def test_https_engine_without_client_certificates_gets_the_tls_settings():
+    b = DockerBackend.from_config({"base_url": "https://127.0.0.1:2376", "api_version": "1.41", "tls_verify": False})
+    assert b.api.base_url == "https://127.0.0.1:2376"
+    assert b.api.verify is False  # the TLS settings were applied (requests verifies by default)
+    b.close()
+
+
 def test_missing_tls_file_is_a_config_error(tmp_path):
     b = DockerBackend.from_config({"base_url": "tcp://127.0.0.1:2376", "api_version": "1.41",
                                    "tls_ca_cert": str(tmp_path / "missing-ca.pem")})
