@@ -119,7 +119,7 @@ def test_non_terminal_and_unknown_states_keep_waiting(dbx: FakeDatabricks, tmp_p
     backend = make_backend(tmp_path)
     handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"]))
     dbx.force_state(int(handle.job_id), state, status_state="RUNNING" if state == "SOME_FUTURE_STATE" else None)
-    time.sleep(0.6)  # past the reuse window of the submit's own look-up
+    backend.poll(handle)  # the submit's own look-up, reused once
     status = backend.poll(handle)
     assert not status.is_terminal and status.remote_state == state
     dbx.clear_forced_state(int(handle.job_id))
@@ -142,7 +142,7 @@ def test_deleted_run_is_lost(dbx: FakeDatabricks, tmp_path: Path) -> None:
 def test_429_waits_for_retry_after_inside_the_hook(dbx: FakeDatabricks, tmp_path: Path) -> None:
     backend = make_backend(tmp_path)
     handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"]))
-    time.sleep(0.6)
+    backend.poll(handle)  # the submit's own look-up, reused once
     dbx.reset_counts()
     dbx.fail_next("jobs/runs/get", 429, retry_after=1.5)
     assert backend.poll(handle).state in (RunState.QUEUED, RunState.RUNNING)
@@ -155,7 +155,7 @@ def test_429_waits_for_retry_after_inside_the_hook(dbx: FakeDatabricks, tmp_path
 def test_exhausted_retries_become_a_transient_error_with_retry_after(dbx: FakeDatabricks, tmp_path: Path) -> None:
     backend = make_backend(tmp_path, retry_limit=2, max_retry_after=0.2)
     handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"]))
-    time.sleep(0.6)
+    backend.poll(handle)
     dbx.fail_next("jobs/runs/get", 429, retry_after=9, times=2)
     with pytest.raises(TransientBackendError) as caught:
         backend.poll(handle)
@@ -280,3 +280,39 @@ def test_notebook_exit_value_becomes_the_result(dbx: FakeDatabricks, tmp_path: P
     assert outcome.status.is_successful
     result = backend.fetch_result(handle)
     assert result.metrics == {"auc": 0.91} and result.outputs == {"report": "dbfs:/ml/report.json"}
+
+
+def test_manifest_watch_notices_the_end_with_few_api_calls(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    # Default poll settings: without the manifest signal a 4 s run would cost a check every 1-3 s.
+    backend = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime")})
+    request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(4)"])
+    handle = backend.submit(request)
+    dbx.reset_counts()
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    noticed = time.time()
+    assert outcome.status.is_successful
+    ended = dbx.get_run(int(handle.job_id))["end_time"] / 1000
+    assert noticed - ended < 2.5
+    # The fallback checks at 2 s (and maybe 6 s), then one or two when the manifest appears.
+    assert dbx.calls["jobs/runs/get"] <= 4, dbx.calls
+    watched = dbx.calls["jobs/runs/get"]
+
+    api_only = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime"),
+                                              "watch_manifest": False})
+    handle2 = api_only.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(4)"]))
+    dbx.reset_counts()
+    assert wait_for_completion(api_only, handle2, deadline=time.monotonic() + 60).status.is_successful
+    assert dbx.calls["jobs/runs/get"] > watched
+
+
+def test_manifest_watch_still_notices_a_run_that_ends_without_one(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime"),
+                                             "poll_first_delay": 0.2})
+    handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(60)"]))
+    dbx.force_state(int(handle.job_id), "INTERNAL_ERROR", None, "driver lost")
+
+    async def wait_async() -> Any:
+        return await await_completion(backend, handle, deadline=time.monotonic() + 30)
+
+    outcome = asyncio.run(wait_async())
+    assert outcome.status.state is RunState.FAILED and "driver lost" in outcome.status.message

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import requests
@@ -52,13 +52,11 @@ from airflow_remote_ml.core.errors import (
     TransientBackendError,
 )
 from airflow_remote_ml.core.identity import StepIdentity
-from airflow_remote_ml.core.poll import parse_retry_after
+from airflow_remote_ml.core.poll import PollPolicy, parse_retry_after
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
 log = logging.getLogger(__name__)
 
-#: A status fetched this recently is reused (the submit's own look-up doubles as the first check).
-FRESH_SECONDS = 0.5
 #: ``dbfs/read`` returns at most 1 MB per call.
 DBFS_READ_CHUNK = 1 << 20
 #: Paths that only exist inside a workspace: Airflow reaches them through ``local_mounts`` or an API.
@@ -143,11 +141,15 @@ class _Seen:
     """What this backend instance last learnt about a run (saves calls; never needed for correctness)."""
 
     status: RunStatus
-    fetched: float
+    #: The next check may reuse ``status``: the look-up right after submit/find doubles as the first check.
+    fresh: bool = False
     task_run_id: int | None = None
     final: RunStatus | None = None
     output: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: Manifest watching: when the next Jobs API check is due (monotonic) and how many were made.
+    next_api: float = 0.0
+    api_checks: int = 0
+    checks_since_manifest: int = 0
 
 
 class DatabricksBackend(Backend):
@@ -168,6 +170,9 @@ class DatabricksBackend(Backend):
             quick_window=config.poll_quick_window,
             cap=config.poll_cap,
         )
+        # While the manifest is watched, the Jobs API is only a fallback: a sparse schedule suffices.
+        self.watch_policy = PollPolicy(first_delay=2 * config.poll_first_delay, factor=2.0,
+                                       cap=config.poll_cap)
         version = config.api_version
         self._submit_ep = ("POST", f"{version}/jobs/runs/submit")
         self._get_ep = ("GET", f"{version}/jobs/runs/get")
@@ -280,7 +285,7 @@ class DatabricksBackend(Backend):
         try:
             run = self._call(self._get_ep, {"run_id": run_id}, "reading the submitted run")
             url = run.get("run_page_url")
-            self._remember(run_id, run)
+            self._remember(run_id, run, fresh=True)
         except (TransientBackendError, _NotFound) as exc:
             # The run exists; its page link is a courtesy that must not fail the submission.
             log.warning("databricks: run %s submitted but not readable yet: %s", run_id, exc)
@@ -334,7 +339,7 @@ class DatabricksBackend(Backend):
         task = tasks[0]
         meta = parse_description(task.get("description")) or _meta_from_parameters(task) or {}
         outputs = dict(meta.get("outputs") or {})
-        self._remember(run_id, run)
+        self._remember(run_id, run, fresh=True)
         return RunHandle(
             self.name,
             str(run_id),
@@ -352,14 +357,15 @@ class DatabricksBackend(Backend):
 
     # -- status --------------------------------------------------------------------------------------------
 
-    def _remember(self, run_id: int, run: dict[str, Any]) -> _Seen:
+    def _remember(self, run_id: int, run: dict[str, Any], *, fresh: bool = False) -> _Seen:
         status = status_from_run(
             run, success_with_failures_is_success=self.config.success_with_failures_is_success
         )
         seen = self._seen.get(run_id)
         if seen is None:
-            seen = self._seen[run_id] = _Seen(status, time.monotonic())
-        seen.status, seen.fetched = status, time.monotonic()
+            seen = self._seen[run_id] = _Seen(status, next_api=time.monotonic() + self.watch_policy.delay(0),
+                                              api_checks=1)
+        seen.status, seen.fresh = status, fresh
         seen.task_run_id = task_run_id(run) or seen.task_run_id
         return seen
 
@@ -369,7 +375,8 @@ class DatabricksBackend(Backend):
             return None
         if seen.final is not None:
             return seen.final
-        if time.monotonic() - seen.fetched < FRESH_SECONDS and not seen.status.is_terminal:
+        if seen.fresh and not seen.status.is_terminal:
+            seen.fresh = False
             return seen.status
         return None
 
@@ -426,6 +433,83 @@ class DatabricksBackend(Backend):
         if output.get("error_trace"):
             parts.append(str(output["error_trace"]).rstrip())
         return RunStatus(status.state, status.remote_state, "\n".join(parts), exit_code)
+
+    # -- waiting: the manifest as a completion signal ------------------------------------------------------
+
+    def _watch_path(self, handle: RunHandle) -> str | None:
+        """The manifest as a local file Airflow can stat, when the step runs the runtime; else None."""
+        uri = handle.data.get("manifest_uri")
+        if not (self.config.watch_manifest and handle.data.get("runtime") and uri):
+            return None
+        path = self._mount_of(uri)
+        if path is None and is_local(uri) and not uri.startswith("dbfs:"):
+            path = local_path(uri)
+            if path.startswith(_WORKSPACE_ONLY) and not os.path.isdir(os.path.dirname(path)):
+                return None
+        return path
+
+    def _api_due(self, seen: _Seen, now: float) -> bool:
+        return now >= seen.next_api
+
+    def _api_checked(self, seen: _Seen, now: float) -> None:
+        seen.next_api = now + self.watch_policy.delay(seen.api_checks)
+        seen.api_checks += 1
+
+    def _soon(self, seen: _Seen, now: float) -> None:
+        """The manifest is there but the run is not TERMINATED yet (process exit, cluster clean-up):
+        look again soon, backing off in case the clean-up takes a while."""
+        delay = 4 * self.config.watch_interval * 2 ** seen.checks_since_manifest
+        seen.next_api = now + min(self.config.poll_cap, delay)
+        seen.checks_since_manifest += 1
+
+    def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """Return once the run is terminal or ``timeout`` passed.
+
+        With a watchable manifest the runtime's own completion signal is a file: it is looked for every
+        ``watch_interval`` seconds at no API cost, and the Jobs API is asked when it appears (then about
+        every second until the run is TERMINATED) or when the sparse fallback schedule says so.
+        """
+        path = self._watch_path(handle)
+        seen = self._seen.get(int(handle.data["run_id"]))
+        if path is None or seen is None:
+            return super().wait(handle, timeout)
+        deadline = time.monotonic() + timeout
+        status = seen.final or seen.status
+        while not status.is_terminal:
+            now = time.monotonic()
+            appeared = os.path.exists(path)
+            # The first sight of the manifest triggers a check; later ones follow _soon()'s schedule.
+            if (appeared and not seen.checks_since_manifest) or self._api_due(seen, now):
+                status = self.poll(handle)
+                self._api_checked(seen, now)
+                if appeared and not status.is_terminal:
+                    self._soon(seen, now)
+            if status.is_terminal or now >= deadline:
+                break
+            time.sleep(max(0.0, min(self.config.watch_interval, deadline - time.monotonic())))
+        return status
+
+    async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
+        path = self._watch_path(handle)
+        seen = self._seen.get(int(handle.data["run_id"]))
+        if path is None or seen is None:
+            return await super().await_change(handle, timeout)
+        deadline = time.monotonic() + timeout
+        status = seen.final or seen.status
+        while not status.is_terminal:
+            now = time.monotonic()
+            # A stat in a thread: a hung network mount must not stall the triggerer's event loop.
+            appeared = await asyncio.to_thread(os.path.exists, path)
+            # The first sight of the manifest triggers a check; later ones follow _soon()'s schedule.
+            if (appeared and not seen.checks_since_manifest) or self._api_due(seen, now):
+                status = await self.apoll(handle)
+                self._api_checked(seen, now)
+                if appeared and not status.is_terminal:
+                    self._soon(seen, now)
+            if status.is_terminal or now >= deadline:
+                break
+            await asyncio.sleep(max(0.0, min(self.config.watch_interval, deadline - time.monotonic())))
+        return status
 
     # -- output and logs -------------------------------------------------------------------------------------
 
@@ -517,8 +601,8 @@ class DatabricksBackend(Backend):
 
     def _forget_fresh(self, run_id: int) -> None:
         seen = self._seen.get(run_id)
-        if seen is not None and seen.final is None:
-            seen.fetched = 0.0
+        if seen is not None:
+            seen.fresh = False
 
     # -- results -------------------------------------------------------------------------------------------
 

@@ -141,6 +141,10 @@ class DatabricksConfig(BackendConfig):
         retry_limit, retry_delay, request_timeout: passed to the hook; retries of 429/5xx wait at least
             the server's ``Retry-After`` (at most ``max_retry_after`` seconds).
         poll_first_delay, poll_quick_delay, poll_quick_window, poll_cap: the :class:`DatabricksPollPolicy`.
+        watch_manifest: when Airflow sees the result manifest as a file (a local or ``local_mounts``
+            path), look for it every ``watch_interval`` seconds (no API call) and ask the Jobs API only
+            when it appears, or on a sparse schedule (``poll_first_delay`` × 2, doubling to ``poll_cap``)
+            for runs that end without one (cluster failures, cancellations).
     """
 
     databricks_conn_id: str = "databricks_default"
@@ -168,6 +172,8 @@ class DatabricksConfig(BackendConfig):
     poll_quick_delay: float = 3.0
     poll_quick_window: float = 24.0
     poll_cap: float = 120.0
+    watch_manifest: bool = True
+    watch_interval: float = 0.25
 
     def __post_init__(self) -> None:
         prefix = f"backend_config[{NAME}]"
