@@ -379,3 +379,20 @@ def test_exit_codes_and_metrics_from_text() -> None:
     assert exit_code_from("the step exited with code 3") == 3
     assert exit_code_from("boom") is None
     assert metrics_from_logs('x\n{"rmse": 0.5}\n{bad\n{"r2": 1}\n') == {"rmse": 0.5, "r2": 1}
+
+
+def test_the_example_deployment_config_is_valid_for_every_profile() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "backends" / "databricks" / "backend_config.example.json"
+    cfg = DatabricksConfig.from_mapping(json.loads(path.read_text())["databricks"], "databricks")
+    assert set(cfg.profiles) == {"spark-small", "spark-large", "gpu", "shared"}
+    for name in ("spark-small", "spark-large", "gpu"):
+        req = request(resources={"profile": name, **({"gpu": 1} if name == "gpu" else {})})
+        validate_request(req, cfg)
+        assert build_submit_payload(req, cfg, "dbfs:/r.py")["tasks"][0]["new_cluster"]["node_type_id"] == \
+            cfg.profiles[name]["node_type_id"]
+    validate_request(request(resources={"profile": "shared"}), cfg)
+    # Without a profile, cpu/memory pick from the node type catalogue.
+    cluster = build_submit_payload(request(resources={"cpu": 3}), cfg, "dbfs:/r.py")["tasks"][0]["new_cluster"]
+    assert cluster["node_type_id"] == "m5d.xlarge"
