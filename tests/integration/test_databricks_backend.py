@@ -138,6 +138,13 @@ def test_deleted_run_is_lost(dbx: FakeDatabricks, tmp_path: Path) -> None:
     assert fresh.poll(handle).state is RunState.LOST
     fresh.cancel(handle)  # cancelling a vanished run is not an error
 
+    async def through_the_trigger_path() -> RunState:
+        other = make_backend(tmp_path)
+        await other.acancel(handle)
+        return (await other.apoll(handle)).state
+
+    assert asyncio.run(through_the_trigger_path()) is RunState.LOST
+
 
 def test_429_waits_for_retry_after_inside_the_hook(dbx: FakeDatabricks, tmp_path: Path) -> None:
     backend = make_backend(tmp_path)

@@ -119,8 +119,10 @@ def error_info(exc: BaseException) -> ApiErrorInfo | None:
         status = response.status_code
         code, message = parse_error_body(response.text or "")
         return ApiErrorInfo(status, code, message, retry_after_of(cause))
-    if getattr(cause, "status", None) is not None and hasattr(cause, "request_info"):  # aiohttp
-        return ApiErrorInfo(int(cause.status), "", str(getattr(cause, "message", "")), retry_after_of(cause))
+    aiohttp_status = getattr(cause, "status", None)
+    if aiohttp_status is not None and hasattr(cause, "request_info"):  # aiohttp.ClientResponseError
+        reason = str(getattr(cause, "message", ""))
+        return ApiErrorInfo(int(aiohttp_status), "", reason, retry_after_of(cause))
     if isinstance(
         cause, requests.ConnectionError | requests.Timeout | asyncio.TimeoutError | ConnectionError
     ):
@@ -231,7 +233,12 @@ class DatabricksBackend(Backend):
         except Exception as exc:
             raise self._mapped(exc, action) from exc
 
-    async def _acall(self, endpoint: tuple[str, str], payload: dict[str, Any], action: str) -> dict[str, Any]:
+    async def _acall(
+        self, endpoint: tuple[str, str], payload: dict[str, Any], action: str, *, run_lookup: bool = False
+    ) -> dict[str, Any]:
+        """Async call. ``run_lookup``: the hook's async path drops error bodies, so a bare 400 on a
+        ``run_id`` look-up is taken for the documented "Run N does not exist." (the only 400 such a
+        request earns)."""
         if self._ahook is None:
             # One hook keeps the connection and any OAuth token cached across calls.
             self._ahook = self._make_hook()
@@ -242,7 +249,10 @@ class DatabricksBackend(Backend):
             async with hook:
                 return await hook._a_do_api_call(endpoint, payload) or {}
         except Exception as exc:
-            raise self._mapped(exc, action) from exc
+            mapped = self._mapped(exc, action)
+            if run_lookup and isinstance(mapped, BackendAPIError) and mapped.status_code == 400:
+                raise _NotFound(str(mapped)) from exc
+            raise mapped from exc
 
     # -- validation and submission -------------------------------------------------------------------------
 
@@ -401,7 +411,8 @@ class DatabricksBackend(Backend):
         if cached is not None:
             return cached
         try:
-            run = await self._acall(self._get_ep, {"run_id": run_id}, "reading the run state")
+            run = await self._acall(self._get_ep, {"run_id": run_id}, "reading the run state",
+                                    run_lookup=True)
         except _NotFound:
             return _gone()
         seen = self._remember(run_id, run)
@@ -591,7 +602,7 @@ class DatabricksBackend(Backend):
     async def acancel(self, handle: RunHandle) -> None:
         run_id = int(handle.data["run_id"])
         try:
-            await self._acall(self._cancel_ep, {"run_id": run_id}, "cancelling the run")
+            await self._acall(self._cancel_ep, {"run_id": run_id}, "cancelling the run", run_lookup=True)
         except _NotFound:
             return
         except BackendAPIError as exc:
@@ -640,11 +651,10 @@ class DatabricksBackend(Backend):
                     outputs.update(
                         {k: v if isinstance(v, dict) else {"uri": v} for k, v in value["outputs"].items()}
                     )
-                metrics.update(
-                    value.get("metrics")
-                    if isinstance(value.get("metrics"), dict)
-                    else {k: v for k, v in value.items() if k != "outputs"}
-                )
+                reported = value.get("metrics")
+                if not isinstance(reported, dict):
+                    reported = {k: v for k, v in value.items() if k != "outputs"}
+                metrics.update(reported)
         metrics.update(metrics_from_logs(output.get("logs") or ""))
         return {
             "protocol_version": runtime.PROTOCOL_VERSION,
