@@ -22,21 +22,19 @@ The wire format is versioned by :data:`PROTOCOL_VERSION`; a newer Airflow side r
 
 from __future__ import annotations
 
+# Only what every step needs is imported up front: the runtime's start-up is part of every step's
+# latency, so the rest (subprocess, hashlib, threading, ...) is imported where it is used.
 import contextlib
-import hashlib
-import importlib
 import io
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import traceback
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 
@@ -87,30 +85,52 @@ def _fsspec():
     return fsspec
 
 
-def _resolve_inputs(inputs: dict[str, str], scratch: str) -> dict[str, str]:
+class _Scratch:
+    """A temporary directory, made only when a non-local input or output needs one."""
+
+    def __init__(self) -> None:
+        self._path: str | None = None
+
+    def __str__(self) -> str:
+        if self._path is None:
+            import tempfile
+
+            self._path = tempfile.mkdtemp(prefix="remote-ml-")
+        return self._path
+
+    def remove(self) -> None:
+        if self._path is not None:
+            import shutil
+
+            shutil.rmtree(self._path, ignore_errors=True)
+
+
+def _resolve_inputs(inputs: dict[str, str], scratch: _Scratch) -> dict[str, str]:
     paths = {}
     for name, uri in inputs.items():
         local = _local_of(uri)
         if local is None:
             fs, path = _fsspec().core.url_to_fs(uri)
-            local = os.path.join(scratch, "inputs", name, os.path.basename(path.rstrip("/")) or name)
+            local = os.path.join(str(scratch), "inputs", name, os.path.basename(path.rstrip("/")) or name)
             os.makedirs(os.path.dirname(local), exist_ok=True)
             fs.get(path, local, recursive=fs.isdir(path))
         paths[name] = local
     return paths
 
 
-def _resolve_outputs(outputs: dict[str, str], scratch: str) -> dict[str, str]:
+def _resolve_outputs(outputs: dict[str, str], scratch: _Scratch) -> dict[str, str]:
     paths = {}
     for name, uri in outputs.items():
         local = _local_of(uri)
         if local is None:
-            local = os.path.join(scratch, "outputs", name)
+            local = os.path.join(str(scratch), "outputs", name)
         parent = os.path.dirname(local)
         if parent:
             os.makedirs(parent, exist_ok=True)
         # A leftover from an earlier attempt must never pass for this run's output.
         if os.path.isdir(local) and not os.path.islink(local):
+            import shutil
+
             shutil.rmtree(local)
         elif os.path.lexists(local):
             os.remove(local)
@@ -120,6 +140,8 @@ def _resolve_outputs(outputs: dict[str, str], scratch: str) -> dict[str, str]:
 
 def _digest(path: str) -> tuple[int, str]:
     """Size and sha256 of a file, or of a directory (over its sorted relative paths and contents)."""
+    import hashlib
+
     if os.path.isfile(path):
         h = hashlib.sha256()
         size = 0
@@ -185,7 +207,6 @@ def termination_message(manifest: dict[str, Any]) -> str:
 class _MetricsCollector:
     def __init__(self) -> None:
         self.metrics: dict[str, Any] = {}
-        self._lock = threading.Lock()
 
     def line(self, text: str) -> None:
         text = text.strip()
@@ -196,8 +217,7 @@ class _MetricsCollector:
         except ValueError:
             return
         if isinstance(value, dict):
-            with self._lock:
-                self.metrics.update(value)
+            self.metrics.update(value)
 
 
 class _TeeStdout(io.TextIOBase):
@@ -269,6 +289,9 @@ def _env_for(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, st
 
 def _run_command(step: dict[str, Any], env: dict[str, str], values: dict[str, dict[str, Any]],
                  collector: _MetricsCollector, timeout: float | None) -> int:
+    import subprocess
+    import threading
+
     command = step["command"]
     if step.get("shell"):
         argv: Any = _substitute(command, values)
@@ -322,6 +345,14 @@ def _run_command(step: dict[str, Any], env: dict[str, str], values: dict[str, di
 
 def _call(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
           collector: _MetricsCollector, timeout: float | None) -> int:
+    import importlib
+    import traceback
+
+    if sys.flags.no_site:
+        # Started with -S for a fast start; the step's own code needs site-packages.
+        import site
+
+        site.main()
     module_name, _, attr = step["callable"].partition(":")
     try:
         target: Any = importlib.import_module(module_name)
@@ -400,7 +431,7 @@ def run(step: dict[str, Any]) -> int:
         "started_at": started,
     }
     collector = _MetricsCollector()
-    scratch = tempfile.mkdtemp(prefix="remote-ml-")
+    scratch = _Scratch()
     exit_code = 1
     try:
         if not isinstance(version, int) or version > PROTOCOL_VERSION:
@@ -443,12 +474,14 @@ def run(step: dict[str, Any]) -> int:
         manifest["error"] = str(exc)
         print(f"remote-ml: {exc}", file=sys.stderr, flush=True)
     except Exception as exc:  # a runtime bug or an I/O failure: report it like a step failure
+        import traceback
+
         exit_code = 1
         manifest["exit_code"] = exit_code
         manifest["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.remove()
     manifest["metrics"] = collector.metrics
     manifest["finished_at"] = time.time()
     manifest["duration_seconds"] = round(manifest["finished_at"] - started, 3)
@@ -484,11 +517,18 @@ def source() -> str:
 
 
 def launch_command(python: str = "python3") -> list[str]:
-    """argv that runs this runtime in any image with ``python``, nothing installed."""
-    return [python, "-c", source()]
+    """argv that runs this runtime in any image with ``python``, nothing installed.
+
+    ``-S`` skips site-packages for a faster start (the runtime needs only the standard library; a
+    callable step re-enables them before importing the step's code).
+    """
+    return [python, "-S", "-c", source()]
 
 
 def _main() -> int:
+    # First thing: as a container's PID 1 the process would ignore SIGTERM without a handler, so a cancel
+    # arriving during start-up would wait for SIGKILL. Command steps later forward it to the child.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     # Line-buffered stdout so logs stream while the step runs, whatever the image's defaults.
     with contextlib.suppress(AttributeError, ValueError):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
