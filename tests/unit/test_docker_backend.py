@@ -268,7 +268,7 @@ def test_resources_profile_and_options_apply_in_order(tmp_path):
     assert (gpus["Count"], gpus["Capabilities"]) == (-1, [["gpu"]])
     assert host["extra_hosts"] == {"db": "10.0.0.5"} and host["init"] is True
     assert create["user"] == "0" and create["working_dir"] == "/opt/code"
-    assert create["entrypoint"][:2] == ["tini", "--"] and create["entrypoint"][2:4] == ["python3", "-c"]
+    assert create["entrypoint"][:2] == ["tini", "--"] and create["entrypoint"][2:5] == ["python3", "-S", "-c"]
 
 
 def test_gpu_count_becomes_a_device_request(tmp_path):
