@@ -21,9 +21,19 @@ from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, Ste
 from airflow_remote_ml.core.wait import wait_for_completion
 from tests.fakes.databricks_api import FakeDatabricks
 
-pytest.importorskip("pyspark", reason="pip install pyspark (the Spark step's own dependency)")
-
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+@pytest.fixture(autouse=True)
+def pyspark_installed() -> None:
+    """Fails in CI, skips on a laptop without it: pip install pyspark (and Java 17)."""
+    import importlib.util
+    import shutil
+
+    from tests.conftest import require_or_skip
+
+    require_or_skip(importlib.util.find_spec("pyspark") is not None and shutil.which("java") is not None,
+                    "the Spark step needs pyspark and Java: pip install pyspark")
 
 REPO = Path(__file__).resolve().parents[2]
 CODE_DIR = REPO / "backends" / "databricks"
