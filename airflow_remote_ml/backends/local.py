@@ -125,7 +125,7 @@ class LocalBackend(Backend):
         with open(os.path.join(job_dir, "log"), "ab") as log_file:
             child = subprocess.Popen(
                 # By file path: works for an interpreter that does not have this package installed.
-                [self.config.python, runtime.__file__],
+                [self.config.python, "-S", runtime.__file__],
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
