@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend
 from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
 from airflow_remote_ml.core.wait import await_completion, wait_for_completion
-from tests.fakes.kubernetes_api import FakeKubernetes, ImageBehavior
+from tests.fakes.kubernetes_api import FakeKubernetes, FakeNode, ImageBehavior
 
 IMAGE = "bench/step:1"
 CLAIM = "bench-artifacts"
@@ -190,7 +190,11 @@ def main() -> None:
     logging.disable(logging.WARNING)  # the provider logs every poll of every pod at INFO
     counts = [int(x) for x in args.steps.split(",") if x]
     rows: list[str] = []
-    with tempfile.TemporaryDirectory() as tmp, FakeKubernetes(history_limit=1_000_000) as k8s:
+    with tempfile.TemporaryDirectory() as tmp, FakeKubernetes(
+            history_limit=1_000_000,
+            # One node big enough for every pod of the run (a default node takes 110 pods).
+            nodes=[FakeNode("bench-node", allocatable={"cpu": "10000", "memory": "10000Gi", "pods": "10000"})],
+    ) as k8s:
         root = os.path.join(tmp, "artifacts")
         k8s.register_volume_claim(CLAIM, root)
         k8s.register_image("bench/*", ImageBehavior(simulate=True, duration=None, output="working\n"))
