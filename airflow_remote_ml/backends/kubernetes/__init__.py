@@ -646,7 +646,8 @@ class KubernetesBackend(Backend):
         session = await self._session(handle)
         key = self._key(handle)
         status = await self._astatus(session, handle, ask=False)
-        final = status is None or status.is_terminal
+        # Only a pod the cache knows to be over gets the unbudgeted final read.
+        final = status is not None and status.is_terminal
         # A pending pod has no log yet: asking would only spend a request on a 400.
         if (status is not None and status.state is RunState.QUEUED) or not session.may_read_logs(key[1], final):
             return LogChunk([], cursor)
