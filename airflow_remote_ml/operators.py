@@ -55,7 +55,8 @@ class RemoteExecutionOperator(BaseOperator):
 
     Args:
         backend: registered backend name; default ``[remote_ml] default_backend`` (``local``).
-        backend_config: settings for the backend, merged over ``[remote_ml] backend_config``.
+        backend_config: settings for the backend, merged over ``[remote_ml] backend_config``; or a
+            mapping keyed by backend name, of which the chosen backend's section applies.
         image: container image (container backends).
         command: argv list to run (a string only with ``shell=True``). ``{inputs.x}``,
             ``{outputs.x}`` and ``{params.x}`` in arguments become paths and values.
@@ -160,8 +161,8 @@ class RemoteExecutionOperator(BaseOperator):
 
     def _make_backend(self) -> Backend:
         name = self.backend or hooks.default_backend()
-        config = {**hooks.deployment_backend_config(name), **dict(self.backend_config or {})}
-        return create_backend(name, config)
+        return create_backend(name, merge_backend_config(name, hooks.deployment_backend_config(name),
+                                                         self.backend_config))
 
     # -- execution -------------------------------------------------------------------------------------------
 
@@ -266,19 +267,21 @@ class RemoteExecutionOperator(BaseOperator):
                 backend.mark_finished(handle)
                 generation += 1
             else:
-                self.log.info("The earlier try recorded no job and none exists; submitting")
+                # The earlier try died between recording its intent and recording a handle: the job may
+                # exist without us knowing its id. The deterministic identity finds it.
+                return self._submit(backend, spec, identity, artifacts, look_first=True)
         else:
             generation = int(record["generation"]) + 1 if record else 0
-        return self._submit(backend, spec, base.with_generation(generation), artifacts)
+        return self._submit(backend, spec, base.with_generation(generation), artifacts, look_first=False)
 
-    def _submit(self, backend: Backend, spec: StepSpec, identity: StepIdentity, artifacts: ArtifactStore) -> RunHandle:
+    def _submit(self, backend: Backend, spec: StepSpec, identity: StepIdentity, artifacts: ArtifactStore,
+                *, look_first: bool) -> RunHandle:
         request = StepRequest.create(spec, identity, artifacts, code_version=self.code_version)
         backend.validate(request)
         self._record = {"generation": identity.generation, "phase": "submitting", "backend": backend.name,
                         "submitted_at": time.time()}
         self._write_record(self._record)
-        # Deterministic identity: a job submitted by a try that died before recording it is found here.
-        handle = backend.find(identity)
+        handle = backend.find(identity) if look_first else None
         if handle is None:
             handle = backend.submit(request)
             self.log.info("Submitted %s job %s for %s", backend.name, handle.job_id, identity.key)
@@ -363,6 +366,23 @@ class RemoteExecutionOperator(BaseOperator):
 
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
+
+
+def merge_backend_config(name: str, deployment: Mapping[str, Any], task: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The settings of backend ``name``: the deployment's, overridden by the task's.
+
+    A task's ``backend_config`` is either the chosen backend's settings, or a mapping keyed by backend
+    name (``{"kubernetes": {...}, "docker": {...}}``) so one DAG carries settings for every backend it may
+    run on. ``profiles`` merge by profile name, so a DAG can add a profile without repeating the
+    deployment's.
+    """
+    task = dict(task or {})
+    if task and all(key in available_backends() for key in task):
+        task = dict(task.get(name) or {})
+    merged = {**deployment, **task}
+    if isinstance(deployment.get("profiles"), Mapping) and isinstance(task.get("profiles"), Mapping):
+        merged["profiles"] = {**deployment["profiles"], **task["profiles"]}
+    return merged
 
 
 def _plain(value: Any) -> Any:

@@ -506,6 +506,10 @@ def load_step() -> dict[str, Any]:
         with open(os.environ["REMOTE_ML_STEP_FILE"], encoding="utf-8") as fh:
             return json.load(fh)
     if len(sys.argv) > 1:
+        # "@path": the step in a file, for platforms that limit the size of task parameters.
+        if sys.argv[1].startswith("@"):
+            with open(sys.argv[1][1:], encoding="utf-8") as fh:
+                return json.load(fh)
         return json.loads(sys.argv[1])
     raise StepError("no step given: set REMOTE_ML_STEP (JSON) or REMOTE_ML_STEP_FILE", EXIT_BAD_CONFIG)
 
@@ -537,6 +541,10 @@ def _main() -> int:
     except (StepError, ValueError) as exc:
         print(f"remote-ml: bad step configuration: {exc}", file=sys.stderr, flush=True)
         return EXIT_BAD_CONFIG
+    # Environment carried in the step itself, for platforms that cannot set a process's environment
+    # (a job on an existing cluster); values set by the platform win.
+    for key, value in (step.get("env") or {}).items():
+        os.environ.setdefault(str(key), str(value))
     if step.get("chdir"):
         os.chdir(step["chdir"])
     for entry in reversed(step.get("python_path") or []):

@@ -9,10 +9,12 @@ pool and never wake the GPU pool up (it scales to zero when idle). The same DAG 
     airflow dags test example_kubernetes_pipeline -c '{"backend": "docker"}'
     airflow dags test example_kubernetes_pipeline -c '{"backend": "kubernetes", "image": "ghcr.io/acme/ml:1"}'
 
-Profiles are per backend (``NODE_POOLS`` below; on Kubernetes they mirror
-``backends/kubernetes/node-pools.yaml``, where a deployment normally keeps them, in ``[remote_ml]
-backend_config``). The cluster connection, namespace and the shared artifact volume come from the
-deployment's ``kubernetes`` settings (see ``docs/backends/kubernetes.md``).
+The profiles below are the Kubernetes backend's (``backend_config`` keyed by backend name: only the
+chosen backend's section applies); they mirror ``backends/kubernetes/node-pools.yaml``, and a deployment
+normally keeps them in ``[remote_ml] backend_config``. The laptop backends (local, docker) run a step
+whose profile they do not define with the step's own resources. The cluster connection, namespace and
+the shared artifact volume come from the deployment's ``kubernetes`` settings
+(see ``docs/backends/kubernetes.md``).
 """
 
 from __future__ import annotations
@@ -25,16 +27,11 @@ from airflow_remote_ml.operators import RemoteExecutionOperator
 
 GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 
-#: What the profiles ``default`` and ``gpu`` mean on each backend.
+#: What the profiles ``default`` and ``gpu`` mean on Kubernetes.
 NODE_POOLS = {
-    "kubernetes": {
-        "default": {"node_selector": {"pool": "default"}},
-        "gpu": {"node_selector": {"pool": "gpu"}, "tolerations": [GPU_TOLERATION], "gpu": 1,
-                "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}},
-    },
-    # A laptop has no GPU pool: the same names, plain containers (add {"gpus": "all"} on a GPU host).
-    "docker": {"default": {}, "gpu": {}},
-    "local": {"default": {}, "gpu": {}},
+    "default": {"node_selector": {"pool": "default"}},
+    "gpu": {"node_selector": {"pool": "gpu"}, "tolerations": [GPU_TOLERATION], "gpu": 1,
+            "annotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "false"}},
 }
 
 with DAG(
@@ -44,11 +41,9 @@ with DAG(
     catchup=False,
     tags=["example", "remote-ml", "kubernetes"],
     doc_md=__doc__,
-    # backend_config below renders to a mapping (the profiles of the chosen backend), not to its text.
-    render_template_as_native_obj=True,
-    user_defined_macros={"node_pools": NODE_POOLS},
     params={
-        "backend": Param("local", type="string", enum=sorted(NODE_POOLS), description="Where every step runs."),
+        "backend": Param("local", type="string", enum=["local", "docker", "kubernetes"],
+                         description="Where every step runs."),
         "image": Param("airflow-remote-ml/example:latest", type="string",
                        description="An image with python3 and the example_ml package (container backends)."),
     },
@@ -56,7 +51,7 @@ with DAG(
     step = {
         "backend": "{{ params.backend }}",
         "image": "{{ params.image }}",
-        "backend_config": {"profiles": "{{ node_pools[params.backend] }}"},
+        "backend_config": {"kubernetes": {"profiles": NODE_POOLS}},
         "retries": 1,
         "retry_delay": timedelta(seconds=5),
     }

@@ -54,6 +54,8 @@ class LocalConfig(BackendConfig):
     kill_grace_seconds: float = 10.0
     secrets_from: str = "airflow"
 
+    strict_profiles: ClassVar[bool] = False
+
 
 class LocalBackend(Backend):
     name: ClassVar[str] = "local"

@@ -109,6 +109,11 @@ class BackendConfig:
 
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    #: Whether naming a profile this configuration does not define is an error. Production backends say
+    #: yes (a typo must not land a GPU job on the default pool); laptop backends (local, docker) run the
+    #: step with its explicit resources instead, so a DAG written for a cluster still runs on a laptop.
+    strict_profiles: ClassVar[bool] = True
+
     @classmethod
     def from_mapping(cls: type[Any], data: Mapping[str, Any], backend: str = "backend") -> Any:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -123,6 +128,12 @@ class BackendConfig:
         if name is None:
             return {}
         if name not in self.profiles:
+            if not self.strict_profiles:
+                import logging
+
+                logging.getLogger(__name__).info(
+                    "%s: no profile %r is configured; running with the step's own resources", backend, name)
+                return {}
             import difflib
 
             close = difflib.get_close_matches(name, list(self.profiles), n=1)
@@ -209,13 +220,18 @@ class Backend(ABC):
         manifest_uri = handle.data.get("manifest_uri")
         if not manifest_uri:
             raise ArtifactError(f"job {handle.job_id} has no manifest location; was it started by this backend?")
-        manifest = read_json(manifest_uri)
+        manifest = self.read_manifest(manifest_uri)
         if manifest is None:
             raise ArtifactError(
                 f"the step finished but wrote no result manifest at {manifest_uri!r}; "
                 "check that the artifact root is shared between Airflow and the step"
             )
         return result_from_manifest(manifest, handle, handle.data.get("declared_outputs"))
+
+    def read_manifest(self, uri: str) -> dict[str, Any] | None:
+        """The result manifest at ``uri`` (``None`` if absent). Backends with their own storage access
+        (DBFS, volumes) override this; the default reads local paths and fsspec URIs."""
+        return read_json(uri)
 
     def log_tail(self, handle: RunHandle, lines: int = 40) -> list[str]:
         try:

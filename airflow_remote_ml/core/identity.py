@@ -68,7 +68,8 @@ class StepIdentity:
             LABEL_DAG_ID: _label_value(self.dag_id),
             LABEL_TASK_ID: _label_value(self.task_id),
             LABEL_RUN_ID: _label_value(self.run_id),
-            LABEL_MAP_INDEX: str(self.map_index),
+            # A label value must start and end with a letter or digit: "-1" would be refused.
+            LABEL_MAP_INDEX: "none" if self.map_index < 0 else str(self.map_index),
             LABEL_GENERATION: str(self.generation),
         }
 

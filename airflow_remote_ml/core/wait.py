@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from airflow_remote_ml.core.artifacts import read_json
 from airflow_remote_ml.core.errors import (
     RemoteJobLostError,
     StepCancelledError,
@@ -176,7 +175,7 @@ def failure_error(
     manifest_uri = handle.data.get("manifest_uri")
     if manifest_uri and status.state is RunState.FAILED:
         try:
-            manifest = read_json(manifest_uri)
+            manifest = backend.read_manifest(manifest_uri)
         except Exception:  # an unreadable manifest must not hide the step's own failure
             manifest = None
         if manifest and manifest.get("error"):

@@ -705,6 +705,9 @@ class DatabricksBackend(Backend):
         with fsspec.open(uri, "wb") as fh:
             fh.write(data)
 
+    def read_manifest(self, uri: str) -> dict[str, Any] | None:
+        return self._read_json(uri)
+
     def _read_json(self, uri: str) -> dict[str, Any] | None:
         text = self._read_text(uri)
         if text is None:
