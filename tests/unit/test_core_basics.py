@@ -16,8 +16,8 @@ from airflow_remote_ml.core import (
     RunState,
     RunStatus,
     StepIdentity,
+    registry,
 )
-from airflow_remote_ml.core import registry
 from airflow_remote_ml.core.poll import parse_retry_after
 
 
