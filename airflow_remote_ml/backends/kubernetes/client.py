@@ -245,7 +245,7 @@ def resolve_settings(plain: Mapping[str, Any], extras: Mapping[str, Any] | None)
 
 
 # -- the Airflow connection (imports Airflow lazily; the backend works without it) -----------------------
-# The lead wires this into airflow_remote_ml/hooks.py; it lives here until then.
+# Kubernetes-specific parsing of the connection; the lookup itself is airflow_remote_ml.hooks.get_connection.
 
 DEFAULT_CONN_ID = "kubernetes_default"
 
