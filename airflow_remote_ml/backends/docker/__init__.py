@@ -1,0 +1,51 @@
+"""The ``docker`` backend: one container per step, on a local or remote Docker engine (see :mod:`._backend`)."""
+
+from __future__ import annotations
+
+from airflow_remote_ml.backends.docker._backend import (
+    DEFAULT_SOCKET,
+    LABEL_MANIFEST,
+    LABEL_OUTPUTS,
+    MARK_CANCELLED,
+    MARK_FINISHED,
+    OPTION_NAMES,
+    PROFILE_NAMES,
+    PULL_POLICIES,
+    REMOVAL_POLICIES,
+    DockerBackend,
+    DockerConfig,
+    container_request,
+    demux,
+    marks,
+    next_log_chunk,
+    parse_log_entries,
+    parse_mount,
+    read_connection,
+    settings_from_connection,
+    status_after_removal,
+    status_from_inspect,
+)
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "LABEL_MANIFEST",
+    "LABEL_OUTPUTS",
+    "MARK_CANCELLED",
+    "MARK_FINISHED",
+    "OPTION_NAMES",
+    "PROFILE_NAMES",
+    "PULL_POLICIES",
+    "REMOVAL_POLICIES",
+    "DockerBackend",
+    "DockerConfig",
+    "container_request",
+    "demux",
+    "marks",
+    "next_log_chunk",
+    "parse_log_entries",
+    "parse_mount",
+    "read_connection",
+    "settings_from_connection",
+    "status_after_removal",
+    "status_from_inspect",
+]
