@@ -1,429 +1,56 @@
-"""The ``docker`` backend: one container per step, on a local or remote Docker engine.
+"""The docker backend's engine side: the one client, the one place SDK errors are mapped, and the calls.
 
-The step runtime is injected as ``python3 -c <runtime source>`` (nothing to install in the image) and
-reads the step from ``REMOTE_ML_STEP``. A local artifact root is bind-mounted at the same path, so the
-output URIs the step writes are valid on the worker and for the next step.
-
-Identity and reattachment: the container is named ``identity.name()`` and labelled with
-``identity.labels()``; :meth:`DockerBackend.find` looks it up by the step-id label. Labels cannot change
-after creation, so the backend marks a container by *renaming* it: ``<name>.cancelled`` once Airflow
-cancels it and ``.finished`` appended once Airflow is done with it. Identity names never contain a dot,
-so the marks are the dot-separated suffixes of the name, and a finished container is never reattached.
-
-Completion is event-driven: :meth:`DockerBackend.wait` blocks in the engine's container wait API and
-returns the moment the container stops.
+Request building, state mapping and log parsing are pure functions in :mod:`._containers`; settings and the
+Airflow connection are in :mod:`._config`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
-import re
-import signal
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
 
 import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest, Mount
 
-from airflow_remote_ml import runtime
+from airflow_remote_ml.backends.docker._config import (
+    DEFAULT_SOCKET,
+    LABEL_MANIFEST,
+    LABEL_OUTPUTS,
+    MARK_CANCELLED,
+    MARK_FINISHED,
+    OPTION_NAMES,
+    PROFILE_NAMES,
+    PULL_POLICIES,
+    REMOVAL_POLICIES,
+    DockerConfig,
+    read_connection,
+)
+from airflow_remote_ml.backends.docker._containers import (
+    _check_options,
+    _volume_mounts,
+    container_request,
+    demux,
+    marks,
+    next_log_chunk,
+    parse_log_entries,
+    parse_mount,
+    status_after_removal,
+    status_from_inspect,
+)
 from airflow_remote_ml.core.artifacts import is_local, local_path, read_json
-from airflow_remote_ml.core.backend import Backend, BackendConfig, StepRequest
+from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, TransientBackendError
-from airflow_remote_ml.core.identity import LABEL_PREFIX, LABEL_STEP_ID, StepIdentity
+from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
 from airflow_remote_ml.core.poll import PollPolicy
-from airflow_remote_ml.core.spec import parse_cpu, parse_memory, reject_unknown_options
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
 
 log = logging.getLogger(__name__)
-
-LABEL_MANIFEST = f"{LABEL_PREFIX}/manifest-uri"
-LABEL_OUTPUTS = f"{LABEL_PREFIX}/outputs"
-MARK_CANCELLED = "cancelled"
-MARK_FINISHED = "finished"
-REMOVAL_POLICIES = ("on_success", "always", "never")
-PULL_POLICIES = ("if_missing", "always", "never")
-DEFAULT_SOCKET = "unix:///var/run/docker.sock"
-
-#: Per-step ``backend_options["docker"]`` keys; profiles accept these plus the resource keys below.
-OPTION_NAMES = frozenset({
-    "user", "shm_size", "extra_hosts", "working_dir", "network_mode", "labels", "mounts", "init",
-    "ipc_mode", "cap_add", "entrypoint_prefix",
-})
-PROFILE_NAMES = OPTION_NAMES | {"cpu", "memory", "gpus", "gpu_device_ids", "gpu_driver", "runtime"}
-
-
-@dataclass(frozen=True)
-class DockerConfig(BackendConfig):
-    """Settings of the docker backend (from ``backend_config``, the deployment's ``[remote_ml]`` section,
-    and, for the engine address and TLS, the Airflow connection ``conn_id``).
-
-    Attributes:
-        base_url: the engine, e.g. ``unix:///var/run/docker.sock`` or ``tcp://host:2376``. Unset: the
-            connection's ``docker_url``, else ``DOCKER_HOST`` (with ``DOCKER_TLS_VERIFY``/``DOCKER_CERT_PATH``),
-            else the local socket.
-        tls_ca_cert, tls_client_cert, tls_client_key: PEM file paths on the worker; any of them turns TLS on.
-        tls_verify: verify the engine's certificate against ``tls_ca_cert``.
-        conn_id: an Airflow connection of type ``docker``, read lazily (see :func:`settings_from_connection`).
-        api_version: engine API version, ``"auto"`` negotiates with the engine.
-        timeout: seconds for one API call.
-        removal_policy: ``on_success`` (keep failed containers for debugging), ``always`` or ``never``.
-        pull: ``if_missing`` (as ``docker run``), ``always`` or ``never``.
-        network_mode: e.g. ``bridge``, ``host``, ``none`` or a network name; unset: the engine's default.
-        mounts: extra mounts for every step: ``{"source", "target", "type", "read_only"}`` or ``"src:dst[:ro]"``.
-        volumes: the docker SDK's ``volumes`` form, ``{"/host": {"bind": "/ctr", "mode": "ro"}}``.
-        python: the interpreter in the image that runs the step runtime.
-        stop_timeout: seconds between SIGTERM and SIGKILL when a step is cancelled.
-        user: the container user (``"1000"``, ``"1000:1000"``, a name); unset: the image's.
-        labels: extra labels for every container.
-        init: run the engine's init (``docker run --init``) as PID 1. It forwards ``docker stop``'s SIGTERM
-            to the runtime even before the runtime has installed its handlers (a PID 1 without a handler
-            ignores SIGTERM, so the stop would wait for SIGKILL) and reaps orphaned processes.
-        artifact_mount: bind-mount a local artifact root into the container at the same path.
-        artifact_host_path: where the artifact root is on the Docker host when that differs from the
-            worker's path (a worker that itself runs in a container).
-        secrets_from: ``airflow`` (Airflow Variables) or ``env`` (the worker's environment).
-    """
-
-    base_url: str | None = None
-    tls_ca_cert: str | None = None
-    tls_client_cert: str | None = None
-    tls_client_key: str | None = None
-    tls_verify: bool = True
-    conn_id: str | None = None
-    api_version: str = "auto"
-    timeout: float = 60.0
-    removal_policy: str = "on_success"
-    pull: str = "if_missing"
-    network_mode: str | None = None
-    mounts: list[Any] = field(default_factory=list)
-    volumes: dict[str, Any] | list[str] = field(default_factory=dict)
-    python: str = "python3"
-    stop_timeout: float = 10.0
-    user: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
-    init: bool = True
-    artifact_mount: bool = True
-    artifact_host_path: str | None = None
-    secrets_from: str = "airflow"
-
-
-# -- pure functions: state mapping, request building, log parsing (no I/O) ----------------------------------
-
-
-def marks(name: str) -> set[str]:
-    """The marks of a container name (``/step-abc.cancelled.finished`` → ``{"cancelled", "finished"}``)."""
-    return set(name.lstrip("/").split(".")[1:])
-
-
-def status_from_inspect(attrs: Mapping[str, Any]) -> RunStatus:
-    """Map ``docker inspect`` output to a :class:`RunStatus`. Every engine state is covered."""
-    state = attrs.get("State") or {}
-    status = str(state.get("Status") or "").lower()
-    code = state.get("ExitCode")
-    error = state.get("Error") or ""
-    cancelled = MARK_CANCELLED in marks(str(attrs.get("Name") or ""))
-    if status == "created":
-        if cancelled:
-            return RunStatus(RunState.CANCELLED, status, "cancelled before it started")
-        if error:  # the engine tried to start it and could not (no such executable, bad mount, ...)
-            return RunStatus(RunState.FAILED, status, f"the container could not start: {error}", code or None)
-        return RunStatus(RunState.QUEUED, status, "created, not started yet")
-    if status == "running":
-        return RunStatus(RunState.RUNNING, status)
-    if status == "restarting":
-        return RunStatus(RunState.RUNNING, status, "the engine is restarting the container (restart policy)")
-    if status == "paused":
-        return RunStatus(RunState.RUNNING, status, "paused; it resumes with 'docker unpause'")
-    if status in ("exited", "removing", "dead"):
-        if state.get("OOMKilled"):
-            limit = (attrs.get("HostConfig") or {}).get("Memory") or 0
-            shown = f" of {limit / 1024 ** 2:.0f} MiB" if limit else ""
-            return RunStatus(RunState.FAILED, status,
-                             f"OOMKilled: the step used more than its memory limit{shown}; raise resources.memory",
-                             code)
-        if cancelled and code != 0:
-            return RunStatus(RunState.CANCELLED, status, "cancelled", code)
-        if status == "dead":
-            return RunStatus(RunState.FAILED, status, "the container is dead: the engine failed to stop or "
-                             "remove it" + (f" ({error})" if error else ""), code)
-        if code == 0:
-            return RunStatus(RunState.SUCCEEDED, status, "", 0)
-        return RunStatus(RunState.FAILED, status, _exit_message(code, error), code)
-    log.warning("docker: unknown container state %r; treating it as running", status)
-    return RunStatus(RunState.RUNNING, status or "unknown", f"unknown container state {status!r}")
-
-
-def _exit_message(code: Any, error: str) -> str:
-    message = f"the step exited with code {code}"
-    if code == 127:
-        message += " (command not found: is the backend's python interpreter in the image?)"
-    if isinstance(code, int) and 128 < code < 128 + 65:
-        with contextlib.suppress(ValueError):
-            message += f" (killed by {signal.Signals(code - 128).name})"
-    return message + (f": {error}" if error else "")
-
-
-def status_after_removal(manifest: Mapping[str, Any] | None, identity: Mapping[str, Any] | None) -> RunStatus:
-    """The status of a container that no longer exists: its result manifest tells how it ended, if any."""
-    if manifest and (identity is None or manifest.get("identity") == identity):
-        code = manifest.get("exit_code")
-        if manifest.get("status") == "succeeded":
-            return RunStatus(RunState.SUCCEEDED, "removed", "", 0 if code is None else code)
-        return RunStatus(RunState.FAILED, "removed", str(manifest.get("error") or _exit_message(code, "")), code)
-    return RunStatus(RunState.LOST, "removed", "the container was removed before its result was recorded")
-
-
-_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ?")
-
-
-def parse_log_entries(raw: bytes | str) -> list[tuple[int, str]]:
-    """``(nanoseconds since the epoch, text)`` of each entry of ``docker logs --timestamps`` output."""
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    entries: list[tuple[int, str]] = []
-    for line in text.split("\n"):
-        match = _TS_RE.match(line)
-        if not match:
-            if line and entries:  # a continuation (should not happen; keep the text, never drop it)
-                entries[-1] = (entries[-1][0], entries[-1][1] + "\n" + line)
-            continue
-        stamp, fraction, zone = match.groups()
-        moment = datetime.fromisoformat(stamp + ("+00:00" if zone == "Z" else zone))
-        nanos = int(moment.timestamp()) * 1_000_000_000 + int((fraction or "0").ljust(9, "0"))
-        entries.append((nanos, line[match.end():].rstrip("\r")))
-    return entries
-
-
-def demux(stream: bytes) -> bytes:
-    """The payload of the engine's multiplexed stdout/stderr stream: 8-byte frame headers dropped, in order."""
-    parts = []
-    at = 0
-    while at + 8 <= len(stream):
-        size = int.from_bytes(stream[at + 4:at + 8], "big")
-        parts.append(stream[at + 8:at + 8 + size])
-        at += 8 + size
-    return b"".join(parts)
-
-
-def next_log_chunk(entries: Sequence[tuple[int, str]], cursor: Mapping[str, int] | None) -> LogChunk:
-    """New lines and the next cursor, from the entries the engine returned for ``since=cursor["since"]``.
-
-    The engine's ``since`` is inclusive and is sent in whole seconds, and the entries come in log order,
-    so the first ``skip`` of them are the ones already handed out. The next ``since`` is one second
-    before the second of the newest entry: an entry written a moment late with a slightly older
-    timestamp (stdout and stderr are stamped by separate readers) still falls inside that window.
-    """
-    since = int((cursor or {}).get("since", 0))
-    skip = int((cursor or {}).get("skip", 0))
-    if not entries:
-        return LogChunk([], {"since": since, "skip": skip})
-    new = [text for _, text in entries[skip:]]
-    newest = max(nanos for nanos, _ in entries)
-    next_since = max(since, newest // 1_000_000_000 - 1)
-    seen = sum(1 for nanos, _ in entries if nanos >= next_since * 1_000_000_000)
-    return LogChunk(new, {"since": next_since, "skip": seen})
-
-
-def parse_mount(value: Any, field_name: str) -> Mount:
-    """A :class:`docker.types.Mount` from ``{"source", "target", "type", "read_only"}`` or ``"src:dst[:ro]"``."""
-    fix = "use {'source': '/data', 'target': '/data', 'read_only': True} or '/data:/data:ro'"
-    if isinstance(value, str):
-        parts = value.split(":")
-        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-            raise ConfigError(field_name, f"{value!r} is not 'source:target[:ro|rw]'", fix)
-        value = {"source": parts[0], "target": parts[1], "read_only": len(parts) == 3 and parts[2] == "ro"}
-    if not isinstance(value, Mapping):
-        raise ConfigError(field_name, f"expected a mapping or a string, got {type(value).__name__}", fix)
-    reject_unknown_options(field_name, value, {"source", "target", "type", "read_only"})
-    target, source = value.get("target"), value.get("source")
-    kind = value.get("type") or ("bind" if str(source or "").startswith("/") else "volume")
-    if not isinstance(target, str) or not target.startswith("/"):
-        raise ConfigError(f"{field_name}.target", f"{target!r} is not an absolute path", fix)
-    if kind not in ("bind", "volume", "tmpfs"):
-        raise ConfigError(f"{field_name}.type", f"{kind!r} is not a mount type", "use 'bind', 'volume' or 'tmpfs'")
-    if kind != "tmpfs" and not source:
-        raise ConfigError(f"{field_name}.source", "is missing", fix)
-    return Mount(target=target, source=source, type=kind, read_only=bool(value.get("read_only", False)))
-
-
-def _volume_mounts(volumes: Mapping[str, Any] | Sequence[str]) -> list[Mount]:
-    if isinstance(volumes, Mapping):
-        mounts = []
-        for source, spec in volumes.items():
-            spec = {"bind": spec} if isinstance(spec, str) else dict(spec or {})
-            mode = spec.get("mode", "rw")
-            mounts.append(parse_mount(f"{source}:{spec.get('bind')}:{mode}", f"volumes.{source}"))
-        return mounts
-    return [parse_mount(item, f"volumes[{i}]") for i, item in enumerate(volumes)]
-
-
-def _check_options(prefix: str, options: Mapping[str, Any], allowed: frozenset[str]) -> None:
-    """Type checks of step options and profile settings: a bad value fails before anything runs."""
-    reject_unknown_options(prefix, options, set(allowed))
-    for key, value in options.items():
-        name = f"{prefix}.{key}"
-        if key in ("user", "working_dir", "network_mode", "ipc_mode", "runtime", "gpu_driver") and not (
-                isinstance(value, str) or (key == "user" and isinstance(value, int))):
-            raise ConfigError(name, f"{value!r} is not a string", "give a string")
-        if key == "working_dir" and not value.startswith("/"):
-            raise ConfigError(name, f"{value!r} is not an absolute path", "use e.g. '/opt/code'")
-        if key in ("extra_hosts", "labels") and not (isinstance(value, Mapping) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
-            raise ConfigError(name, f"{value!r} is not a mapping of strings", "use {'name': 'value'}")
-        if key == "labels" and any(k.startswith(LABEL_PREFIX) for k in value):
-            raise ConfigError(name, f"keys starting with {LABEL_PREFIX!r} are reserved for the step identity",
-                              "choose another label key")
-        if key in ("cap_add", "entrypoint_prefix", "gpu_device_ids") and not (
-                isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ConfigError(name, f"{value!r} is not a list of strings", "use e.g. ['tini', '--']")
-        if key == "mounts":
-            if not isinstance(value, list):
-                raise ConfigError(name, f"{value!r} is not a list", "use a list of mounts")
-            for i, item in enumerate(value):
-                parse_mount(item, f"{name}[{i}]")
-        if key == "init" and not isinstance(value, bool):
-            raise ConfigError(name, f"{value!r} is not true or false", "use True or False")
-        if key == "shm_size":
-            parse_memory(value, name)
-        if key == "memory":
-            parse_memory(value, name)
-        if key == "cpu":
-            parse_cpu(value, name)
-        if key == "gpus" and value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ConfigError(name, f"{value!r} is not a GPU count", "use a whole number or 'all'")
-
-
-def container_request(config: DockerConfig, request: StepRequest, profile: Mapping[str, Any],
-                      secret_env: Mapping[str, str]) -> dict[str, Any]:
-    """The container to create for ``request``: ``create_container`` keywords plus ``host_config`` keywords.
-
-    Settings apply in this order, later winning: backend config, resource profile, the step's own
-    resources, the step's ``backend_options["docker"]``.
-    """
-    spec = request.spec
-    settings: dict[str, Any] = {**profile, **spec.options_for("docker")}
-    env = {**spec.env, **secret_env, "REMOTE_ML_STEP": json.dumps(request.runtime_config()),
-           "PYTHONUNBUFFERED": "1"}
-    labels = {**config.labels, **dict(profile.get("labels") or {}), **dict(settings.get("labels") or {}),
-              **request.extra_labels, **request.identity.labels(),
-              LABEL_MANIFEST: request.manifest_uri, LABEL_OUTPUTS: ",".join(spec.outputs)}
-
-    mounts = [parse_mount(m, f"mounts[{i}]") for i, m in enumerate(config.mounts)]
-    mounts += _volume_mounts(config.volumes)
-    mounts += [parse_mount(m, f"profiles.{spec.resources.profile}.mounts[{i}]")
-               for i, m in enumerate(profile.get("mounts") or [])]
-    mounts += [parse_mount(m, f"backend_options.docker.mounts[{i}]")
-               for i, m in enumerate(spec.options_for("docker").get("mounts") or [])]
-    targets = {m["Target"] for m in mounts}
-    if config.artifact_mount and is_local(request.artifact_root):
-        root = local_path(request.artifact_root)
-        if root not in targets:
-            mounts.append(Mount(target=root, source=config.artifact_host_path or root, type="bind"))
-            targets.add(root)
-        # Inputs that are local files outside the artifact root (a data set on the worker): read-only.
-        for uri in spec.inputs.values():
-            path = local_path(uri) if is_local(uri) else None
-            if (path and os.path.isabs(path) and not _under(path, root) and os.path.exists(path)
-                    and not any(_under(path, t) for t in targets)):
-                mounts.append(Mount(target=path, source=path, type="bind", read_only=True))
-                targets.add(path)
-
-    host: dict[str, Any] = {"mounts": mounts}
-    network_mode = settings.get("network_mode") or config.network_mode
-    if network_mode:
-        host["network_mode"] = network_mode
-    cpu = spec.resources.cpu or parse_cpu(profile.get("cpu"), f"profiles.{spec.resources.profile}.cpu")
-    if cpu:
-        host["nano_cpus"] = int(cpu * 1e9)
-    memory = spec.resources.memory or parse_memory(profile.get("memory"), f"profiles.{spec.resources.profile}.memory")
-    if memory:
-        host["mem_limit"] = memory
-    gpus = spec.resources.gpu or profile.get("gpus") or 0
-    if gpus:
-        host["device_requests"] = [DeviceRequest(
-            count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]],
-            driver=profile.get("gpu_driver") or "", device_ids=profile.get("gpu_device_ids") or None)]
-    if settings.get("runtime"):
-        host["runtime"] = settings["runtime"]
-    if settings.get("shm_size"):
-        host["shm_size"] = parse_memory(settings["shm_size"], "backend_options.docker.shm_size")
-    for key in ("extra_hosts", "ipc_mode", "cap_add"):
-        if settings.get(key) is not None:
-            host[key] = settings[key]
-    init = settings.get("init", config.init)
-    if init:
-        host["init"] = True
-
-    create: dict[str, Any] = {
-        "image": spec.image,
-        "name": request.identity.name(),
-        "entrypoint": [*settings.get("entrypoint_prefix", []), *runtime.launch_command(config.python)],
-        "environment": env,
-        "labels": labels,
-    }
-    user = settings.get("user", config.user)
-    if user is not None:
-        create["user"] = str(user)
-    if settings.get("working_dir"):
-        create["working_dir"] = settings["working_dir"]
-    return {"create": create, "host": host}
-
-
-def _under(path: str, root: str) -> bool:
-    return os.path.normpath(path) == os.path.normpath(root) or os.path.normpath(path).startswith(
-        os.path.normpath(root).rstrip("/") + "/")
-
-
-# -- the Airflow connection (lazy: the backend works without Airflow) ------------------------------------
-
-
-def settings_from_connection(host: str | None, port: int | None, login: str | None, password: str | None,
-                             extra: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str] | None]:
-    """Engine settings and registry credentials from a connection of type ``docker``.
-
-    The fields mean what they mean for the Docker provider's ``DockerHook``: host, port, login and
-    password are the *registry* (used to pull private images). The engine address and TLS are extras:
-    ``docker_url`` (or ``base_url``), ``tls_ca_cert``, ``tls_client_cert``, ``tls_client_key``, ``tls_verify``,
-    ``api_version``, ``timeout``.
-    """
-    settings: dict[str, Any] = {}
-    if extra.get("docker_url") or extra.get("base_url"):
-        settings["base_url"] = extra.get("docker_url") or extra.get("base_url")
-    for key in ("tls_ca_cert", "tls_client_cert", "tls_client_key", "api_version"):
-        if extra.get(key):
-            settings[key] = str(extra[key])
-    if "tls_verify" in extra:
-        value = extra["tls_verify"]
-        settings["tls_verify"] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
-    if extra.get("timeout"):
-        settings["timeout"] = float(extra["timeout"])
-    auth = None
-    if host and login:
-        registry = f"{host}:{port}" if port else host
-        auth = {"username": login, "password": password or "", "serveraddress": registry}
-    return settings, auth
-
-
-def read_connection(conn_id: str) -> tuple[dict[str, Any], dict[str, str] | None]:
-    """Read the Airflow connection ``conn_id`` (imports Airflow; called only when ``conn_id`` is set)."""
-    from airflow_remote_ml.hooks import get_connection
-
-    conn = get_connection(conn_id)
-    if conn.conn_type and conn.conn_type != "docker":
-        raise ConfigError("conn_id", f"connection {conn_id!r} is of type {conn.conn_type!r}",
-                          "use a connection of type 'docker'")
-    return settings_from_connection(conn.host, conn.port, conn.login, conn.password, conn.extra_dejson or {})
-
-
-# -- the backend ------------------------------------------------------------------------------------------
 
 
 class _Gone(BackendAPIError):

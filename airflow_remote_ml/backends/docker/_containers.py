@@ -1,0 +1,289 @@
+"""The docker backend's pure part (no I/O): state mapping, request building, mount parsing, log parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from docker.types import DeviceRequest, Mount
+
+from airflow_remote_ml import runtime
+from airflow_remote_ml.backends.docker._config import LABEL_MANIFEST, LABEL_OUTPUTS, MARK_CANCELLED, DockerConfig
+from airflow_remote_ml.core.artifacts import is_local, local_path
+from airflow_remote_ml.core.backend import StepRequest
+from airflow_remote_ml.core.errors import ConfigError
+from airflow_remote_ml.core.identity import LABEL_PREFIX
+from airflow_remote_ml.core.spec import parse_cpu, parse_memory, reject_unknown_options
+from airflow_remote_ml.core.status import LogChunk, RunState, RunStatus
+
+log = logging.getLogger(__name__)
+
+
+def marks(name: str) -> set[str]:
+    """The marks of a container name (``/step-abc.cancelled.finished`` → ``{"cancelled", "finished"}``)."""
+    return set(name.lstrip("/").split(".")[1:])
+
+
+def status_from_inspect(attrs: Mapping[str, Any]) -> RunStatus:
+    """Map ``docker inspect`` output to a :class:`RunStatus`. Every engine state is covered."""
+    state = attrs.get("State") or {}
+    status = str(state.get("Status") or "").lower()
+    code = state.get("ExitCode")
+    error = state.get("Error") or ""
+    cancelled = MARK_CANCELLED in marks(str(attrs.get("Name") or ""))
+    if status == "created":
+        if cancelled:
+            return RunStatus(RunState.CANCELLED, status, "cancelled before it started")
+        if error:  # the engine tried to start it and could not (no such executable, bad mount, ...)
+            return RunStatus(RunState.FAILED, status, f"the container could not start: {error}", code or None)
+        return RunStatus(RunState.QUEUED, status, "created, not started yet")
+    if status == "running":
+        return RunStatus(RunState.RUNNING, status)
+    if status == "restarting":
+        return RunStatus(RunState.RUNNING, status, "the engine is restarting the container (restart policy)")
+    if status == "paused":
+        return RunStatus(RunState.RUNNING, status, "paused; it resumes with 'docker unpause'")
+    if status in ("exited", "removing", "dead"):
+        if state.get("OOMKilled"):
+            limit = (attrs.get("HostConfig") or {}).get("Memory") or 0
+            shown = f" of {limit / 1024 ** 2:.0f} MiB" if limit else ""
+            return RunStatus(RunState.FAILED, status,
+                             f"OOMKilled: the step used more than its memory limit{shown}; raise resources.memory",
+                             code)
+        if cancelled and code != 0:
+            return RunStatus(RunState.CANCELLED, status, "cancelled", code)
+        if status == "dead":
+            return RunStatus(RunState.FAILED, status, "the container is dead: the engine failed to stop or "
+                             "remove it" + (f" ({error})" if error else ""), code)
+        if code == 0:
+            return RunStatus(RunState.SUCCEEDED, status, "", 0)
+        return RunStatus(RunState.FAILED, status, _exit_message(code, error), code)
+    log.warning("docker: unknown container state %r; treating it as running", status)
+    return RunStatus(RunState.RUNNING, status or "unknown", f"unknown container state {status!r}")
+
+
+def _exit_message(code: Any, error: str) -> str:
+    message = f"the step exited with code {code}"
+    if code == 127:
+        message += " (command not found: is the backend's python interpreter in the image?)"
+    if isinstance(code, int) and 128 < code < 128 + 65:
+        with contextlib.suppress(ValueError):
+            message += f" (killed by {signal.Signals(code - 128).name})"
+    return message + (f": {error}" if error else "")
+
+
+def status_after_removal(manifest: Mapping[str, Any] | None, identity: Mapping[str, Any] | None) -> RunStatus:
+    """The status of a container that no longer exists: its result manifest tells how it ended, if any."""
+    if manifest and (identity is None or manifest.get("identity") == identity):
+        code = manifest.get("exit_code")
+        if manifest.get("status") == "succeeded":
+            return RunStatus(RunState.SUCCEEDED, "removed", "", 0 if code is None else code)
+        return RunStatus(RunState.FAILED, "removed", str(manifest.get("error") or _exit_message(code, "")), code)
+    return RunStatus(RunState.LOST, "removed", "the container was removed before its result was recorded")
+
+
+_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ?")
+
+
+def parse_log_entries(raw: bytes | str) -> list[tuple[int, str]]:
+    """``(nanoseconds since the epoch, text)`` of each entry of ``docker logs --timestamps`` output."""
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    entries: list[tuple[int, str]] = []
+    for line in text.split("\n"):
+        match = _TS_RE.match(line)
+        if not match:
+            if line and entries:  # a continuation (should not happen; keep the text, never drop it)
+                entries[-1] = (entries[-1][0], entries[-1][1] + "\n" + line)
+            continue
+        stamp, fraction, zone = match.groups()
+        moment = datetime.fromisoformat(stamp + ("+00:00" if zone == "Z" else zone))
+        nanos = int(moment.timestamp()) * 1_000_000_000 + int((fraction or "0").ljust(9, "0"))
+        entries.append((nanos, line[match.end():].rstrip("\r")))
+    return entries
+
+
+def demux(stream: bytes) -> bytes:
+    """The payload of the engine's multiplexed stdout/stderr stream: 8-byte frame headers dropped, in order."""
+    parts = []
+    at = 0
+    while at + 8 <= len(stream):
+        size = int.from_bytes(stream[at + 4:at + 8], "big")
+        parts.append(stream[at + 8:at + 8 + size])
+        at += 8 + size
+    return b"".join(parts)
+
+
+def next_log_chunk(entries: Sequence[tuple[int, str]], cursor: Mapping[str, int] | None) -> LogChunk:
+    """New lines and the next cursor, from the entries the engine returned for ``since=cursor["since"]``.
+
+    The engine's ``since`` is inclusive and is sent in whole seconds, and the entries come in log order,
+    so the first ``skip`` of them are the ones already handed out. The next ``since`` is one second
+    before the second of the newest entry: an entry written a moment late with a slightly older
+    timestamp (stdout and stderr are stamped by separate readers) still falls inside that window.
+    """
+    since = int((cursor or {}).get("since", 0))
+    skip = int((cursor or {}).get("skip", 0))
+    if not entries:
+        return LogChunk([], {"since": since, "skip": skip})
+    new = [text for _, text in entries[skip:]]
+    newest = max(nanos for nanos, _ in entries)
+    next_since = max(since, newest // 1_000_000_000 - 1)
+    seen = sum(1 for nanos, _ in entries if nanos >= next_since * 1_000_000_000)
+    return LogChunk(new, {"since": next_since, "skip": seen})
+
+
+def parse_mount(value: Any, field_name: str) -> Mount:
+    """A :class:`docker.types.Mount` from ``{"source", "target", "type", "read_only"}`` or ``"src:dst[:ro]"``."""
+    fix = "use {'source': '/data', 'target': '/data', 'read_only': True} or '/data:/data:ro'"
+    if isinstance(value, str):
+        parts = value.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+            raise ConfigError(field_name, f"{value!r} is not 'source:target[:ro|rw]'", fix)
+        value = {"source": parts[0], "target": parts[1], "read_only": len(parts) == 3 and parts[2] == "ro"}
+    if not isinstance(value, Mapping):
+        raise ConfigError(field_name, f"expected a mapping or a string, got {type(value).__name__}", fix)
+    reject_unknown_options(field_name, value, {"source", "target", "type", "read_only"})
+    target, source = value.get("target"), value.get("source")
+    kind = value.get("type") or ("bind" if str(source or "").startswith("/") else "volume")
+    if not isinstance(target, str) or not target.startswith("/"):
+        raise ConfigError(f"{field_name}.target", f"{target!r} is not an absolute path", fix)
+    if kind not in ("bind", "volume", "tmpfs"):
+        raise ConfigError(f"{field_name}.type", f"{kind!r} is not a mount type", "use 'bind', 'volume' or 'tmpfs'")
+    if kind != "tmpfs" and not source:
+        raise ConfigError(f"{field_name}.source", "is missing", fix)
+    return Mount(target=target, source=source, type=kind, read_only=bool(value.get("read_only", False)))
+
+
+def _volume_mounts(volumes: Mapping[str, Any] | Sequence[str]) -> list[Mount]:
+    if isinstance(volumes, Mapping):
+        mounts = []
+        for source, spec in volumes.items():
+            spec = {"bind": spec} if isinstance(spec, str) else dict(spec or {})
+            mode = spec.get("mode", "rw")
+            mounts.append(parse_mount(f"{source}:{spec.get('bind')}:{mode}", f"volumes.{source}"))
+        return mounts
+    return [parse_mount(item, f"volumes[{i}]") for i, item in enumerate(volumes)]
+
+
+def _check_options(prefix: str, options: Mapping[str, Any], allowed: frozenset[str]) -> None:
+    """Type checks of step options and profile settings: a bad value fails before anything runs."""
+    reject_unknown_options(prefix, options, set(allowed))
+    for key, value in options.items():
+        name = f"{prefix}.{key}"
+        if key in ("user", "working_dir", "network_mode", "ipc_mode", "runtime", "gpu_driver") and not (
+                isinstance(value, str) or (key == "user" and isinstance(value, int))):
+            raise ConfigError(name, f"{value!r} is not a string", "give a string")
+        if key == "working_dir" and not value.startswith("/"):
+            raise ConfigError(name, f"{value!r} is not an absolute path", "use e.g. '/opt/code'")
+        if key in ("extra_hosts", "labels") and not (isinstance(value, Mapping) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+            raise ConfigError(name, f"{value!r} is not a mapping of strings", "use {'name': 'value'}")
+        if key == "labels" and any(k.startswith(LABEL_PREFIX) for k in value):
+            raise ConfigError(name, f"keys starting with {LABEL_PREFIX!r} are reserved for the step identity",
+                              "choose another label key")
+        if key in ("cap_add", "entrypoint_prefix", "gpu_device_ids") and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(name, f"{value!r} is not a list of strings", "use e.g. ['tini', '--']")
+        if key == "mounts":
+            if not isinstance(value, list):
+                raise ConfigError(name, f"{value!r} is not a list", "use a list of mounts")
+            for i, item in enumerate(value):
+                parse_mount(item, f"{name}[{i}]")
+        if key == "init" and not isinstance(value, bool):
+            raise ConfigError(name, f"{value!r} is not true or false", "use True or False")
+        if key == "shm_size":
+            parse_memory(value, name)
+        if key == "memory":
+            parse_memory(value, name)
+        if key == "cpu":
+            parse_cpu(value, name)
+        if key == "gpus" and value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(name, f"{value!r} is not a GPU count", "use a whole number or 'all'")
+
+
+def container_request(config: DockerConfig, request: StepRequest, profile: Mapping[str, Any],
+                      secret_env: Mapping[str, str]) -> dict[str, Any]:
+    """The container to create for ``request``: ``create_container`` keywords plus ``host_config`` keywords.
+
+    Settings apply in this order, later winning: backend config, resource profile, the step's own
+    resources, the step's ``backend_options["docker"]``.
+    """
+    spec = request.spec
+    settings: dict[str, Any] = {**profile, **spec.options_for("docker")}
+    env = {**spec.env, **secret_env, "REMOTE_ML_STEP": json.dumps(request.runtime_config()),
+           "PYTHONUNBUFFERED": "1"}
+    labels = {**config.labels, **dict(profile.get("labels") or {}), **dict(settings.get("labels") or {}),
+              **request.extra_labels, **request.identity.labels(),
+              LABEL_MANIFEST: request.manifest_uri, LABEL_OUTPUTS: ",".join(spec.outputs)}
+
+    mounts = [parse_mount(m, f"mounts[{i}]") for i, m in enumerate(config.mounts)]
+    mounts += _volume_mounts(config.volumes)
+    mounts += [parse_mount(m, f"profiles.{spec.resources.profile}.mounts[{i}]")
+               for i, m in enumerate(profile.get("mounts") or [])]
+    mounts += [parse_mount(m, f"backend_options.docker.mounts[{i}]")
+               for i, m in enumerate(spec.options_for("docker").get("mounts") or [])]
+    targets = {m["Target"] for m in mounts}
+    if config.artifact_mount and is_local(request.artifact_root):
+        root = local_path(request.artifact_root)
+        if root not in targets:
+            mounts.append(Mount(target=root, source=config.artifact_host_path or root, type="bind"))
+            targets.add(root)
+        # Inputs that are local files outside the artifact root (a data set on the worker): read-only.
+        for uri in spec.inputs.values():
+            path = local_path(uri) if is_local(uri) else None
+            if (path and os.path.isabs(path) and not _under(path, root) and os.path.exists(path)
+                    and not any(_under(path, t) for t in targets)):
+                mounts.append(Mount(target=path, source=path, type="bind", read_only=True))
+                targets.add(path)
+
+    host: dict[str, Any] = {"mounts": mounts}
+    network_mode = settings.get("network_mode") or config.network_mode
+    if network_mode:
+        host["network_mode"] = network_mode
+    cpu = spec.resources.cpu or parse_cpu(profile.get("cpu"), f"profiles.{spec.resources.profile}.cpu")
+    if cpu:
+        host["nano_cpus"] = int(cpu * 1e9)
+    memory = spec.resources.memory or parse_memory(profile.get("memory"), f"profiles.{spec.resources.profile}.memory")
+    if memory:
+        host["mem_limit"] = memory
+    gpus = spec.resources.gpu or profile.get("gpus") or 0
+    if gpus:
+        host["device_requests"] = [DeviceRequest(
+            count=-1 if gpus == "all" else int(gpus), capabilities=[["gpu"]],
+            driver=profile.get("gpu_driver") or "", device_ids=profile.get("gpu_device_ids") or None)]
+    if settings.get("runtime"):
+        host["runtime"] = settings["runtime"]
+    if settings.get("shm_size"):
+        host["shm_size"] = parse_memory(settings["shm_size"], "backend_options.docker.shm_size")
+    for key in ("extra_hosts", "ipc_mode", "cap_add"):
+        if settings.get(key) is not None:
+            host[key] = settings[key]
+    init = settings.get("init", config.init)
+    if init:
+        host["init"] = True
+
+    create: dict[str, Any] = {
+        "image": spec.image,
+        "name": request.identity.name(),
+        "entrypoint": [*settings.get("entrypoint_prefix", []), *runtime.launch_command(config.python)],
+        "environment": env,
+        "labels": labels,
+    }
+    user = settings.get("user", config.user)
+    if user is not None:
+        create["user"] = str(user)
+    if settings.get("working_dir"):
+        create["working_dir"] = settings["working_dir"]
+    return {"create": create, "host": host}
+
+
+def _under(path: str, root: str) -> bool:
+    return os.path.normpath(path) == os.path.normpath(root) or os.path.normpath(path).startswith(
+        os.path.normpath(root).rstrip("/") + "/")
