@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow_remote_ml.core.backend import BackendConfig
 from airflow_remote_ml.core.errors import ConfigError
@@ -83,6 +83,10 @@ class DockerConfig(BackendConfig):
     artifact_mount: bool = True
     artifact_host_path: str | None = None
     secrets_from: str = "airflow"
+
+    # A laptop backend: a step whose profile is not configured here runs with its own resources, so a DAG
+    # written for a cluster (profile="gpu") still runs on Docker.
+    strict_profiles: ClassVar[bool] = False
 
 
 # -- the Airflow connection (lazy: the backend works without Airflow) ------------------------------------
