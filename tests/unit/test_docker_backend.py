@@ -787,14 +787,14 @@ def test_cleanup_follows_the_removal_policy(tmp_path, policy, state, removed):
 def test_read_logs_sends_since_only_after_the_first_read(tmp_path):
     b, api, _, handle = submitted(tmp_path)
     b.read_logs(handle, None)
-    b.read_logs(handle, {"since": 1795542888, "skip": 3})
+    b.read_logs(handle, {"since": 1795542888, "seen": 3})
     assert [c[1] for c in api.calls if c[0] == "logs"] == [None, 1795542888]
 
 
 def test_logs_of_a_removed_container_are_empty_and_keep_the_cursor(tmp_path):
     b, _ = backend()
-    chunk = b.read_logs(handle_for("a" * 64), {"since": 5, "skip": 1})
-    assert chunk.lines == [] and chunk.cursor == {"since": 5, "skip": 1}
+    chunk = b.read_logs(handle_for("a" * 64), {"since": 5, "seen": 1})
+    assert chunk.lines == [] and chunk.cursor == {"since": 5, "seen": 1}
 
 
 def test_close_leaves_an_injected_client_open(tmp_path):

@@ -6,10 +6,8 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 from collections.abc import Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from docker.types import DeviceRequest, Mount
@@ -20,6 +18,7 @@ from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import StepRequest
 from airflow_remote_ml.core.errors import ConfigError
 from airflow_remote_ml.core.identity import LABEL_PREFIX
+from airflow_remote_ml.core.logs import next_chunk, parse_entries
 from airflow_remote_ml.core.spec import parse_cpu, parse_memory, reject_unknown_options
 from airflow_remote_ml.core.status import LogChunk, RunState, RunStatus
 
@@ -89,24 +88,9 @@ def status_after_removal(manifest: Mapping[str, Any] | None, identity: Mapping[s
     return RunStatus(RunState.LOST, "removed", "the container was removed before its result was recorded")
 
 
-_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ?")
-
-
 def parse_log_entries(raw: bytes | str) -> list[tuple[int, str]]:
     """``(nanoseconds since the epoch, text)`` of each entry of ``docker logs --timestamps`` output."""
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    entries: list[tuple[int, str]] = []
-    for line in text.split("\n"):
-        match = _TS_RE.match(line)
-        if not match:
-            if line and entries:  # a continuation (should not happen; keep the text, never drop it)
-                entries[-1] = (entries[-1][0], entries[-1][1] + "\n" + line)
-            continue
-        stamp, fraction, zone = match.groups()
-        moment = datetime.fromisoformat(stamp + ("+00:00" if zone == "Z" else zone))
-        nanos = int(moment.timestamp()) * 1_000_000_000 + int((fraction or "0").ljust(9, "0"))
-        entries.append((nanos, line[match.end():].rstrip("\r")))
-    return entries
+    return parse_entries(raw, complete=True)
 
 
 def demux(stream: bytes) -> bytes:
@@ -121,22 +105,9 @@ def demux(stream: bytes) -> bytes:
 
 
 def next_log_chunk(entries: Sequence[tuple[int, str]], cursor: Mapping[str, int] | None) -> LogChunk:
-    """New lines and the next cursor, from the entries the engine returned for ``since=cursor["since"]``.
-
-    The engine's ``since`` is inclusive and is sent in whole seconds, and the entries come in log order,
-    so the first ``skip`` of them are the ones already handed out. The next ``since`` is one second
-    before the second of the newest entry: an entry written a moment late with a slightly older
-    timestamp (stdout and stderr are stamped by separate readers) still falls inside that window.
-    """
-    since = int((cursor or {}).get("since", 0))
-    skip = int((cursor or {}).get("skip", 0))
-    if not entries:
-        return LogChunk([], {"since": since, "skip": skip})
-    new = [text for _, text in entries[skip:]]
-    newest = max(nanos for nanos, _ in entries)
-    next_since = max(since, newest // 1_000_000_000 - 1)
-    seen = sum(1 for nanos, _ in entries if nanos >= next_since * 1_000_000_000)
-    return LogChunk(new, {"since": next_since, "skip": seen})
+    """New lines and the next cursor (the engine's ``since`` is inclusive and in whole seconds): the shared
+    timestamped-log cursor of :mod:`airflow_remote_ml.core.logs`."""
+    return next_chunk(entries, cursor)
 
 
 def parse_mount(value: Any, field_name: str) -> Mount:

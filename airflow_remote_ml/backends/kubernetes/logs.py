@@ -1,67 +1,24 @@
-"""The log cursor: resume a pod's log without duplicating or losing lines. Pure functions.
+"""The log cursor of pods: the shared timestamped-log cursor of :mod:`airflow_remote_ml.core.logs`.
 
 Logs are read with ``timestamps=true`` and ``sinceTime`` (``PodLogOptions.sinceTime``, an RFC 3339 time
-that the kubelet compares with each line's timestamp, inclusively). The cursor keeps ``since`` at a whole
-second, one second before the newest line handed out, and ``seen``, how many of the lines stamped at or
-after ``since`` were already handed out. The next read returns those first, in log order, so skipping
-``seen`` of them yields exactly the new lines; the one-second margin keeps a line that was written a
-moment late with a slightly older stamp (stdout and stderr are stamped separately) inside the window.
+that the kubelet compares with each line's timestamp, inclusively).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Mapping
 from typing import Any
 
-from airflow_remote_ml.core.status import LogChunk
+from airflow_remote_ml.core.logs import next_chunk, parse_entries, since_rfc3339
 
-_TS_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d) ?")
-
-
-def parse_entries(raw: bytes | str, *, complete: bool) -> list[tuple[int, str]]:
-    """``(nanoseconds since the epoch, text)`` of each line of a ``timestamps=true`` log.
-
-    A last line without its newline is left out unless ``complete`` (the container has ended): it is
-    still being written and will come whole next time.
-    """
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-    lines = text.split("\n")
-    if (lines and lines[-1] == "") or (lines and not complete):
-        lines.pop()
-    entries: list[tuple[int, str]] = []
-    for line in lines:
-        match = _TS_RE.match(line)
-        if not match:
-            if entries:  # not a stamped line: keep its text with the previous one, never drop it
-                entries[-1] = (entries[-1][0], entries[-1][1] + "\n" + line)
-            continue
-        stamp, fraction, zone = match.groups()
-        moment = datetime.fromisoformat(stamp + ("+00:00" if zone == "Z" else zone))
-        nanos = int(moment.timestamp()) * 1_000_000_000 + int((fraction or "0").ljust(9, "0"))
-        entries.append((nanos, line[match.end():].rstrip("\r")))
-    return entries
+__all__ = ["format_since", "next_chunk", "parse_entries", "since_of"]
 
 
 def format_since(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """``sinceTime`` for a whole second since the epoch."""
+    return since_rfc3339({"since": seconds}) or ""
 
 
 def since_of(cursor: Mapping[str, Any] | None) -> str | None:
     """The ``sinceTime`` to ask for, or None for the whole log."""
-    since = int((cursor or {}).get("since", 0))
-    return format_since(since) if since > 0 else None
-
-
-def next_chunk(entries: Sequence[tuple[int, str]], cursor: Mapping[str, Any] | None) -> LogChunk:
-    """New lines and the next cursor, from the entries read with :func:`since_of` of ``cursor``."""
-    since = int((cursor or {}).get("since", 0))
-    seen = int((cursor or {}).get("seen", 0))
-    if not entries:
-        return LogChunk([], {"since": since, "seen": seen})
-    new = [text for _, text in entries[seen:]]
-    newest = max(nanos for nanos, _ in entries)
-    next_since = max(since, newest // 1_000_000_000 - 1)
-    next_seen = sum(1 for nanos, _ in entries if nanos >= next_since * 1_000_000_000)
-    return LogChunk(new, {"since": next_since, "seen": next_seen})
+    return since_rfc3339(cursor)
