@@ -44,18 +44,52 @@ class Outcome:
 
 
 class Follower:
-    """Forwards new log lines and remembers the last ones."""
+    """Forwards new log lines, remembers the last ones, and paces the checks of one wait.
 
-    def __init__(self, on_line: Callable[[str], None], cursor: Any = None, tail: int = 40) -> None:
+    The sync loop and the async loop differ only in how they call the backend; the pacing (the poll
+    policy, the deadline, consecutive transient errors) lives here once.
+    """
+
+    def __init__(self, on_line: Callable[[str], None], cursor: Any = None, tail: int = 40, *,
+                 policy: PollPolicy | None = None, deadline: float | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.on_line = on_line
         self.cursor = cursor
         self.tail: deque[str] = deque(maxlen=tail)
+        self.policy = policy or PollPolicy()
+        self.deadline = deadline
+        self.clock = clock
+        self.attempt = 0
+        self.errors = 0
 
     def feed(self, chunk: LogChunk) -> None:
         for line in chunk.lines:
             self.tail.append(line)
             self.on_line(line)
         self.cursor = chunk.cursor
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait for a change before looking again, or None once the deadline has passed."""
+        delay = self.policy.delay(self.attempt)
+        self.attempt += 1
+        if self.deadline is None:
+            return delay
+        left = self.deadline - self.clock()
+        return None if left <= 0 else min(delay, left)
+
+    def checked(self) -> None:
+        self.errors = 0
+
+    def failed(self, backend: Backend, exc: TransientBackendError) -> float:
+        """Seconds to back off after a transient error; re-raises after too many in a row."""
+        self.errors += 1
+        if self.errors > MAX_TRANSIENT_ERRORS:
+            raise exc
+        log.warning("%s: %s; retrying", backend.name, exc)
+        return self.policy.delay(self.attempt, exc.retry_after)
+
+    def outcome(self, status: RunStatus, timed_out: bool = False) -> Outcome:
+        return Outcome(status, self.cursor, list(self.tail), timed_out=timed_out)
 
 
 def wait_for_completion(
@@ -69,32 +103,20 @@ def wait_for_completion(
     clock: Callable[[], float] = time.monotonic,
 ) -> Outcome:
     """Block until the job is terminal or ``deadline`` (a ``clock()`` value) passes, streaming logs."""
-    policy = policy or backend.poll_policy
-    follower = Follower(on_line, cursor)
-    attempt = 0
-    errors = 0
+    follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock)
     status = _retrying(lambda: backend.poll(handle), None)
     while True:
         _feed(follower, lambda: backend.read_logs(handle, follower.cursor))
         if status.is_terminal:
-            break
-        now = clock()
-        if deadline is not None and now >= deadline:
-            return Outcome(status, follower.cursor, list(follower.tail), timed_out=True)
-        delay = policy.delay(attempt)
-        if deadline is not None:
-            delay = max(0.0, min(delay, deadline - now))
+            return follower.outcome(status)
+        delay = follower.next_delay()
+        if delay is None:
+            return follower.outcome(status, timed_out=True)
         try:
             status = backend.wait(handle, delay)
-            errors = 0
+            follower.checked()
         except TransientBackendError as exc:
-            errors += 1
-            if errors > MAX_TRANSIENT_ERRORS:
-                raise
-            log.warning("%s: %s; retrying", backend.name, exc)
-            time.sleep(policy.delay(attempt, exc.retry_after))
-        attempt += 1
-    return Outcome(status, follower.cursor, list(follower.tail))
+            time.sleep(follower.failed(backend, exc))
 
 
 async def await_completion(
@@ -108,10 +130,7 @@ async def await_completion(
     clock: Callable[[], float] = time.monotonic,
 ) -> Outcome:
     """The async twin of :func:`wait_for_completion`, for the trigger. ``deadline`` is a ``clock()`` value."""
-    policy = policy or backend.poll_policy
-    follower = Follower(on_line, cursor)
-    attempt = 0
-    errors = 0
+    follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock)
     status = await backend.apoll(handle)
     while True:
         try:
@@ -119,24 +138,15 @@ async def await_completion(
         except TransientBackendError as exc:
             log.warning("%s: reading logs failed: %s", backend.name, exc)
         if status.is_terminal:
-            break
-        now = clock()
-        if deadline is not None and now >= deadline:
-            return Outcome(status, follower.cursor, list(follower.tail), timed_out=True)
-        delay = policy.delay(attempt)
-        if deadline is not None:
-            delay = max(0.0, min(delay, deadline - now))
+            return follower.outcome(status)
+        delay = follower.next_delay()
+        if delay is None:
+            return follower.outcome(status, timed_out=True)
         try:
             status = await backend.await_change(handle, delay)
-            errors = 0
+            follower.checked()
         except TransientBackendError as exc:
-            errors += 1
-            if errors > MAX_TRANSIENT_ERRORS:
-                raise
-            log.warning("%s: %s; retrying", backend.name, exc)
-            await asyncio.sleep(policy.delay(attempt, exc.retry_after))
-        attempt += 1
-    return Outcome(status, follower.cursor, list(follower.tail))
+            await asyncio.sleep(follower.failed(backend, exc))
 
 
 def _retrying(call: Callable[[], RunStatus], policy: PollPolicy | None) -> RunStatus:
