@@ -34,6 +34,7 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -364,6 +365,7 @@ def _call(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
 
     params = dict(step.get("params") or {})
     kwargs: dict[str, Any] = dict(params)
+    accepts: Mapping[str, Any]
     try:
         signature = inspect.signature(target)
         accepts = signature.parameters
@@ -492,9 +494,9 @@ def run(step: dict[str, Any]) -> int:
             print(f"remote-ml: could not write the result manifest: {exc}", file=sys.stderr, flush=True)
             if exit_code == 0:
                 exit_code = 1
-    path = _termination_log_path()
-    if path:
-        with contextlib.suppress(OSError), open(path, "w", encoding="utf-8") as fh:
+    termination_log = _termination_log_path()
+    if termination_log:
+        with contextlib.suppress(OSError), open(termination_log, "w", encoding="utf-8") as fh:
             fh.write(termination_message(manifest))
     return exit_code
 

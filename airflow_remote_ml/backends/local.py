@@ -160,19 +160,18 @@ class LocalBackend(Backend):
         code = _read(os.path.join(job_dir, "exit_code"))
         cancelled = os.path.exists(os.path.join(job_dir, "cancelled"))
         if code is not None:
-            exit_code = int(code)
+            exited = int(code)
             if cancelled:
-                return RunStatus(RunState.CANCELLED, "cancelled", "cancelled", exit_code)
-            if exit_code == 0:
+                return RunStatus(RunState.CANCELLED, "cancelled", "cancelled", exited)
+            if exited == 0:
                 return RunStatus(RunState.SUCCEEDED, "exited", "", 0)
-            return RunStatus(RunState.FAILED, "exited", f"the step exited with code {exit_code}", exit_code)
+            return RunStatus(RunState.FAILED, "exited", f"the step exited with code {exited}", exited)
         if self._alive(handle):
             return RunStatus(RunState.RUNNING, "running")
         # The process is gone without writing its exit code: killed hard, or the machine restarted.
+        exit_code: int | None = None
         if child is not None and child.returncode is not None:
             exit_code = child.returncode if child.returncode >= 0 else 128 - child.returncode
-        else:
-            exit_code = None
         if cancelled:
             return RunStatus(RunState.CANCELLED, "cancelled", "cancelled", exit_code)
         return RunStatus(RunState.LOST, "gone", "the process ended without reporting an exit code", exit_code)

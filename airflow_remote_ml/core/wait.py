@@ -190,7 +190,7 @@ def failure_error(
             manifest = None
         if manifest and manifest.get("error"):
             reason = str(manifest["error"])
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "exit_code": status.exit_code,
         "log_tail": tail,
         "url": handle.url,
