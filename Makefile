@@ -31,6 +31,7 @@ test: $(VENV)/.dev-installed
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
+	$(BIN)/mypy airflow_remote_ml
 
 check: lint test
 
