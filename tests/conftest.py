@@ -23,7 +23,10 @@ os.environ.setdefault("REMOTE_ML_LOCAL_STATE_DIR", str(_HOME / "local-jobs"))
 if str(REPO / "dags") not in sys.path:
     sys.path.insert(0, str(REPO / "dags"))
 
-IN_CI = bool(os.environ.get("CI"))
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+RUNNER_IMAGE = "airflow-remote-ml/runner:latest"
+HOW_TO_START_DOCKER = "bash .ci/docker-engine.sh && bash backends/docker/build-images.sh"
 
 
 @pytest.fixture(scope="session")
@@ -43,5 +46,33 @@ def require_or_skip(available: bool, reason: str) -> None:
     if available:
         return
     if IN_CI:
-        pytest.fail(f"required in CI: {reason}")
+        pytest.fail(f"required in CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def docker_client(*images: str):
+    """A client of the running Docker engine that has ``images``; a failure in CI, a skip elsewhere."""
+    try:
+        import docker
+
+        # version="auto" negotiates down to the daemon's API: Debian's docker.io is 20.10 (API 1.41).
+        client = docker.from_env(version="auto", timeout=60)
+        client.ping()
+    except Exception as exc:  # any failure to reach the daemon means "no engine"
+        require_or_skip(False, f"Docker engine unreachable ({type(exc).__name__}: {exc}); "
+                               f"start it with: {HOW_TO_START_DOCKER}")
+    for image in images:
+        try:
+            client.images.get(image)
+        except Exception:
+            client.close()
+            require_or_skip(False, f"image {image} is not built; build it with: {HOW_TO_START_DOCKER}")
+    return client
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    """The Docker engine with the runner image (see :func:`docker_client`)."""
+    client = docker_client(RUNNER_IMAGE)
+    yield client
+    client.close()

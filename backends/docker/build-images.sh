@@ -246,64 +246,40 @@ stage_runner_context() {
     find "$ctx/code" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
 }
 
-build_runner() {
-    local ctx hash base_id
-    ctx="$(mktemp -d /var/tmp/airflow-remote-ml-ctx.XXXXXX)"
-    trap 'rm -rf "'"$ctx"'"' EXIT
-    stage_runner_context "$ctx"
-    base_id="$(docker image inspect --format '{{.Id}}' "$BASE_IMAGE")"
-    # The hash covers the base image, every file of the context (names and contents) and this
-    # function's recipe, so any change to them rebuilds the runner.
-    hash="$(
-        {
-            printf '%s\n' "$base_id" "$(declare -f build_runner stage_runner_context)"
-            (cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
-        } | sha256sum | cut -c1-16
-    )"
-    if [ -z "${FORCE:-}" ] && [ "$(image_hash "$RUNNER_IMAGE")" = "$hash" ]; then
-        say "$RUNNER_IMAGE is up to date (recipe $hash)"
-    else
-        say "docker build -> $RUNNER_IMAGE"
-        # --pull=false: the base exists only locally; --network=none: no RUN step needs the network.
-        # Its output is only shown on failure: newer CLIs print a legacy-builder deprecation notice.
-        if ! docker build --pull=false --network=none --force-rm \
-            --label "$HASH_LABEL=$hash" \
-            -t "$RUNNER_IMAGE" "$ctx" >"$ctx.log" 2>&1; then
-            cat "$ctx.log" >&2
-            rm -f "$ctx.log"
-            die "docker build of $RUNNER_IMAGE failed"
-        fi
-        rm -f "$ctx.log"
-    fi
-    rm -rf "$ctx"
-    trap - EXIT
-}
-
-# The example image: the runner plus dags/example_ml, rebuilt when that code or the runner changes.
-build_example() {
-    local ctx hash runner_id
-    ctx="$(mktemp -d /var/tmp/airflow-remote-ml-ctx.XXXXXX)"
-    trap 'rm -rf "'"$ctx"'"' EXIT
+stage_example_context() {
+    local ctx="$1"
     cp "$SCRIPT_DIR/example.Dockerfile" "$ctx/Dockerfile"
     cp -a "$REPO_ROOT/dags/example_ml" "$ctx/example_ml"
     find "$ctx" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
-    runner_id="$(docker image inspect --format '{{.Id}}' "$RUNNER_IMAGE")"
+}
+
+# build_image IMAGE FROM_IMAGE STAGE_FUNCTION: `docker build` a context staged by STAGE_FUNCTION, unless
+# the image already carries the hash of its recipe. The hash covers the parent image, every file of the
+# context (names and contents) and the recipe functions, so any change to them rebuilds the image.
+build_image() {
+    local image="$1" parent="$2" stage="$3" ctx hash parent_id
+    ctx="$(mktemp -d /var/tmp/airflow-remote-ml-ctx.XXXXXX)"
+    trap 'rm -rf "'"$ctx"'"' EXIT
+    "$stage" "$ctx"
+    parent_id="$(docker image inspect --format '{{.Id}}' "$parent")"
     hash="$(
         {
-            printf '%s\n' "$runner_id" "$(declare -f build_example)"
+            printf '%s\n' "$parent_id" "$(declare -f build_image "$stage")"
             (cd "$ctx" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
         } | sha256sum | cut -c1-16
     )"
-    if [ -z "${FORCE:-}" ] && [ "$(image_hash "$EXAMPLE_IMAGE")" = "$hash" ]; then
-        say "$EXAMPLE_IMAGE is up to date (recipe $hash)"
+    if [ -z "${FORCE:-}" ] && [ "$(image_hash "$image")" = "$hash" ]; then
+        say "$image is up to date (recipe $hash)"
     else
-        say "docker build -> $EXAMPLE_IMAGE"
+        say "docker build -> $image"
+        # --pull=false: the parent exists only locally; --network=none: no RUN step needs the network.
+        # Its output is only shown on failure: newer CLIs print a legacy-builder deprecation notice.
         if ! docker build --pull=false --network=none --force-rm \
             --label "$HASH_LABEL=$hash" \
-            -t "$EXAMPLE_IMAGE" "$ctx" >"$ctx.log" 2>&1; then
+            -t "$image" "$ctx" >"$ctx.log" 2>&1; then
             cat "$ctx.log" >&2
             rm -f "$ctx.log"
-            die "docker build of $EXAMPLE_IMAGE failed"
+            die "docker build of $image failed"
         fi
         rm -f "$ctx.log"
     fi
@@ -318,8 +294,8 @@ main() {
     exec 9>"$CACHE_DIR/build.lock"
     flock 9
     build_base
-    build_runner
-    build_example
+    build_image "$RUNNER_IMAGE" "$BASE_IMAGE" stage_runner_context
+    build_image "$EXAMPLE_IMAGE" "$RUNNER_IMAGE" stage_example_context
     # Images replaced by a rebuild linger untagged; drop ours (dangling ones only).
     docker image prune -f --filter "label=$HASH_LABEL" >/dev/null 2>&1 || true
     say "done in $((SECONDS - t0))s:"

@@ -6,42 +6,21 @@ backends/docker/build-images.sh``). Without them the tests fail under CI (``CI``
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 from airflow_remote_ml.backends.docker import DockerBackend
+from tests.conftest import RUNNER_IMAGE
 from tests.contract.suite import BackendContract
 
-docker = pytest.importorskip("docker")
-
-RUNNER_IMAGE = "airflow-remote-ml/runner:latest"
 TEST_LABEL = "org.airflow-remote-ml.test"
-HOW_TO_START = "bash .ci/docker-engine.sh && bash backends/docker/build-images.sh"
-
-
-def _unavailable(what: str) -> None:
-    message = f"{what}; start it with: {HOW_TO_START}"
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 @pytest.fixture(scope="module")
-def engine() -> Iterator[docker.DockerClient]:
-    try:
-        client = docker.from_env(version="auto", timeout=60)
-        client.ping()
-    except Exception as exc:  # any failure to reach the daemon means "no engine"
-        _unavailable(f"Docker engine unreachable ({type(exc).__name__}: {exc})")
-    try:
-        client.images.get(RUNNER_IMAGE)
-    except docker.errors.ImageNotFound:
-        _unavailable(f"image {RUNNER_IMAGE} is not built")
-    yield client
-    client.close()
+def engine(docker_engine):
+    return docker_engine
 
 
 @pytest.mark.docker

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import docker
 import pytest
 
 from airflow_remote_ml.backends.docker import DockerBackend, container_request
@@ -29,36 +29,16 @@ from airflow_remote_ml.core import (
 )
 from airflow_remote_ml.core.identity import LABEL_STEP_ID
 from airflow_remote_ml.core.wait import wait_for_completion
+from tests.conftest import RUNNER_IMAGE
 
-docker = pytest.importorskip("docker")
-
-RUNNER_IMAGE = "airflow-remote-ml/runner:latest"
 TEST_LABEL = "org.airflow-remote-ml.test"
-HOW_TO_START = "bash .ci/docker-engine.sh && bash backends/docker/build-images.sh"
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def _unavailable(what: str) -> None:
-    message = f"{what}; start it with: {HOW_TO_START}"
-    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
-def engine() -> Iterator[Any]:
-    try:
-        client = docker.from_env(version="auto", timeout=60)
-        client.ping()
-    except Exception as exc:  # any failure to reach the daemon means "no engine"
-        _unavailable(f"Docker engine unreachable ({type(exc).__name__}: {exc})")
-    try:
-        client.images.get(RUNNER_IMAGE)
-    except docker.errors.ImageNotFound:
-        _unavailable(f"image {RUNNER_IMAGE} is not built")
-    yield client
-    client.close()
+def engine(docker_engine):
+    return docker_engine
 
 
 @pytest.fixture

@@ -8,54 +8,33 @@ These talk to a real dockerd over its local socket (no registry: the images are 
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import docker
 import pytest
 
-docker = pytest.importorskip("docker")
+from tests.conftest import RUNNER_IMAGE, docker_client
 
-RUNNER_IMAGE = "airflow-remote-ml/runner:latest"
 BASE_IMAGE = "airflow-remote-ml/base:bookworm"
 HASH_LABEL = "org.airflow-remote-ml.build-hash"
 TEST_LABEL = "org.airflow-remote-ml.test"
-HOW_TO_START = "bash .ci/docker-engine.sh && bash backends/docker/build-images.sh"
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(300)]
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
-def _unavailable(what: str) -> None:
-    """Fail under CI, where the engine must be there; skip elsewhere, saying how to start it."""
-    message = f"{what}; start it with: {HOW_TO_START}"
-    if _in_ci():
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
-    try:
-        # version="auto" negotiates down to the daemon's API: Debian's docker.io is 20.10 (API 1.41).
-        cli = docker.from_env(version="auto", timeout=60)
-        cli.ping()
-    except Exception as exc:  # any failure to reach the daemon means "no engine"
-        _unavailable(f"Docker engine unreachable ({type(exc).__name__}: {exc})")
+    cli = docker_client()
     yield cli
     cli.close()
 
 
 @pytest.fixture(scope="module")
 def runner_image(client: Any) -> Any:
-    try:
-        return client.images.get(RUNNER_IMAGE)
-    except docker.errors.ImageNotFound:
-        _unavailable(f"image {RUNNER_IMAGE} is not built")
+    docker_client(RUNNER_IMAGE).close()
+    return client.images.get(RUNNER_IMAGE)
 
 
 @pytest.fixture

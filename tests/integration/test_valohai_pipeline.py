@@ -35,7 +35,6 @@ STEPS = {f"example_ml.steps:{name}": name for name in ("prepare", "train", "eval
 
 @pytest.fixture
 def valohai(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeValohai]:
-    pytest.importorskip("sklearn")
     repository = tmp_path / "repository"
     shutil.copytree(REPO / "dags" / "example_ml", repository / "dags" / "example_ml")
     (repository / "backends" / "valohai").mkdir(parents=True)

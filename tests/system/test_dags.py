@@ -92,17 +92,7 @@ def test_deferred_mode_end_to_end_through_dag_test(dagbag):
 
 @pytest.fixture(scope="module")
 def docker_example_image():
-    from tests.conftest import require_or_skip
+    from tests.conftest import docker_client
 
-    try:
-        import docker
-
-        client = docker.from_env()
-        client.ping()
-        client.images.get("airflow-remote-ml/example:latest")
-        ok = True
-    except Exception:
-        ok = False
-    require_or_skip(ok, "needs the Docker engine and the example image: bash .ci/docker-engine.sh && "
-                        "bash backends/docker/build-images.sh")
+    docker_client("airflow-remote-ml/example:latest").close()
     return "airflow-remote-ml/example:latest"
