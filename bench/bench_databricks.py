@@ -11,8 +11,8 @@ their default poll settings.
 * **Short run** (20 s, real time): the delay between the run's end (the server's ``end_time``) and the
   moment the waiter knows, and the calls it made.
 
-    /work/venv/bin/python bench/bench_databricks.py            # about 1.5 minutes
-    /work/venv/bin/python bench/bench_databricks.py --scale 0.1 --short 20
+    .venv/bin/python bench/bench_databricks.py            # about 1.5 minutes
+    .venv/bin/python bench/bench_databricks.py --scale 0.1 --short 20
 """
 
 from __future__ import annotations
@@ -253,7 +253,7 @@ def main() -> int:
           f"appears. Provider: every {PROVIDER_PERIOD:g} s. Ours includes 2 runs/list calls of find() "
           "before submitting (reattachment).")
     print("Long-run delays scale with the run, so the scaled delay is not reported; calls are.")
-    print("\nCommand: /work/venv/bin/python bench/bench_databricks.py "
+    print("\nCommand: .venv/bin/python bench/bench_databricks.py "
           f"--long {args.long:g} --short {args.short:g} --scale {args.scale:g}")
     return 0
 

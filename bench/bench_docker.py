@@ -15,7 +15,7 @@ engine's ``State.FinishedAt`` (same host clock).
 
 Run (needs the engine and the runner image: ``bash .ci/docker-engine.sh && bash backends/docker/build-images.sh``)::
 
-    /work/venv/bin/python bench/bench_docker.py --iterations 10
+    .venv/bin/python bench/bench_docker.py --iterations 10
 
 Prints a markdown table.
 """

@@ -20,8 +20,8 @@ Measures:
 2. N steps waiting in one event loop (default 50 and 500): total API requests per minute while they wait,
    and the delay until each noticed its pod's end (median, max).
 
-    /work/venv/bin/python bench/bench_kubernetes.py                       # about 3 minutes
-    /work/venv/bin/python bench/bench_kubernetes.py --window 30 --steps 50,500
+    .venv/bin/python bench/bench_kubernetes.py                       # about 3 minutes
+    .venv/bin/python bench/bench_kubernetes.py --window 30 --steps 50,500
 """
 
 from __future__ import annotations
@@ -236,7 +236,7 @@ def main() -> None:
     for line in rows:
         print(line)
     print()
-    print(f"command: /work/venv/bin/python bench/bench_kubernetes.py --window {args.window:g} --steps {args.steps}")
+    print(f"command: .venv/bin/python bench/bench_kubernetes.py --window {args.window:g} --steps {args.steps}")
 
 
 if __name__ == "__main__":
