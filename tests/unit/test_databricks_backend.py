@@ -176,12 +176,18 @@ def test_secret_without_key_is_refused() -> None:
         validate_request(request(secrets={"TOKEN": "scope-only"}), config())
 
 
-def test_existing_cluster_from_settings_and_env_refused_there() -> None:
+def test_existing_cluster_from_settings_takes_env_in_the_step_but_refuses_secrets() -> None:
     cfg = DatabricksConfig.from_mapping({"existing_cluster_id": "0101-abc"})
     task = build_submit_payload(request(), cfg, "dbfs:/r.py")["tasks"][0]
     assert task["existing_cluster_id"] == "0101-abc" and "new_cluster" not in task
+    validate_request(request(env={"A": "1"}), cfg)
+    task = build_submit_payload(request(env={"A": "1"}), cfg, "dbfs:/r.py")["tasks"][0]
+    assert json.loads(task["spark_python_task"]["parameters"][0])["env"] == {"A": "1"}
     with pytest.raises(ConfigError, match="existing cluster"):
-        validate_request(request(env={"A": "1"}), cfg)
+        validate_request(request(secrets={"TOKEN": "scope/key"}), cfg)
+    with pytest.raises(ConfigError, match="does not run the step runtime"):
+        validate_request(request(env={"A": "1"}, backend_options={"databricks": {"python_file": "dbfs:/u.py"}}),
+                         cfg)
 
 
 def test_profile_shapes_the_job_cluster_and_options_win() -> None:

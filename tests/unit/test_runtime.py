@@ -153,3 +153,22 @@ def test_sigterm_ends_a_command_step_promptly(tmp_path):
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+
+
+def test_env_carried_in_the_step_reaches_it_and_the_platform_env_wins(tmp_path):
+    proc, manifest = run_step(tmp_path, {
+        "command": [sys.executable, "-c", "import os, json; print(json.dumps({'a': os.environ['A'], 'b': os.environ['B']}))"],
+        "env": {"A": "from-step", "B": "from-step"}}, env={"B": "from-platform"})
+    assert proc.returncode == 0, proc.stderr
+    assert manifest["metrics"] == {"a": "from-step", "b": "from-platform"}
+
+
+def test_step_from_a_file_argument(tmp_path):
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "command": [sys.executable, "-c", "print('{\"ok\": 2}')"],
+            "manifest_uri": str(tmp_path / "manifest.json")}
+    (tmp_path / "step.json").write_text(json.dumps(step))
+    env = {k: v for k, v in os.environ.items() if k != "REMOTE_ML_STEP"}
+    proc = subprocess.run([sys.executable, runtime.__file__, f"@{tmp_path / 'step.json'}"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 2}

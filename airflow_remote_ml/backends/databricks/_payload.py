@@ -373,7 +373,8 @@ def build_submit_payload(
     if uses_runtime:
         if not runtime_file:
             raise ConfigError("runtime_dir", "the step runtime has no location", "set runtime_dir")
-        step = request.runtime_config(python_path=list(compute.python_path))
+        extra = {"env": dict(request.spec.env)} if compute.existing_cluster_id and request.spec.env else {}
+        step = request.runtime_config(python_path=list(compute.python_path), **extra)
         argument = json.dumps(step, separators=(",", ":"), sort_keys=True)
         if len(argument.encode()) > config.max_parameter_bytes:
             raise ConfigError(
@@ -512,11 +513,15 @@ def validate_request(request: StepRequest, config: DatabricksConfig) -> None:
                 "use 'scope/key' (a Databricks secret scope and the key in it)",
             )
     compute = resolve_compute(request, config)
-    if compute.existing_cluster_id and (request.spec.env or request.spec.secrets):
+    uses_runtime = kind == "spark_python_task" and not options.get("python_file")
+    # An existing cluster takes no per-run environment. Plain env still reaches a runtime step (it
+    # travels in the step itself); secret references resolve only in a job cluster's spark_env_vars.
+    if compute.existing_cluster_id and (request.spec.secrets or (request.spec.env and not uses_runtime)):
         field_name = "secrets" if request.spec.secrets else "env"
         raise ConfigError(
             field_name,
-            "an existing cluster cannot take per-run environment variables",
+            "an existing cluster cannot take per-run environment variables"
+            + ("" if request.spec.secrets else " for a task that does not run the step runtime"),
             "run the step on a job cluster (new_cluster or a profile with a cluster shape)",
         )
     if not compute.existing_cluster_id:
