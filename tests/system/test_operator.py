@@ -157,7 +157,7 @@ CRASHING_WORKER = textwrap.dedent("""
     sys.path[:0] = {paths!r}
     from airflow_remote_ml.operators import RemoteExecutionOperator
     from tests.system.helpers import FakeTI, FileStateStore, context
-    op = RemoteExecutionOperator(task_id="step", backend="local", backend_config={config!r},
+    op = RemoteExecutionOperator(task_id="step", backend={backend!r}, backend_config={config!r},
                                  artifact_root={root!r}, **{step!r})
     op.execute(context(FakeTI(try_number=1), FileStateStore({store!r})))
 """)
@@ -165,8 +165,8 @@ CRASHING_WORKER = textwrap.dedent("""
 
 def test_worker_crash_then_retry_reattaches_and_exactly_one_job_runs(tmp_path, config, store):
     step = counted_step(tmp_path, 4)
-    script = CRASHING_WORKER.format(paths=[REPO], config=config, root=str(tmp_path / "art"), step=step,
-                                    store=store.path)
+    script = CRASHING_WORKER.format(paths=[REPO], backend="local", config=config, root=str(tmp_path / "art"),
+                                    step=step, store=store.path)
     worker = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)
     deadline = time.monotonic() + 60
     while starts(tmp_path) == 0:
@@ -300,3 +300,30 @@ def test_missing_secret_fails_before_submitting(tmp_path, config, store):
     op = make(tmp_path, config, secrets={"TOKEN": "no_such_variable_xyz"}, command=["true"])
     with pytest.raises(AirflowFailException, match="no Airflow Variable 'no_such_variable_xyz'"):
         op.execute(context(FakeTI(), store))
+
+
+@pytest.mark.docker
+def test_worker_crash_on_docker_then_retry_reattaches_to_the_same_container(tmp_path, store, docker_engine):
+    from tests.conftest import RUNNER_IMAGE
+
+    root = tmp_path / "art"
+    root.mkdir()
+    counter = root / "starts.txt"  # under the artifact root: the container sees it at the same path
+    step = {"image": RUNNER_IMAGE, "outputs": ["model"], "command": ["python3", "-c", COUNTED, str(counter), "4"]}
+    script = CRASHING_WORKER.format(paths=[REPO], backend="docker", config={}, root=str(root), step=step,
+                                    store=store.path)
+    worker = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not counter.exists():
+        assert time.monotonic() < deadline and worker.poll() is None
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    record = store.get(STATE_KEY)
+    assert record["phase"] == "submitted"
+
+    retry = RemoteExecutionOperator(task_id="step", backend="docker", artifact_root=str(root), **step)
+    result = retry.execute(context(FakeTI(try_number=2), store))
+    assert result["job_id"] == record["handle"]["job_id"]
+    assert result["metrics"] == {"score": 0.9}
+    assert len(counter.read_text().splitlines()) == 1
