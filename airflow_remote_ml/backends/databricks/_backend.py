@@ -524,15 +524,22 @@ class DatabricksBackend(Backend):
 
     # -- output and logs -------------------------------------------------------------------------------------
 
+    def _output_to_fetch(self, handle: RunHandle, seen: _Seen | None, refresh: bool) -> tuple[_Seen | None, Any]:
+        """The run's bookkeeping and, when no call is needed, the answer (``{}`` or the cached output)."""
+        seen = seen or self._seen.get(int(handle.data["run_id"]))
+        if seen is None or seen.task_run_id is None:
+            return None, {}
+        if seen.output is not None and not refresh:
+            return None, seen.output
+        return seen, None
+
     def _output(
         self, handle: RunHandle, seen: _Seen | None = None, *, refresh: bool = False
     ) -> dict[str, Any]:
         """``runs/get-output`` of the task run (the parent run of a multi-task run has none): once per run."""
-        seen = seen or self._seen.get(int(handle.data["run_id"]))
-        if seen is None or seen.task_run_id is None:
-            return {}
-        if seen.output is not None and not refresh:
-            return seen.output
+        seen, answer = self._output_to_fetch(handle, seen, refresh)
+        if seen is None:
+            return answer
         try:
             seen.output = self._call(self._output_ep, {"run_id": seen.task_run_id}, "reading the run output")
         except (BackendAPIError, _NotFound) as exc:
@@ -543,11 +550,9 @@ class DatabricksBackend(Backend):
     async def _aoutput(
         self, handle: RunHandle, seen: _Seen | None = None, *, refresh: bool = False
     ) -> dict[str, Any]:
-        seen = seen or self._seen.get(int(handle.data["run_id"]))
-        if seen is None or seen.task_run_id is None:
-            return {}
-        if seen.output is not None and not refresh:
-            return seen.output
+        seen, answer = self._output_to_fetch(handle, seen, refresh)
+        if seen is None:
+            return answer
         try:
             seen.output = await self._acall(
                 self._output_ep, {"run_id": seen.task_run_id}, "reading the run output"
