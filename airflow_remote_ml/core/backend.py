@@ -160,6 +160,14 @@ class Backend(ABC):
     poll_policy: ClassVar[PollPolicy] = PollPolicy()
     #: Whether the job has a page worth linking to from the task.
     has_job_page: ClassVar[bool] = False
+    #: True when submitting the same identity twice cannot create a second job: the remote side refuses or
+    #: dedupes it (a deterministic pod/container name answered with 409, a Databricks idempotency token).
+    #: The lifecycle then retries an ambiguous submit at once; otherwise it first looks the job up by
+    #: identity for ``create_settle_seconds``.
+    idempotent_submit: ClassVar[bool] = False
+    #: How long after an ambiguous submit (timeout, 5xx, dropped connection) a job created by it may still
+    #: become visible to :meth:`find`. Must exceed the slowest create the remote side is known to take.
+    create_settle_seconds: ClassVar[float] = 60.0
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
@@ -182,11 +190,20 @@ class Backend(ABC):
 
     @abstractmethod
     def submit(self, request: StepRequest) -> RunHandle:
-        """Start the job. Must carry ``request.identity`` so :meth:`find` can see it."""
+        """Start the job. Must carry ``request.identity`` so :meth:`find` can see it.
+
+        Raise :class:`TransientBackendError` when the outcome is unknown (timeout, dropped connection,
+        5xx: the job may exist) or the request was refused for now (429); raise
+        :class:`BackendAPIError` only when the job surely was not created (a 4xx refusal).
+        """
 
     @abstractmethod
     def find(self, identity: StepIdentity) -> RunHandle | None:
-        """The job started for exactly this identity, if there is one (running or not)."""
+        """The job started for exactly this identity, if there is one (running or not).
+
+        When the remote side holds several (a non-idempotent create that was retried), return the
+        oldest, deterministically, so every caller adopts the same one.
+        """
 
     @abstractmethod
     def poll(self, handle: RunHandle) -> RunStatus:

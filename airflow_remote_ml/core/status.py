@@ -32,12 +32,18 @@ class RunStatus:
 
     ``remote_state`` is the backend's own word for it (``Pending``, ``TERMINATED/FAILED``, ...), kept for
     logs and error messages; ``message`` says why, when the backend tells.
+
+    ``reason`` is the platform's own specific cause of a failure, in its own word (``OOMKilled``,
+    ``Evicted``, ``ErrImagePull``, ``INTERNAL_ERROR``, Valohai ``crashed``...). A status with a reason is
+    what the task's error leads with: it outranks the generic error the in-step runtime may have
+    recorded (a kernel OOM kill of the step's child leaves the runtime alive to write "exit code 137").
     """
 
     state: RunState
     remote_state: str = ""
     message: str = ""
     exit_code: int | None = None
+    reason: str = ""
 
     @property
     def is_terminal(self) -> bool:
@@ -53,6 +59,7 @@ class RunStatus:
             "remote_state": self.remote_state,
             "message": self.message,
             "exit_code": self.exit_code,
+            "reason": self.reason,
         }
 
     @classmethod
@@ -62,6 +69,7 @@ class RunStatus:
             remote_state=data.get("remote_state", ""),
             message=data.get("message", ""),
             exit_code=data.get("exit_code"),
+            reason=data.get("reason", ""),
         )
 
 
