@@ -81,8 +81,24 @@ def resolve_secret(ref: SecretRef, source: str = "airflow") -> str:
     ``airflow``: the Airflow Variable ``ref.name`` (through any secrets backend the deployment uses);
     with ``ref.key`` the Variable holds JSON and the key is looked up in it. ``env``: the worker's
     environment variable ``ref.name`` (``ref.key`` appended with an underscore when given).
-    The value is never logged.
+    The value is never logged, and it is registered with Airflow's secrets masker, so a step that
+    prints it (``echo $DB_PASSWORD``) shows ``***`` in the task log and in an error's log tail.
     """
+    return _masked(_resolve_secret(ref, source), ref)
+
+
+def _masked(value: str, ref: SecretRef) -> str:
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # pragma: no cover - Airflow < 3
+        return value
+    # No name: with one, the masker masks only values whose name looks sensitive ("password", "token"...),
+    # and a reference like "db_creds/password" names a Variable, not a key it would recognise.
+    mask_secret(value)
+    return value
+
+
+def _resolve_secret(ref: SecretRef, source: str) -> str:
     if source == "env":
         name = f"{ref.name}_{ref.key}" if ref.key else ref.name
         if name not in os.environ:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -15,10 +16,11 @@ from airflow_remote_ml.core.artifacts import ArtifactStore
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import BackendUnavailableError, ConfigError, RemoteMLError
 from airflow_remote_ml.core.identity import StepIdentity
+from airflow_remote_ml.core.lifecycle import StepLifecycle
 from airflow_remote_ml.core.registry import available_backends, create_backend
 from airflow_remote_ml.core.spec import StepSpec
-from airflow_remote_ml.core.status import RunHandle, RunState, RunStatus
-from airflow_remote_ml.core.wait import failure_error, wait_for_completion
+from airflow_remote_ml.core.status import RunHandle, RunStatus
+from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
 from airflow_remote_ml.triggers import RemoteStepTrigger
 
@@ -128,10 +130,14 @@ class RemoteExecutionOperator(BaseOperator):
         self.deferrable = _default_deferrable() if deferrable is None else deferrable
         self._backend: Backend | None = None
         self._handle: RunHandle | None = None
-        self._store: Any = None
+        self._lifecycle: StepLifecycle | None = None
         self._ti: Any = None
-        self._record: dict[str, Any] = {}
-        self._validate_literal_arguments()
+        try:
+            self._validate_literal_arguments()
+        except (ConfigError, BackendUnavailableError) as exc:
+            # Still a ConfigError at DAG parse time; when a mapped task is unmapped on a worker the same
+            # error must fail the task once, never be retried.
+            raise final(exc) from exc
 
     # -- validation ----------------------------------------------------------------------------------------
 
@@ -167,154 +173,91 @@ class RemoteExecutionOperator(BaseOperator):
     # -- execution -------------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
-        started = time.time()
-        try:
+        with _final_on_config_error():
+            started = time.time()
             spec = self._build_spec()
             backend = self._backend = self._make_backend()
             artifacts = ArtifactStore(self.artifact_root or hooks.default_artifact_root())
-        except (ConfigError, BackendUnavailableError) as exc:
-            # A wrong configuration never heals by retrying.
-            raise AirflowFailException(str(exc)) from exc
-        ti = self._ti = context["ti"]
-        map_index = getattr(ti, "map_index", -1)
-        base = StepIdentity(ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else map_index)
-        self._store = context.get("task_state_store")
-        try:
-            handle = self._attach_or_submit(backend, spec, base, artifacts, ti)
-        except (ConfigError, BackendUnavailableError) as exc:
-            raise AirflowFailException(str(exc)) from exc
+            ti = self._ti = context["ti"]
+            lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
+
+            def make_request(identity: StepIdentity) -> StepRequest:
+                request = StepRequest.create(spec, identity, artifacts, code_version=self.code_version)
+                backend.validate(request)
+                return request
+
+            try:
+                lifecycle.start(make_request)
+            except BaseException:
+                backend.close()
+                raise
+            # Everything from here on runs inside the guard: whatever fails (an XCom push, a state-store
+            # write, a kill, Airflow's execution_timeout), the job is stopped first.
+            return lifecycle.guarded(lambda: self._follow(lifecycle, spec, started, ti))
+
+    def _follow(self, lifecycle: StepLifecycle, spec: StepSpec, started: float, ti: Any) -> Any:
+        backend, handle = lifecycle.backend, lifecycle.handle
+        assert handle is not None
         self._handle = handle
         # Always pushed (empty without a page) so the extra link never looks up a missing XCom.
         ti.xcom_push(key=XCOM_JOB_URL_KEY, value=handle.url or "")
         if handle.url:
             self.log.info("Remote job: %s", handle.url)
-        deadline = self._deadline(spec, started)
+        submitted_at = lifecycle.record.submitted_at if lifecycle.record else None
+        deadline = self._deadline(spec, started, submitted_at)
         if self.deferrable:
             self.log.info("Deferring: waiting for %s job %s in the triggerer", backend.name, handle.job_id)
             trigger = RemoteStepTrigger(backend=backend.name, backend_config=backend.config_json(),
-                                        handle=handle.to_json(), deadline=deadline)
+                                        handle=handle.to_json(), deadline=deadline,
+                                        secret_refs=_secret_refs(spec, backend))
+            # From here the trigger owns the job: a SIGTERM that reaches this process after defer() (a slow
+            # "deferred" report) must not cancel what the trigger is waiting for.
+            lifecycle.hand_over()
             backend.close()
             self.defer(trigger=trigger, method_name="execute_complete")
-        try:
-            outcome = wait_for_completion(
-                backend, handle, on_line=self._log_line,
-                deadline=None if deadline is None else time.monotonic() + (deadline - time.time()),
-            )
-            status = outcome.status
-            if outcome.timed_out:
-                self.log.warning("Step exceeded its timeout; cancelling %s job %s", backend.name, handle.job_id)
-                backend.cancel(handle)
-                status = backend.poll(handle)
-        except BaseException:
-            # Killed, timed out by Airflow, or the wait itself broke: never leave the job running.
-            self._cancel_quietly(backend, handle)
-            self._finish_record(backend, handle, RunStatus(RunState.CANCELLED, "cancelled"))
-            raise
-        return self._finish(backend, handle, status, outcome.tail, outcome.timed_out, spec.timeout)
+        outcome = lifecycle.wait(on_line=self._log_line, deadline=deadline)
+        return self._finish(lifecycle, outcome.status, outcome.tail, outcome.timed_out, spec.timeout)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
         """Resume after the trigger fired: turn its event into the task's result or error."""
-        self._store = context.get("task_state_store")
-        self._ti = context["ti"]
-        self._record = self._read_record() or {}
-        backend = self._backend = self._make_backend()
-        handle = self._handle = RunHandle.from_json(event["handle"])
+        with _final_on_config_error():
+            self._ti = context["ti"]
+            backend = self._backend = self._make_backend()
+            lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
+            handle = self._handle = RunHandle.from_json(event["handle"])
+            lifecycle.take_back(handle)
+            return lifecycle.guarded(lambda: self._complete(lifecycle, event))
+
+    def _complete(self, lifecycle: StepLifecycle, event: dict[str, Any]) -> Any:
+        backend, handle = lifecycle.backend, lifecycle.handle
+        assert handle is not None
         if event.get("error"):
-            self._cancel_quietly(backend, handle)
-            self._finish_record(backend, handle, RunStatus(RunState.FAILED, "error"))
+            # The guard stops the job: the trigger gave up waiting, so nobody follows it any more.
             raise RemoteMLError(f"waiting for {backend.name} job {handle.job_id} failed: {event['error']}")
         status = RunStatus.from_json(event["status"])
-        return self._finish(backend, handle, status, list(event.get("tail") or []),
-                            bool(event.get("timed_out")), self._build_spec().timeout)
+        return self._finish(lifecycle, status, list(event.get("tail") or []), bool(event.get("timed_out")),
+                            self._build_spec().timeout)
 
     def on_kill(self) -> None:
-        if self._backend is not None and self._handle is not None:
-            self.log.info("Killed: cancelling %s job %s", self._backend.name, self._handle.job_id)
-            self._cancel_quietly(self._backend, self._handle)
-            self._finish_record(self._backend, self._handle, RunStatus(RunState.CANCELLED, "killed"))
+        lifecycle = self._lifecycle
+        if lifecycle is not None and lifecycle.owns_job and lifecycle.handle is not None:
+            self.log.info("Killed: cancelling %s job %s", lifecycle.backend.name, lifecycle.handle.job_id)
+            lifecycle.abandon()
 
-    # -- reattachment ----------------------------------------------------------------------------------------
-
-    def _attach_or_submit(self, backend: Backend, spec: StepSpec, base: StepIdentity, artifacts: ArtifactStore,
-                          ti: Any) -> RunHandle:
-        """Reconnect to this task instance's running job, or start one under a fresh identity.
-
-        The record in the task state store says which generation of job this task instance is on and
-        whether Airflow is done with it. A retry after a worker crash finds an unfinished record and
-        reattaches (or, if the worker died before the handle was written, finds the job by its
-        deterministic identity). A finished record means a user cleared the task or it is retrying a
-        failure: the next generation starts a new job.
-        """
-        record = self._read_record()
-        if self._store is None:
-            self.log.warning("No task state store in the context: crash recovery is disabled for this run")
-            # Without a store each try is its own job; the try number keeps their identities apart.
-            generation = int(getattr(ti, "try_number", 0) or 0)
-        elif record and record.get("phase") != "finished" and record.get("backend") == backend.name:
-            generation = int(record["generation"])
-            identity = base.with_generation(generation)
-            handle = RunHandle.from_json(record["handle"]) if record.get("handle") else backend.find(identity)
-            if handle is not None:
-                status = backend.poll(handle)
-                if not status.is_terminal or status.is_successful:
-                    self.log.info("Reattaching to %s job %s (%s) started by an earlier try",
-                                  backend.name, handle.job_id, status.remote_state or status.state.value)
-                    self._record = {**record, "phase": "submitted", "handle": handle.to_json()}
-                    self._write_record(self._record)
-                    return handle
-                self.log.info("The earlier try's job %s ended %s; starting a new one", handle.job_id,
-                              status.state.value)
-                backend.mark_finished(handle)
-                generation += 1
-            else:
-                # The earlier try died between recording its intent and recording a handle: the job may
-                # exist without us knowing its id. The deterministic identity finds it.
-                return self._submit(backend, spec, identity, artifacts, look_first=True)
-        else:
-            generation = int(record["generation"]) + 1 if record else 0
-        return self._submit(backend, spec, base.with_generation(generation), artifacts, look_first=False)
-
-    def _submit(self, backend: Backend, spec: StepSpec, identity: StepIdentity, artifacts: ArtifactStore,
-                *, look_first: bool) -> RunHandle:
-        request = StepRequest.create(spec, identity, artifacts, code_version=self.code_version)
-        backend.validate(request)
-        self._record = {"generation": identity.generation, "phase": "submitting", "backend": backend.name,
-                        "submitted_at": time.time()}
-        self._write_record(self._record)
-        handle = backend.find(identity) if look_first else None
-        if handle is None:
-            handle = backend.submit(request)
-            self.log.info("Submitted %s job %s for %s", backend.name, handle.job_id, identity.key)
-        else:
-            self.log.info("Found %s job %s already submitted for %s", backend.name, handle.job_id, identity.key)
-        self._record = {**self._record, "phase": "submitted", "handle": handle.to_json()}
-        self._write_record(self._record)
-        return handle
-
-    def _read_record(self) -> dict[str, Any] | None:
-        if self._store is None:
-            return None
-        value = self._store.get(STATE_KEY)
-        return dict(value) if isinstance(value, Mapping) else None
-
-    def _write_record(self, record: dict[str, Any]) -> None:
-        if self._store is not None:
-            self._store.set(STATE_KEY, record)
-
-    def _finish_record(self, backend: Backend, handle: RunHandle, status: RunStatus) -> None:
-        try:
-            self._record = {**self._record, "phase": "finished", "state": status.state.value,
-                            "handle": handle.to_json(), "backend": backend.name}
-            self._record.setdefault("generation", 0)
-            self._write_record(self._record)
-            backend.mark_finished(handle)
-        except Exception:  # bookkeeping must not hide the task's real outcome
-            self.log.warning("Could not record the end of job %s", handle.job_id, exc_info=True)
+    def _new_lifecycle(self, backend: Backend, context: Context) -> StepLifecycle:
+        ti = context["ti"]
+        map_index = getattr(ti, "map_index", -1)
+        base = StepIdentity(ti.dag_id, ti.task_id, ti.run_id, -1 if map_index is None else map_index)
+        store = context.get("task_state_store")
+        return StepLifecycle(backend, TaskStateJournal(store) if store is not None else None, base,
+                             fallback_generation=int(getattr(ti, "try_number", 0) or 0), logger=self.log)
 
     # -- outcome ------------------------------------------------------------------------------------------------
 
-    def _finish(self, backend: Backend, handle: RunHandle, status: RunStatus, tail: list[str], timed_out: bool,
+    def _finish(self, lifecycle: StepLifecycle, status: RunStatus, tail: list[str], timed_out: bool,
                 timeout: float | None) -> Any:
+        backend, handle = lifecycle.backend, lifecycle.handle
+        assert handle is not None
         try:
             if timed_out or not status.is_successful:
                 raise failure_error(backend, handle, status, tail, timed_out=timed_out, timeout=timeout)
@@ -327,7 +270,8 @@ class RemoteExecutionOperator(BaseOperator):
             self._push_parts(xcom)
             return xcom
         finally:
-            self._finish_record(backend, handle, status)
+            if lifecycle.owns_job and status.is_terminal:
+                lifecycle.finish(status)
             try:
                 backend.cleanup(handle, status)
             except Exception:
@@ -347,25 +291,71 @@ class RemoteExecutionOperator(BaseOperator):
         for name, uri in xcom["outputs"].items():
             self._ti.xcom_push(key=name, value=uri)
 
-    def _deadline(self, spec: StepSpec, started: float) -> float | None:
+    def _deadline(self, spec: StepSpec, started: float, submitted_at: float | None) -> float | None:
         """Wall-clock time after which Airflow cancels the job (the runtime stops it at its timeout)."""
         deadlines = []
         if spec.timeout:
-            submitted = float(self._record.get("submitted_at") or started)
-            deadlines.append(submitted + spec.timeout + TIMEOUT_GRACE_SECONDS)
+            deadlines.append(float(submitted_at or started) + spec.timeout + TIMEOUT_GRACE_SECONDS)
         if self.deferrable and self.execution_timeout:
             # Airflow ends a deferred task at its execution_timeout without on_kill: cancel first.
             deadlines.append(started + self.execution_timeout.total_seconds() - 5)
         return min(deadlines) if deadlines else None
 
-    def _cancel_quietly(self, backend: Backend, handle: RunHandle) -> None:
-        try:
-            backend.cancel(handle)
-        except Exception:
-            self.log.exception("Cancelling %s job %s failed; it may still be running", backend.name, handle.job_id)
-
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
+
+
+class TaskStateJournal:
+    """The lifecycle's journal in Airflow's task state store: one JSON record per task instance."""
+
+    def __init__(self, store: Any, key: str = STATE_KEY) -> None:
+        self.store = store
+        self.key = key
+
+    def read(self) -> dict[str, Any] | None:
+        value = self.store.get(self.key)
+        return dict(value) if isinstance(value, Mapping) else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.store.set(self.key, record)
+
+
+def _secret_refs(spec: StepSpec, backend: Backend) -> list[dict[str, Any]]:
+    """The step's secret references (never values) for the trigger, which masks their values in its logs."""
+    source = getattr(backend.config, "secrets_from", None)
+    if source not in ("airflow", "env"):
+        return []
+    return [{"name": ref.name, "key": ref.key, "source": source} for ref in spec.secrets.values()]
+
+
+@contextlib.contextmanager
+def _final_on_config_error() -> Iterator[None]:
+    """A wrong configuration never heals by retrying: fail the task once, whatever raised it."""
+    try:
+        yield
+    except (ConfigError, BackendUnavailableError) as exc:
+        raise final(exc) from exc
+
+
+def final(exc: RemoteMLError) -> RemoteMLError:
+    """``exc`` as an error that is also an ``AirflowFailException``, so Airflow does not retry it.
+
+    Its class still is ``exc``'s (a ``ConfigError`` stays one for callers and tests); only Airflow's
+    no-retry marker is added.
+    """
+    if isinstance(exc, AirflowFailException):
+        return exc
+    cls = _FINAL_CLASSES.get(type(exc))
+    if cls is None:
+        cls = _FINAL_CLASSES[type(exc)] = type(type(exc).__name__, (type(exc), AirflowFailException),
+                                               {"__module__": type(exc).__module__})
+    clone: RemoteMLError = Exception.__new__(cls)
+    clone.__dict__.update(exc.__dict__)
+    clone.args = exc.args
+    return clone
+
+
+_FINAL_CLASSES: dict[type, type] = {}
 
 
 def merge_backend_config(name: str, deployment: Mapping[str, Any], task: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,8 +30,14 @@ class RemoteStepTrigger(BaseTrigger):
         deadline: wall-clock time (epoch seconds) after which the job is cancelled as timed out.
         log_cursor: where log streaming resumes (from the worker, or an earlier trigger run).
         poll_policy: overrides the backend's poll policy (JSON of :class:`PollPolicy`).
+        secret_refs: the step's secret references (``{"name", "key", "source"}``, never values): their
+            values are resolved here only to be masked in every log line the trigger writes.
 
     The event payload is ``{"status", "handle", "tail", "cursor", "timed_out", "error"}``.
+
+    A trigger that is restarted (the triggerer died, or moved the trigger to another triggerer) resumes
+    the log where it stopped: the cursor is saved next to the step's result manifest before each batch of
+    lines is written to the task log (trigger kwargs cannot be updated from inside ``run``).
     """
 
     def __init__(
@@ -40,6 +49,7 @@ class RemoteStepTrigger(BaseTrigger):
         deadline: float | None = None,
         log_cursor: Any = None,
         poll_policy: dict[str, Any] | None = None,
+        secret_refs: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(backend, str) or not backend:
@@ -50,6 +60,8 @@ class RemoteStepTrigger(BaseTrigger):
         self.deadline = float(deadline) if deadline is not None else None
         self.log_cursor = log_cursor
         self.poll_policy = PollPolicy.from_json(poll_policy) if poll_policy else None
+        self.secret_refs = [dict(ref) for ref in secret_refs or []]
+        self.checkpoint = CursorCheckpoint.for_handle(self.handle)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -61,6 +73,7 @@ class RemoteStepTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "log_cursor": self.log_cursor,
                 "poll_policy": self.poll_policy.to_json() if self.poll_policy else None,
+                "secret_refs": self.secret_refs,
             },
         )
 
@@ -69,12 +82,21 @@ class RemoteStepTrigger(BaseTrigger):
         payload: dict[str, Any] = {"handle": self.handle.to_json(), "timed_out": False, "error": None,
                                    "tail": [], "cursor": self.log_cursor, "status": None}
         try:
+            await asyncio.to_thread(_mask_secrets, self.secret_refs)
             deadline = None
             if self.deadline is not None:
                 deadline = time.monotonic() + (self.deadline - time.time())
+            cursor = self.log_cursor
+            if self.checkpoint is not None:
+                saved = await asyncio.to_thread(self.checkpoint.load)
+                if saved is not None:
+                    self.log.info("Resuming the log of job %s where an earlier run of this trigger stopped",
+                                  self.handle.job_id)
+                    cursor = saved
             outcome = await await_completion(
                 backend, self.handle, on_line=lambda line: self.log.info("%s", line),
-                deadline=deadline, cursor=self.log_cursor, policy=self.poll_policy,
+                deadline=deadline, cursor=cursor, policy=self.poll_policy,
+                on_cursor=self.checkpoint.save if self.checkpoint is not None else None,
             )
             status = outcome.status
             if outcome.timed_out:
@@ -98,3 +120,81 @@ class RemoteStepTrigger(BaseTrigger):
             await backend.acancel(self.handle)
         finally:
             await backend.aclose()
+
+
+class CursorCheckpoint:
+    """The trigger's log cursor, saved beside the step's result manifest so a restarted trigger resumes.
+
+    Only where Airflow can really write (a local path or a remote file system fsspec speaks); a root
+    that fsspec would map onto the local disk under a foreign scheme (``dbfs:/`` without a mount) gets no
+    checkpoint rather than a stray local folder. A failed save is logged and never fails the wait.
+    """
+
+    NAME = ".trigger-log-cursor.json"
+
+    def __init__(self, uri: str, job_id: str) -> None:
+        self.uri = uri
+        self.job_id = job_id
+        self._broken = False
+
+    @classmethod
+    def for_handle(cls, handle: RunHandle) -> CursorCheckpoint | None:
+        manifest = handle.data.get("manifest_uri")
+        if not isinstance(manifest, str) or "/" not in manifest:
+            return None
+        from fsspec.core import split_protocol
+        from fsspec.registry import known_implementations
+
+        protocol, _ = split_protocol(manifest)
+        if protocol is None:
+            if not manifest.startswith("/"):
+                return None
+        elif protocol in ("dbfs", "datum") or protocol not in known_implementations:
+            return None
+        return cls(manifest.rsplit("/", 1)[0] + "/" + cls.NAME, handle.job_id)
+
+    def load(self) -> Any:
+        try:
+            import fsspec
+
+            with fsspec.open(self.uri, "r") as fh:
+                data = json.load(fh)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            _log.warning("Could not read the log checkpoint %s: %s", self.uri, exc)
+            return None
+        if not isinstance(data, dict) or data.get("job_id") != self.job_id:
+            return None  # an earlier generation's job: its cursor means nothing for this one
+        return data.get("cursor")
+
+    def save(self, cursor: Any) -> None:
+        if self._broken:
+            return
+        try:
+            import fsspec
+
+            payload = json.dumps({"job_id": self.job_id, "cursor": cursor})
+            with fsspec.open(self.uri, "w") as fh:
+                fh.write(payload)
+        except Exception as exc:
+            self._broken = True
+            _log.warning("Could not save the log checkpoint %s (a restarted trigger will repeat log lines): %s",
+                         self.uri, exc)
+
+
+_log = logging.getLogger(__name__)
+
+
+def _mask_secrets(refs: list[dict[str, Any]]) -> None:
+    """Register the values of the step's secrets with Airflow's masker in this (the triggerer's) process."""
+    if not refs:
+        return
+    from airflow_remote_ml.core.spec import SecretRef
+    from airflow_remote_ml.hooks import resolve_secret
+
+    for ref in refs:
+        try:
+            resolve_secret(SecretRef(ref["name"], ref.get("key")), source=ref.get("source") or "airflow")
+        except Exception as exc:  # masking is a courtesy here; the step already has its secrets
+            _log.warning("Could not resolve secret %s to mask it in the trigger's log: %s", ref.get("name"), exc)

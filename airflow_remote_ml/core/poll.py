@@ -53,3 +53,36 @@ def parse_retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class TransientBudget:
+    """How long one streak of transient API errors (429, 5xx, timeouts) is borne before giving up.
+
+    One budget for every call of a step's life, so a submit weathers the same outage a wait does: the
+    budget is time since the first error of the current streak, not a count (a count of 10 was 15 s at
+    submission and minutes during a wait, depending only on the backoff in between). Pure: the caller
+    passes the clock's readings.
+    """
+
+    def __init__(self, seconds: float = 300.0) -> None:
+        self.seconds = float(seconds)
+        self.streak_started: float | None = None
+        self.errors = 0
+
+    def ok(self) -> None:
+        """A call went through: the streak is over."""
+        self.streak_started = None
+        self.errors = 0
+
+    def failed(self, now: float) -> bool:
+        """Count one transient error at ``now``; False once the streak has lasted longer than the budget."""
+        if self.streak_started is None:
+            self.streak_started = now
+        self.errors += 1
+        return now - self.streak_started <= self.seconds
+
+    def left(self, now: float) -> float:
+        """Seconds of budget left in the current streak (the whole budget when there is none)."""
+        if self.streak_started is None:
+            return self.seconds
+        return max(0.0, self.seconds - (now - self.streak_started))

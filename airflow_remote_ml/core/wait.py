@@ -22,7 +22,7 @@ from airflow_remote_ml.core.errors import (
     StepTimeoutError,
     TransientBackendError,
 )
-from airflow_remote_ml.core.poll import PollPolicy
+from airflow_remote_ml.core.poll import PollPolicy, TransientBudget
 from airflow_remote_ml.core.status import RunState, RunStatus
 
 if TYPE_CHECKING:
@@ -31,8 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Consecutive transient API errors tolerated while waiting before giving up.
-MAX_TRANSIENT_ERRORS = 10
+#: Seconds one streak of transient API errors is borne, at submission and while waiting alike.
+TRANSIENT_BUDGET_SECONDS = 300.0
 
 
 @dataclass
@@ -52,17 +52,23 @@ class Follower:
 
     def __init__(self, on_line: Callable[[str], None], cursor: Any = None, tail: int = 40, *,
                  policy: PollPolicy | None = None, deadline: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, budget: TransientBudget | None = None,
+                 on_cursor: Callable[[Any], None] | None = None) -> None:
         self.on_line = on_line
+        self.on_cursor = on_cursor
         self.cursor = cursor
         self.tail: deque[str] = deque(maxlen=tail)
         self.policy = policy or PollPolicy()
         self.deadline = deadline
         self.clock = clock
         self.attempt = 0
-        self.errors = 0
+        self.budget = budget or TransientBudget(TRANSIENT_BUDGET_SECONDS)
 
     def feed(self, chunk: LogChunk) -> None:
+        if chunk.lines and self.on_cursor is not None and chunk.cursor != self.cursor:
+            # Write-ahead: the cursor is saved before its lines are shown, so a restarted trigger resumes
+            # after them instead of showing them twice.
+            self.on_cursor(chunk.cursor)
         for line in chunk.lines:
             self.tail.append(line)
             self.on_line(line)
@@ -78,15 +84,16 @@ class Follower:
         return None if left <= 0 else min(delay, left)
 
     def checked(self) -> None:
-        self.errors = 0
+        self.budget.ok()
 
     def failed(self, backend: Backend, exc: TransientBackendError) -> float:
-        """Seconds to back off after a transient error; re-raises after too many in a row."""
-        self.errors += 1
-        if self.errors > MAX_TRANSIENT_ERRORS:
+        """Seconds to back off after a transient error; re-raises once the streak outlasts the budget."""
+        if not self.budget.failed(self.clock()):
             raise exc
-        log.warning("%s: %s; retrying", backend.name, exc)
-        return self.policy.delay(self.attempt, exc.retry_after)
+        log.warning("%s: %s; retrying (%.0fs of the transient-error budget left)", backend.name, exc,
+                    self.budget.left(self.clock()))
+        return min(self.policy.delay(self.budget.errors - 1, exc.retry_after),
+                   max(self.budget.left(self.clock()), 0.1))
 
     def outcome(self, status: RunStatus, timed_out: bool = False) -> Outcome:
         return Outcome(status, self.cursor, list(self.tail), timed_out=timed_out)
@@ -101,10 +108,19 @@ def wait_for_completion(
     cursor: Any = None,
     policy: PollPolicy | None = None,
     clock: Callable[[], float] = time.monotonic,
+    budget: TransientBudget | None = None,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Outcome:
     """Block until the job is terminal or ``deadline`` (a ``clock()`` value) passes, streaming logs."""
-    follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock)
-    status = _retrying(lambda: backend.poll(handle), None)
+    follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock,
+                        budget=budget)
+    while True:
+        try:
+            status = backend.poll(handle)
+            follower.checked()
+            break
+        except TransientBackendError as exc:
+            sleep(follower.failed(backend, exc))
     while True:
         _feed(follower, lambda: backend.read_logs(handle, follower.cursor))
         if status.is_terminal:
@@ -116,7 +132,7 @@ def wait_for_completion(
             status = backend.wait(handle, delay)
             follower.checked()
         except TransientBackendError as exc:
-            time.sleep(follower.failed(backend, exc))
+            sleep(follower.failed(backend, exc))
 
 
 async def await_completion(
@@ -128,10 +144,22 @@ async def await_completion(
     cursor: Any = None,
     policy: PollPolicy | None = None,
     clock: Callable[[], float] = time.monotonic,
+    budget: TransientBudget | None = None,
+    on_cursor: Callable[[Any], None] | None = None,
 ) -> Outcome:
-    """The async twin of :func:`wait_for_completion`, for the trigger. ``deadline`` is a ``clock()`` value."""
-    follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock)
-    status = await backend.apoll(handle)
+    """The async twin of :func:`wait_for_completion`, for the trigger. ``deadline`` is a ``clock()`` value.
+
+    ``on_cursor`` is called with each new log cursor before its lines are passed on (see :meth:`Follower.feed`).
+    """
+    follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock,
+                        budget=budget, on_cursor=on_cursor)
+    while True:
+        try:
+            status = await backend.apoll(handle)
+            follower.checked()
+            break
+        except TransientBackendError as exc:
+            await asyncio.sleep(follower.failed(backend, exc))
     while True:
         try:
             follower.feed(await backend.aread_logs(handle, follower.cursor))
@@ -147,18 +175,6 @@ async def await_completion(
             follower.checked()
         except TransientBackendError as exc:
             await asyncio.sleep(follower.failed(backend, exc))
-
-
-def _retrying(call: Callable[[], RunStatus], policy: PollPolicy | None) -> RunStatus:
-    policy = policy or PollPolicy()
-    for attempt in range(MAX_TRANSIENT_ERRORS + 1):
-        try:
-            return call()
-        except TransientBackendError as exc:
-            if attempt == MAX_TRANSIENT_ERRORS:
-                raise
-            time.sleep(policy.delay(attempt, exc.retry_after))
-    raise AssertionError("unreachable")
 
 
 def _feed(follower: Follower, read: Callable[[], LogChunk]) -> None:
@@ -182,14 +198,22 @@ def failure_error(
     if not tail:
         tail = backend.log_tail(handle)
     reason = status.message or f"remote state {status.remote_state or status.state.value}"
+    if status.reason and status.reason not in reason:
+        reason = f"{status.reason}: {reason}"
     manifest_uri = handle.data.get("manifest_uri")
     if manifest_uri and status.state is RunState.FAILED:
         try:
             manifest = backend.read_manifest(manifest_uri)
         except Exception:  # an unreadable manifest must not hide the step's own failure
             manifest = None
-        if manifest and manifest.get("error"):
-            reason = str(manifest["error"])
+        step_error = str(manifest.get("error") or "") if manifest else ""
+        if step_error and status.reason:
+            # The platform's own cause (OOMKilled, Evicted, INTERNAL_ERROR) leads: a kernel OOM kill of the
+            # step's child leaves the runtime alive to record only "exit code 137".
+            if step_error not in reason:
+                reason = f"{reason}\nthe step reported: {step_error}"
+        elif step_error:
+            reason = step_error
     kwargs: dict[str, Any] = {
         "exit_code": status.exit_code,
         "log_tail": tail,

@@ -199,7 +199,7 @@ def test_crash_between_submit_and_recording_the_handle_still_finds_the_job(tmp_p
         make(tmp_path, config, **step).execute(context(FakeTI(), store))
     # The interrupted try cancelled what it had started? No: it never learnt the handle, the job runs on.
     monkeypatch.setattr(LocalBackend, "submit", original)
-    assert store.get(STATE_KEY)["phase"] == "submitting"
+    assert store.get(STATE_KEY)["phase"] == "intent"
     result = make(tmp_path, config, **step).execute(context(FakeTI(try_number=2), store))
     assert result["metrics"] == {"score": 0.9}
     assert starts(tmp_path) == 1
@@ -327,3 +327,133 @@ def test_worker_crash_on_docker_then_retry_reattaches_to_the_same_container(tmp_
     assert result["job_id"] == record["handle"]["job_id"]
     assert result["metrics"] == {"score": 0.9}
     assert len(counter.read_text().splitlines()) == 1
+
+
+# -- issue 8: one owner of the step's life -------------------------------------------------------------------
+
+
+def _wait_started(tmp_path) -> None:
+    deadline = time.monotonic() + 60
+    while starts(tmp_path) == 0:
+        assert time.monotonic() < deadline, "the step never started"
+        time.sleep(0.05)
+
+
+def _pid_alive(handle) -> bool:
+    pid = int(open(os.path.join(handle.data["job_dir"], "pid")).read().split()[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_kill_after_defer_leaves_the_job_to_the_trigger(tmp_path, config, store):
+    """Item 3: a SIGTERM that reaches the task process after defer() must not cancel the trigger's job."""
+    op = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 120))
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context(FakeTI(), store))
+    _wait_started(tmp_path)
+    op.on_kill()  # the supervisor's SIGTERM, after the task deferred
+    handle = info.value.trigger.handle
+    backend = op._make_backend()
+    assert backend.poll(handle).state.value == "running"
+    assert store.get(STATE_KEY)["phase"] == "deferred"
+    backend.cancel(handle)
+
+
+class _FailingXComTI(FakeTI):
+    def xcom_push(self, key, value):
+        raise TimeoutError("api-server: read timed out")
+
+
+def test_a_failure_between_submit_and_the_wait_stops_the_job(tmp_path, config, store):
+    """Item 4: an XCom push that failed after submit left the step running, unowned."""
+    op = make(tmp_path, config, **counted_step(tmp_path, 120))
+    with pytest.raises(TimeoutError):
+        op.execute(context(_FailingXComTI(), store))
+    record = store.get(STATE_KEY)
+    from airflow_remote_ml.core import RunHandle
+
+    handle = RunHandle.from_json(record["handle"])
+    assert not _pid_alive(handle)
+    assert record["phase"] == "finished" and record["state"] == "cancelled"
+
+
+def test_a_config_error_at_run_time_fails_once_without_retry(tmp_path, config, store):
+    """Issue 9 item 2: a ConfigError raised while running (render, unmapping, validate) is final."""
+    op = make(tmp_path, config, command=["true"], compute={"memory": "{{ params.mem }}"})
+    op.compute = {"memory": "4GG"}
+    from airflow_remote_ml.core import ConfigError
+
+    with pytest.raises(AirflowFailException) as info:
+        op.execute(context(FakeTI(), store))
+    assert isinstance(info.value, ConfigError) and info.value.field == "resources.memory"
+
+
+def test_a_config_error_in_the_constructor_is_final_too(tmp_path, config):
+    """Unmapping a mapped task runs the constructor on the worker: the error must not be retried."""
+    from airflow_remote_ml.core import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make(tmp_path, config, command=["true"], compute={"memory": "4GG"})
+    assert isinstance(info.value, AirflowFailException)
+
+
+def test_a_restarted_trigger_does_not_repeat_log_lines(tmp_path, config, store, monkeypatch):
+    """Item 9: the log cursor was not carried across a trigger restart; lines appeared twice."""
+    shown: list[str] = []
+
+    class TaskLog:  # what the triggerer forwards into the task log
+        def info(self, msg, *args):
+            shown.append(msg % args if args else msg)
+
+        def __getattr__(self, name):
+            return lambda *a, **k: None
+
+    monkeypatch.setattr(RemoteStepTrigger, "log", property(lambda self: TaskLog()))
+    gate = tmp_path / "gate"
+    script = ("import os, sys, time\n"
+              "print('line-1', flush=True); print('line-2', flush=True)\n"
+              f"while not os.path.exists({str(gate)!r}): time.sleep(0.05)\n"
+              "print('line-3', flush=True)\n")
+    op = make(tmp_path, config, deferrable=True, command=[sys.executable, "-c", script])
+    with pytest.raises(TaskDeferred) as info:
+        op.execute(context(FakeTI(), store))
+    _, kwargs = info.value.trigger.serialize()
+
+    def step_lines() -> list[str]:
+        return [line for line in shown if line.startswith("line-")]
+
+    async def run_until_two_lines() -> None:
+        trigger = RemoteStepTrigger(**json.loads(json.dumps(kwargs)))
+        task = asyncio.ensure_future(trigger.run().__anext__())
+        deadline = time.monotonic() + 60
+        while len(step_lines()) < 2:
+            assert time.monotonic() < deadline and not task.done(), shown
+            await asyncio.sleep(0.05)
+        task.cancel()  # the triggerer dies
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    async def run_to_end():
+        trigger = RemoteStepTrigger(**json.loads(json.dumps(kwargs)))
+        gate.write_text("go")
+        async for event in trigger.run():
+            return event.payload
+
+    asyncio.run(run_until_two_lines())
+    payload = asyncio.run(run_to_end())
+    assert payload["status"]["state"] == "succeeded"
+    assert step_lines() == ["line-1", "line-2", "line-3"]
+
+
+def test_resolved_secret_values_are_masked(tmp_path, config, store, monkeypatch):
+    """Issue 9 item 6: `name/key` references were never registered with Airflow's secrets masker."""
+    from airflow.sdk.log import _secrets_masker
+
+    monkeypatch.setenv("AIRFLOW_VAR_API_CREDS", json.dumps({"token": "tok-7f3a9c"}))
+    op = make(tmp_path, config, secrets={"API_TOKEN": "api_creds/token"},
+              command=[sys.executable, "-c", "import os; print(os.environ['API_TOKEN'])"])
+    op.execute(context(FakeTI(), store))
+    assert "tok-7f3a9c" not in str(_secrets_masker().redact("the token is tok-7f3a9c"))

@@ -8,7 +8,8 @@ import pytest
 
 from airflow_remote_ml.core import Backend, LogChunk, PollPolicy, RunHandle, RunState, RunStatus
 from airflow_remote_ml.core.errors import TransientBackendError
-from airflow_remote_ml.core.wait import MAX_TRANSIENT_ERRORS, await_completion, wait_for_completion
+from airflow_remote_ml.core.poll import TransientBudget
+from airflow_remote_ml.core.wait import await_completion, wait_for_completion
 
 FAST = PollPolicy(first_delay=0.001, factor=1.0, cap=0.001)
 
@@ -69,11 +70,33 @@ def test_transient_errors_are_retried_and_logs_stream_once():
     assert lines == ["a", "b"] and outcome.tail == ["a", "b"] and outcome.cursor == 2
 
 
-def test_too_many_transient_errors_in_a_row_give_up():
+def test_a_streak_of_transient_errors_longer_than_the_budget_gives_up():
+    now = [0.0]
     backend = Scripted([RUNNING, BUSY])
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += 10.0  # each failed attempt costs ten seconds of (fake) time
+
     with pytest.raises(TransientBackendError):
-        wait_for_completion(backend, HANDLE, policy=FAST)
-    assert MAX_TRANSIENT_ERRORS >= 3
+        wait_for_completion(backend, HANDLE, policy=FAST, clock=lambda: now[0], sleep=sleep,
+                            budget=TransientBudget(45.0))
+    # Errors at t=0, 10, 20, 30, 40 are borne; the one at t=50 is past the 45 s budget.
+    assert len(slept) == 5
+
+
+def test_a_success_in_between_starts_a_new_streak():
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += 10.0
+
+    # Two streaks of three errors each (30 s) fit a 25 s budget only because a success splits them.
+    backend = Scripted([BUSY, BUSY, BUSY, RUNNING, BUSY, BUSY, BUSY, DONE])
+    outcome = wait_for_completion(backend, HANDLE, policy=FAST, clock=lambda: now[0], sleep=sleep,
+                                  budget=TransientBudget(25.0))
+    assert outcome.status == DONE
 
 
 def test_the_deadline_ends_the_wait_as_timed_out():
@@ -92,3 +115,37 @@ def test_the_async_loop_behaves_the_same():
     outcome = asyncio.run(await_completion(Scripted([RUNNING]), HANDLE, policy=FAST, deadline=2,
                                            clock=lambda: next(ticks)))
     assert outcome.timed_out
+
+
+class WithManifest(Scripted):
+    def __init__(self, manifest):
+        super().__init__([RUNNING], lines=["allocating 300 MB", "Killed"])
+        self.manifest = manifest
+
+    def read_manifest(self, uri):
+        return self.manifest
+
+
+def test_the_platforms_reason_leads_the_error_and_the_steps_own_words_follow():
+    """Issue 8 item 6 / issue 10 item 3: OOMKilled was replaced by the runtime's generic 'exit code 137'."""
+    from airflow_remote_ml.core.wait import failure_error
+
+    backend = WithManifest({"error": "the step exited with code 137"})
+    handle = RunHandle("scripted", "pod-1", url="https://k8s/pod-1", data={"manifest_uri": "/m.json"})
+    status = RunStatus(RunState.FAILED, "Failed", "the container used more memory than its limit; raise "
+                       "compute.memory", exit_code=137, reason="OOMKilled")
+    error = failure_error(backend, handle, status)
+    text = str(error)
+    assert text.splitlines()[0].endswith("OOMKilled: the container used more memory than its limit; raise "
+                                         "compute.memory")
+    assert "the step reported: the step exited with code 137" in text
+    assert error.exit_code == 137 and error.url == "https://k8s/pod-1" and "Killed" in error.log_tail
+
+
+def test_without_a_platform_reason_the_steps_own_error_is_the_reason():
+    from airflow_remote_ml.core.wait import failure_error
+
+    backend = WithManifest({"error": "ValueError: alpha must be positive"})
+    handle = RunHandle("scripted", "job-2", data={"manifest_uri": "/m.json"})
+    error = failure_error(backend, handle, RunStatus(RunState.FAILED, "failed", "exit code 1", exit_code=1))
+    assert error.reason == "ValueError: alpha must be positive"
