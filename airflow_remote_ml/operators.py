@@ -22,7 +22,7 @@ from airflow_remote_ml.core.spec import StepSpec
 from airflow_remote_ml.core.status import RunHandle, RunStatus
 from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
-from airflow_remote_ml.triggers import RemoteStepTrigger
+from airflow_remote_ml.triggers import RemoteStepTrigger, result_xcoms
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -209,7 +209,8 @@ class RemoteExecutionOperator(BaseOperator):
             self.log.info("Deferring: waiting for %s job %s in the triggerer", backend.name, handle.job_id)
             trigger = RemoteStepTrigger(backend=backend.name, backend_config=backend.config_json(),
                                         handle=handle.to_json(), deadline=deadline,
-                                        secret_refs=_secret_refs(spec, backend))
+                                        secret_refs=_secret_refs(spec, backend),
+                                        end_task=self._may_end_in_triggerer())
             # From here the trigger owns the job: a SIGTERM that reaches this process after defer() (a slow
             # "deferred" report) must not cancel what the trigger is waiting for.
             lifecycle.hand_over()
@@ -224,9 +225,21 @@ class RemoteExecutionOperator(BaseOperator):
             self._ti = context["ti"]
             backend = self._backend = self._make_backend()
             lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
+            if not isinstance(event, Mapping):
+                # The trigger ended the task itself (TaskSuccessEvent), yet a runner resumed us with its bare
+                # state ("success"): `dag.test()` does so. Rebuild the result from the job the record names.
+                event = self._event_from_record(lifecycle, event)
             handle = self._handle = RunHandle.from_json(event["handle"])
             lifecycle.take_back(handle)
             return lifecycle.guarded(lambda: self._complete(lifecycle, event))
+
+    def _event_from_record(self, lifecycle: StepLifecycle, state: Any) -> dict[str, Any]:
+        record = lifecycle.load()
+        if record is None or record.handle is None:
+            raise RemoteMLError(f"resumed with {state!r} but no job is recorded for this task instance")
+        status = lifecycle.backend.poll(record.handle)
+        return {"handle": record.handle.to_json(), "status": status.to_json(), "tail": [], "error": None,
+                "timed_out": False}
 
     def _complete(self, lifecycle: StepLifecycle, event: dict[str, Any]) -> Any:
         backend, handle = lifecycle.backend, lifecycle.handle
@@ -237,6 +250,10 @@ class RemoteExecutionOperator(BaseOperator):
         status = RunStatus.from_json(event["status"])
         return self._finish(lifecycle, status, list(event.get("tail") or []), bool(event.get("timed_out")),
                             self._build_spec().timeout)
+
+    def _may_end_in_triggerer(self) -> bool:
+        """A success may end the task in the triggerer unless a subclass runs code of its own on resume."""
+        return type(self).execute_complete is RemoteExecutionOperator.execute_complete
 
     def on_kill(self) -> None:
         lifecycle = self._lifecycle
@@ -279,17 +296,12 @@ class RemoteExecutionOperator(BaseOperator):
             backend.close()
 
     def _push_parts(self, xcom: dict[str, Any]) -> None:
-        """Push ``outputs``, ``metrics`` and each output's URI under its own key.
-
-        ``upstream.output["outputs"]["model"]`` is an XComArg for key ``model`` (Airflow's XComArg keeps
-        the last key), so the URI under that key is what a downstream step receives.
-        """
+        """Push the result's parts besides ``return_value`` (which Airflow pushes from the return)."""
         if self._ti is None:
             return
-        self._ti.xcom_push(key="outputs", value=xcom["outputs"])
-        self._ti.xcom_push(key="metrics", value=xcom["metrics"])
-        for name, uri in xcom["outputs"].items():
-            self._ti.xcom_push(key=name, value=uri)
+        for key, value in result_xcoms(xcom).items():
+            if key != "return_value":
+                self._ti.xcom_push(key=key, value=value)
 
     def _deadline(self, spec: StepSpec, started: float, submitted_at: float | None) -> float | None:
         """Wall-clock time after which Airflow cancels the job (the runtime stops it at its timeout)."""
