@@ -1,8 +1,9 @@
 """The databricks backend passes the contract suite against the local Jobs API test server.
 
 The server runs each ``spark_python_task`` as a local subprocess, so the step runtime really runs: the
-runtime file is placed under the (local) artifact root, the cluster and Airflow share that filesystem
-the way a Unity Catalog volume or a mounted bucket is shared in a deployment.
+runtime file is uploaded to DBFS through the DBFS API (the cluster cannot read a path on the worker), and
+the artifact root is a local directory that the "cluster" and Airflow share the way a Unity Catalog volume
+or a mounted bucket is shared in a deployment.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class TestDatabricksBackend(BackendContract):
     def backend(self, dbx: FakeDatabricks, tmp_path) -> Iterator[DatabricksBackend]:
         backend = DatabricksBackend.from_config({
             "new_cluster": CLUSTER,
-            "runtime_dir": str(tmp_path / "runtime"),
+            "runtime_dir": "dbfs:/airflow-remote-ml/runtime",
             # Quick checks keep the suite fast; the schedule itself is tested in the unit tests.
             "poll_first_delay": 0.1, "poll_quick_delay": 0.3, "poll_quick_window": 60, "poll_cap": 1.0,
             "retry_delay": 0.1,

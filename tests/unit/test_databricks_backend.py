@@ -36,6 +36,8 @@ def request(root: str = "dbfs:/ml", **spec: Any) -> StepRequest:
 
 def config(**settings: Any) -> DatabricksConfig:
     settings.setdefault("new_cluster", dict(CLUSTER))
+    # These requests use a dbfs:/ root: a classic cluster with the /dbfs mount (see the dbfs_fuse tests).
+    settings.setdefault("dbfs_fuse", True)
     return DatabricksConfig.from_mapping(settings, "databricks")
 
 
@@ -177,7 +179,7 @@ def test_secret_without_key_is_refused() -> None:
 
 
 def test_existing_cluster_from_settings_takes_env_in_the_step_but_refuses_secrets() -> None:
-    cfg = DatabricksConfig.from_mapping({"existing_cluster_id": "0101-abc"})
+    cfg = DatabricksConfig.from_mapping({"existing_cluster_id": "0101-abc", "dbfs_fuse": True})
     task = build_submit_payload(request(), cfg, "dbfs:/r.py")["tasks"][0]
     assert task["existing_cluster_id"] == "0101-abc" and "new_cluster" not in task
     validate_request(request(env={"A": "1"}), cfg)
@@ -392,6 +394,7 @@ def test_the_example_deployment_config_is_valid_for_every_profile() -> None:
 
     path = Path(__file__).resolve().parents[2] / "backends" / "databricks" / "backend_config.example.json"
     cfg = DatabricksConfig.from_mapping(json.loads(path.read_text())["databricks"], "databricks")
+    assert cfg.dbfs_fuse  # the example deployment's classic clusters mount /dbfs
     assert set(cfg.profiles) == {"spark-small", "spark-large", "gpu", "shared"}
     for name in ("spark-small", "spark-large", "gpu"):
         req = request(resources={"profile": name, **({"gpu": 1} if name == "gpu" else {})})
@@ -402,3 +405,46 @@ def test_the_example_deployment_config_is_valid_for_every_profile() -> None:
     # Without a profile, cpu/memory pick from the node type catalogue.
     cluster = build_submit_payload(request(resources={"cpu": 3}), cfg, "dbfs:/r.py")["tasks"][0]["new_cluster"]
     assert cluster["node_type_id"] == "m5d.xlarge"
+
+
+# -- the one choke point of errors ------------------------------------------------------------------------
+
+
+def _hook_failure(cause: BaseException) -> BaseException:
+    """What DatabricksHook raises after its retries: AirflowException from tenacity's RetryError."""
+    from tenacity import Future, RetryError
+
+    attempt = Future(1)
+    attempt.set_exception(cause)
+    retry_error = RetryError(attempt)
+    try:
+        raise RuntimeError("API requests to Databricks failed 3 times. Giving up.") from retry_error
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("cause", [
+    requests.ReadTimeout("read timed out"),
+    requests.ConnectionError("Connection aborted: RemoteDisconnected"),
+])
+def test_submit_timeouts_and_dropped_connections_are_transient(cause: BaseException) -> None:
+    from airflow_remote_ml.backends.databricks import map_error
+    from airflow_remote_ml.core import TransientBackendError
+
+    mapped = map_error(_hook_failure(cause), "submitting the run", backend="databricks", conn_id="c",
+                       ambiguous=True)
+    assert isinstance(mapped, TransientBackendError) and "outcome unknown" in str(mapped)
+
+
+def test_a_body_cut_off_mid_submit_is_transient_not_a_refusal() -> None:
+    # The hook neither retries nor wraps ChunkedEncodingError: it arrives raw, and the run may exist.
+    from airflow_remote_ml.backends.databricks import DatabricksBackend, map_error
+    from airflow_remote_ml.core import BackendAPIError, TransientBackendError
+
+    cut = requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
+    assert isinstance(map_error(cut, "submitting the run", backend="databricks", conn_id="c", ambiguous=True),
+                      TransientBackendError)
+    # A read is not ambiguous: nothing was created by it.
+    refused = map_error(cut, "reading the run", backend="databricks", conn_id="c")
+    assert isinstance(refused, BackendAPIError) and not isinstance(refused, TransientBackendError)
+    assert DatabricksBackend.idempotent_submit is True
