@@ -431,3 +431,36 @@ def test_dbfs_manifest_is_read_through_the_dbfs_api(dbx: FakeDatabricks, tmp_pat
     assert dbx.dbfs_file("dbfs:/ml/big.bin").read_bytes() == b"z" * ((1 << 20) + 5)
     assert dbx.count("dbfs/add-block") == 2
     assert not list(tmp_path.rglob("dbfs:*"))
+
+
+# -- the platform's reason reaches the status and the error ----------------------------------------------
+
+
+def test_driver_oom_reaches_the_status_reason_with_message_log_tail_and_link(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeDatabricks(token=TOKEN, driver_memory_mb=64) as dbx:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        backend = make_backend(tmp_path)
+        hog = "import time; print('loading the table', flush=True); hog = b'x' * (256 << 20); time.sleep(120)"
+        handle, outcome = run_to_end(backend, make_request(tmp_path, command=["python3", "-c", hog]))
+        assert outcome.status.state is RunState.FAILED
+        assert outcome.status.reason == "DRIVER_ERROR"
+        assert "The spark driver has stopped unexpectedly" in outcome.status.message
+        assert "ran out of memory" in outcome.status.message
+        text = str(failure_error(backend, handle, outcome.status, outcome.tail))
+        assert "The spark driver has stopped unexpectedly" in text and handle.url in text
+        assert "loading the table" in text  # the log tail
+
+
+def test_timeout_and_internal_error_carry_their_reason(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, timeout_grace_seconds=0)
+    handle, outcome = run_to_end(backend, make_request(
+        tmp_path, command=["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                            "time.sleep(120)"], timeout=1))
+    assert outcome.status.reason == "TIMEDOUT" and "timed out" in outcome.status.message
+    handle = backend.submit(make_request(tmp_path, task_id="lost", command=["python3", "-c",
+                                                                            "import time; time.sleep(60)"]))
+    dbx.force_state(int(handle.job_id), "INTERNAL_ERROR", None, "Cluster 0101-x was terminated unexpectedly")
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    assert outcome.status.reason == "INTERNAL_ERROR"
+    assert "Cluster 0101-x was terminated unexpectedly" in outcome.status.message

@@ -23,7 +23,15 @@ from airflow_remote_ml.backends.databricks import (
 )
 from airflow_remote_ml.backends.databricks._payload import matches_identity, parse_description, validate_request
 from airflow_remote_ml.backends.databricks._states import exit_code_from, metrics_from_logs, parse_error_body
-from airflow_remote_ml.core import ArtifactStore, ConfigError, RunState, StepIdentity, StepRequest, StepSpec
+from airflow_remote_ml.core import (
+    ArtifactStore,
+    ConfigError,
+    RunState,
+    RunStatus,
+    StepIdentity,
+    StepRequest,
+    StepSpec,
+)
 
 CLUSTER = {"spark_version": "15.4.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}
 IDENTITY = StepIdentity("dag", "features", "manual__2026-01-01", 3, 1)
@@ -448,3 +456,40 @@ def test_a_body_cut_off_mid_submit_is_transient_not_a_refusal() -> None:
     refused = map_error(cut, "reading the run", backend="databricks", conn_id="c")
     assert isinstance(refused, BackendAPIError) and not isinstance(refused, TransientBackendError)
     assert DatabricksBackend.idempotent_submit is True
+
+
+# -- the platform's reason for a failure -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    (run("INTERNAL_ERROR", None, "Cluster 0101 was terminated"), "INTERNAL_ERROR"),
+    (run("TERMINATED", "TIMEDOUT", "Run timed out after 60 seconds."), "TIMEDOUT"),
+    (run("TERMINATED", "CANCELED", "Run cancelled."), "CANCELED"),
+    (run("TERMINATED", "FAILED", "Cluster failed to start", status={
+        "state": "TERMINATED", "termination_details": {"code": "CLUSTER_ERROR", "type": "CLOUD_FAILURE",
+                                                      "message": "Cloud provider launch failure"}}),
+     "CLUSTER_ERROR"),
+    (run("TERMINATED", "FAILED", "The spark driver has stopped unexpectedly and is restarting.", status={
+        "state": "TERMINATED", "termination_details": {"code": "DRIVER_ERROR", "type": "CLIENT_ERROR",
+                                                      "message": "The spark driver has stopped unexpectedly "
+                                                                 "and is restarting."}}),
+     "DRIVER_ERROR"),
+    # The step's own code failed: no platform reason, so the step's error leads.
+    (run("TERMINATED", "FAILED", "Workload failed", status={
+        "state": "TERMINATED", "termination_details": {"code": "RUN_EXECUTION_ERROR", "type": "CLIENT_ERROR"}}),
+     ""),
+    (run("TERMINATED", "SUCCESS"), ""),
+])
+def test_failure_reason_is_the_platforms_word(answer: dict[str, Any], reason: str) -> None:
+    status = status_from_run(answer)
+    assert status.reason == reason
+    assert RunStatus.from_json(status.to_json()) == status
+
+
+def test_a_stopped_driver_says_it_probably_ran_out_of_memory() -> None:
+    status = status_from_run(run("TERMINATED", "FAILED", "The spark driver has stopped unexpectedly and is "
+                                 "restarting. Your notebook will be automatically reattached.",
+                                 status={"state": "TERMINATED", "termination_details": {"code": "DRIVER_ERROR"}}))
+    assert status.reason == "DRIVER_ERROR"
+    assert "stopped unexpectedly" in status.message and "ran out of memory" in status.message
+    assert "resources.memory" in status.message

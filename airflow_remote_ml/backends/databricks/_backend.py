@@ -377,12 +377,20 @@ class DatabricksBackend(Backend):
         error = output.get("error")
         if exit_code is None:
             exit_code = exit_code_from(error)
-        parts = [str(manifest_error or error or status.message or status.remote_state)]
-        if manifest_error and error and error not in parts[0]:
-            parts.append(f"Databricks: {error}")
+        if status.reason:
+            # The platform ended the run (driver lost, cluster failure, timeout): its words lead.
+            parts = [f"{status.reason}: {status.message or status.remote_state}"]
+            if error and error not in parts[0]:
+                parts.append(f"Databricks: {error}")
+            if manifest_error:
+                parts.append(f"step: {manifest_error}")
+        else:
+            parts = [str(manifest_error or error or status.message or status.remote_state)]
+            if manifest_error and error and error not in parts[0]:
+                parts.append(f"Databricks: {error}")
         if output.get("error_trace"):
             parts.append(str(output["error_trace"]).rstrip())
-        return RunStatus(status.state, status.remote_state, "\n".join(parts), exit_code)
+        return RunStatus(status.state, status.remote_state, "\n".join(parts), exit_code, status.reason)
 
     # -- waiting: the manifest as a completion signal ------------------------------------------------------
 

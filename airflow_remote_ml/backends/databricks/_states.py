@@ -95,12 +95,67 @@ def _warn_once(run_id: Any, text: str) -> None:
         log.warning("databricks run %s: %s; still waiting", run_id, text)
 
 
+#: Result states that say why a run ended without the step's own code failing: they become the reason.
+_REASON_RESULTS = frozenset(
+    {"TIMEDOUT", "CANCELED", "UPSTREAM_CANCELED", "UPSTREAM_FAILED", "MAXIMUM_CONCURRENT_RUNS_REACHED",
+     "EXCLUDED", "DISABLED"}
+)
+#: ``status.termination_details.code`` values that are no reason of their own: success, the task's own
+#: failure (RUN_EXECUTION_ERROR: "the run was completed with task failures"), a user's cancel.
+_PLAIN_CODES = frozenset({"", "SUCCESS", "SUCCESS_WITH_FAILURES", "RUN_EXECUTION_ERROR", "USER_CANCELED",
+                          "CANCELED", "SKIPPED"})
+#: What Databricks shows when the driver died, most often of memory (its JVM or Python process was killed).
+DRIVER_STOPPED = "The spark driver has stopped unexpectedly"
+_OOM_HINT = (
+    "the driver most likely ran out of memory: give it a node type with more memory (resources.memory, a "
+    "profile's node_type_id or driver_node_type_id), or collect less data to the driver"
+)
+
+
+def failure_reason(life: str, result: Any, status: Mapping[str, Any]) -> str:
+    """The platform's own word for why a run ended (``RunStatus.reason``), or ``""`` when the step's code did.
+
+    ``INTERNAL_ERROR``/``SKIPPED`` life cycle states, the result states of :data:`_REASON_RESULTS`, and the
+    2.2 ``termination_details.code`` of a platform failure (``DRIVER_ERROR``, ``CLUSTER_ERROR``,
+    ``LIBRARY_INSTALLATION_ERROR``, ``CLOUD_FAILURE``, ``INTERNAL_ERROR``...: ``TerminationCodeCode``).
+    """
+    if life in ("INTERNAL_ERROR", "SKIPPED"):
+        return life
+    if result in _REASON_RESULTS:
+        return str(result)
+    code = str((status.get("termination_details") or {}).get("code") or "")
+    return "" if code in _PLAIN_CODES else code
+
+
+def with_reason(status: RunStatus, run: Mapping[str, Any]) -> RunStatus:
+    """``status`` with the platform's reason and, for a stopped driver, what to do about it."""
+    if not status.is_terminal or status.is_successful:
+        return status
+    state = run.get("state") or {}
+    v2 = run.get("status") or {}
+    reason = failure_reason(str(state.get("life_cycle_state") or ""), state.get("result_state"), v2)
+    if not reason:
+        return status
+    details = str((v2.get("termination_details") or {}).get("message") or "")
+    message = status.message
+    if details and details not in message:
+        message = _join(message, details)
+    if DRIVER_STOPPED in message and _OOM_HINT not in message:
+        message = f"{message} ({_OOM_HINT})"
+    return RunStatus(status.state, status.remote_state, message, status.exit_code, reason)
+
+
 def status_from_run(run: Mapping[str, Any], *, success_with_failures_is_success: bool = False) -> RunStatus:
     """Map a raw ``runs/get`` (or ``runs/list`` entry) answer to a :class:`RunStatus`.
 
     Parsed from the raw JSON on purpose: the provider's ``RunState`` raises on a life-cycle state it does
-    not know, and a new state must keep the wait going (with a warning), never crash it.
+    not know, and a new state must keep the wait going (with a warning), never crash it. A run the platform
+    ended carries its reason (:func:`failure_reason`).
     """
+    return with_reason(_status_from_run(run, success_with_failures_is_success), run)
+
+
+def _status_from_run(run: Mapping[str, Any], success_with_failures_is_success: bool) -> RunStatus:
     state = run.get("state") or {}
     status = run.get("status") or {}
     life = str(state.get("life_cycle_state") or "")
