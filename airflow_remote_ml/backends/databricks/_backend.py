@@ -65,6 +65,8 @@ class _Seen:
     status: RunStatus
     #: The next check may reuse ``status``: the look-up right after submit/find doubles as the first check.
     fresh: bool = False
+    #: When ``status`` was read (monotonic): a fresh status older than the first poll delay is not reused.
+    read_at: float = 0.0
     task_run_id: int | None = None
     final: RunStatus | None = None
     output: dict[str, Any] | None = None
@@ -314,7 +316,7 @@ class DatabricksBackend(Backend):
         if seen is None:
             seen = self._seen[run_id] = _Seen(status, next_api=time.monotonic() + self.watch_policy.delay(0),
                                               api_checks=1)
-        seen.status, seen.fresh = status, fresh
+        seen.status, seen.fresh, seen.read_at = status, fresh, time.monotonic()
         seen.task_run_id = task_run_id(run) or seen.task_run_id
         return seen
 
@@ -326,6 +328,10 @@ class DatabricksBackend(Backend):
             return seen.final
         if seen.fresh and not seen.status.is_terminal:
             seen.fresh = False
+            # Reused only as the check the caller would have made right away anyway; an older answer may
+            # hide what happened since (a cancel, a remote delete, a revoked token).
+            if time.monotonic() - seen.read_at > self.config.poll_first_delay:
+                return None
             return seen.status
         return None
 
