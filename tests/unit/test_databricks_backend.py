@@ -330,15 +330,42 @@ def test_task_types_refuse_missing_settings_and_callables() -> None:
 def test_poll_schedule_is_quick_then_backs_off_to_the_cap() -> None:
     policy = DatabricksPollPolicy()
     delays = policy.schedule(20)
-    elapsed = 0.0
-    for delay in delays:
-        if elapsed < policy.quick_window:
-            assert delay <= policy.quick_delay
-        elapsed += delay
-    assert delays[0] == policy.first_delay
-    assert max(delays) == policy.cap and delays[-1] == policy.cap
+    assert delays[:4] == [3.0, 9.0, 18.0, 30.0]
+    assert max(delays) == policy.cap == 30.0 and delays[-1] == policy.cap
     assert delays == sorted(delays)
     assert [policy.delay(i) for i in range(20)] == delays
+    quick = DatabricksPollPolicy(first_delay=1, quick_delay=3, quick_window=10).schedule(8)
+    assert quick[:5] == [1, 2, 3, 3, 3] and quick[5:] == [9, 9, 30]  # 12 s, 21 s, then the 30 s grid
+
+
+#: DatabricksSubmitRunOperator's default polling_period_seconds: it notices an end up to 30 s late.
+PROVIDER_PERIOD = 30.0
+
+
+@pytest.mark.parametrize("run_seconds", [1, 5, 20, 45, 90, 300, 599, 1800, 3600])
+def test_poll_schedule_is_never_later_than_the_provider(run_seconds: float) -> None:
+    policy = DatabricksPollPolicy()
+    elapsed, checks = 0.0, 0
+    for delay in policy.schedule(10_000):
+        elapsed += delay
+        checks += 1
+        if elapsed >= run_seconds:
+            break
+    # The first check at or after the run's end is no later than a 30 s loop's (started with ours).
+    import math
+
+    assert elapsed <= math.ceil(run_seconds / PROVIDER_PERIOD) * PROVIDER_PERIOD
+    assert elapsed - run_seconds <= PROVIDER_PERIOD
+    assert policy.worst_delay(run_seconds) <= PROVIDER_PERIOD
+    assert policy.checks_until(run_seconds) == checks
+
+
+def test_poll_schedule_costs_at_most_1_2_times_the_providers_checks_over_10_minutes() -> None:
+    import math
+
+    provider = math.ceil(600 / PROVIDER_PERIOD) + 1  # one check per period until one falls after the end
+    ours = DatabricksPollPolicy().checks_until(600)
+    assert ours <= 1.2 * provider, (ours, provider)
 
 
 def test_retry_after_wins_when_longer() -> None:

@@ -97,13 +97,14 @@ class DatabricksBackend(Backend):
         super().__init__(config)
         self.poll_policy = DatabricksPollPolicy(  # type: ignore[misc]
             first_delay=config.poll_first_delay,
+            factor=config.poll_factor,
             quick_delay=config.poll_quick_delay,
             quick_window=config.poll_quick_window,
             cap=config.poll_cap,
         )
         # While the manifest is watched, the Jobs API is only a fallback: a sparse schedule suffices.
         self.watch_policy = PollPolicy(first_delay=2 * config.poll_first_delay, factor=2.0,
-                                       cap=config.poll_cap)
+                                       cap=config.watch_cap)
         version = config.api_version
         self._submit_ep = ("POST", f"{version}/jobs/runs/submit")
         self._get_ep = ("GET", f"{version}/jobs/runs/get")
@@ -423,7 +424,7 @@ class DatabricksBackend(Backend):
         """The manifest is there but the run is not TERMINATED yet (process exit, cluster clean-up):
         look again soon, backing off in case the clean-up takes a while."""
         delay = 4 * self.config.watch_interval * 2 ** seen.checks_since_manifest
-        seen.next_api = now + min(self.config.poll_cap, delay)
+        seen.next_api = now + min(self.config.watch_cap, delay)
         seen.checks_since_manifest += 1
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:

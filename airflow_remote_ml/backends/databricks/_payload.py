@@ -140,14 +140,17 @@ class DatabricksConfig(BackendConfig):
         find_lookback_hours, find_max_pages: how far back and how many 25-run pages :meth:`find` reads.
         retry_limit, retry_delay, request_timeout: passed to the hook; retries of 429/5xx wait at least
             the server's ``Retry-After`` (at most ``max_retry_after`` seconds).
-        poll_first_delay, poll_quick_delay, poll_quick_window, poll_cap: the :class:`DatabricksPollPolicy`.
+        poll_first_delay, poll_factor, poll_quick_delay, poll_quick_window, poll_cap: the
+            :class:`DatabricksPollPolicy` (3 s, ×3, to a 30 s cap: never later than the provider's 30 s).
+        watch_cap: the longest gap of the fallback checks while the manifest is watched (the manifest, not
+            the API, signals the end of a normal run).
         dbfs_fuse: the clusters mount DBFS at ``/dbfs`` (the FUSE mount), so the step runtime can read and
             write ``dbfs:/`` artifacts there. Off by default: serverless compute has no ``/dbfs`` and a
             workspace can disable it, and without it the runtime would write a local folder named ``dbfs:``
             on the driver. With it off, a ``dbfs:/`` artifact root or input of a runtime step is refused.
         watch_manifest: when Airflow sees the result manifest as a file (a local or ``local_mounts``
             path), look for it every ``watch_interval`` seconds (no API call) and ask the Jobs API only
-            when it appears, or on a sparse schedule (``poll_first_delay`` × 2, doubling to ``poll_cap``)
+            when it appears, or on a sparse schedule (``poll_first_delay`` × 2, doubling to ``watch_cap``)
             for runs that end without one (cluster failures, cancellations).
     """
 
@@ -172,10 +175,12 @@ class DatabricksConfig(BackendConfig):
     retry_delay: float = 1.0
     request_timeout: int = 180
     max_retry_after: float = 300.0
-    poll_first_delay: float = 1.0
+    poll_first_delay: float = 3.0
+    poll_factor: float = 3.0
     poll_quick_delay: float = 3.0
-    poll_quick_window: float = 24.0
-    poll_cap: float = 120.0
+    poll_quick_window: float = 0.0
+    poll_cap: float = 30.0
+    watch_cap: float = 120.0
     dbfs_fuse: bool = False
     watch_manifest: bool = True
     watch_interval: float = 0.25
