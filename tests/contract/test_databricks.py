@@ -32,7 +32,7 @@ TOKEN = "dapi-contract"
 CLUSTER = {"spark_version": "15.4.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}
 RUNTIME_DIR = "dbfs:/airflow-remote-ml/runtime"
 #: The fake driver's memory: far above a python3 step's, far below what ``oom_spec`` allocates.
-DRIVER_MEMORY_MB = 200
+DRIVER_MEMORY_MB = 128
 QUICK = {"poll_first_delay": 0.1, "poll_quick_delay": 0.3, "poll_quick_window": 60, "poll_cap": 1.0,
          "retry_delay": 0.1}
 
@@ -63,9 +63,9 @@ class DatabricksFaults:
         for run_id in self.server.run_ids:  # oldest first
             try:
                 run = self.server.get_run(run_id)
+                submitted = self.server.idempotency_token(run_id)
             except Exception:  # deleted between the listing and the read
                 continue
-            submitted = self.server._runs[run_id].idempotency_token if run_id in self.server._runs else None
             if str(run.get("run_name", "")).endswith(f" {token}") or submitted == token:
                 running = run["state"]["life_cycle_state"] not in TERMINAL_LIFE_CYCLE_STATES
                 found.append((str(run_id), running))
@@ -92,7 +92,7 @@ class DatabricksFaults:
 
     def oom_spec(self) -> dict[str, Any]:
         # The whole driver dies (runtime included), as a driver OOM does: DRIVER_ERROR, no manifest.
-        hog = f"import time; print('allocating', flush=True); hog = b'x' * ({4 * DRIVER_MEMORY_MB} << 20); " \
+        hog = f"import time; print('allocating', flush=True); hog = b'x' * ({3 * DRIVER_MEMORY_MB} << 20); " \
               "time.sleep(120)"
         return {"command": ["python3", "-c", hog]}
 

@@ -809,6 +809,12 @@ class FakeDatabricks:
         assert self._tmp is not None, "FakeDatabricks is not started"
         return self._tmp / "dbfs"
 
+    def idempotency_token(self, run_id: int) -> str | None:
+        """The ``idempotency_token`` a run was submitted with (None without one)."""
+        with self._cond:
+            run, _ = self._lookup(run_id)
+            return run.idempotency_token
+
     def dbfs_file(self, path: str) -> Path:
         """The local file behind a DBFS path (``dbfs:/x`` or ``/x``)."""
         path = path[len("dbfs:") :] if path.startswith("dbfs:") else path
@@ -2220,6 +2226,18 @@ def _check_python_file(python_file: str, source: str, where: str) -> None:
 def _descendants(pid: int) -> list[int]:
     """``pid`` and every process below it (from /proc: a step's runtime starts its command in a new session,
     so the process group alone misses it)."""
+    found, todo = [], [pid]
+    try:
+        while todo:
+            current = todo.pop()
+            found.append(current)
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children", encoding="ascii") as fh:
+                    todo.extend(int(child) for child in fh.read().split())
+        return found
+    except FileNotFoundError:  # the process is gone, or the kernel has no children files
+        if not os.path.exists(f"/proc/{pid}/task"):
+            return found
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

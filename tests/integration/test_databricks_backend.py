@@ -464,3 +464,23 @@ def test_timeout_and_internal_error_carry_their_reason(dbx: FakeDatabricks, tmp_
     outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
     assert outcome.status.reason == "INTERNAL_ERROR"
     assert "Cluster 0101-x was terminated unexpectedly" in outcome.status.message
+
+
+def test_find_adopts_the_oldest_of_several_runs_for_one_identity(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    from airflow.providers.databricks.hooks.databricks import DatabricksHook
+
+    from airflow_remote_ml.backends.databricks import build_submit_payload
+
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(60)"])
+    first = backend.submit(request)
+    # A run for the same identity without the token (submitted by an older version, or by hand): newer.
+    payload = build_submit_payload(request, backend.config, backend.runtime_uri(request))
+    payload.pop("idempotency_token")
+    second = DatabricksHook().submit_run(payload)
+    assert dbx.run_ids == sorted([int(first.job_id), second])
+    for _ in range(2):  # deterministic: every caller adopts the same, oldest run
+        found = make_backend(tmp_path).find(request.identity)
+        assert found is not None and found.job_id == first.job_id
+    dbx.cancel(second)
+    backend.cancel(first)
