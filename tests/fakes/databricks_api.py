@@ -1596,8 +1596,10 @@ class FakeDatabricks:
     def _dbfs_delete(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
         path, target = self._dbfs_target(params)
         recursive = _as_bool(params.get("recursive", False), "recursive")
+        # The reference documents only IO_ERROR ("if the path is a non-empty directory and recursive is set
+        # to false"); a missing path is not documented as an error, so it is none here.
         if not target.exists():
-            return {}  # deleting what is not there succeeds ("delete ... is idempotent" in the CLI's use)
+            return {}
         if target.is_dir():
             if any(target.iterdir()) and not recursive:
                 raise ApiError(400, f"Directory {path} is not empty; use recursive", "IO_ERROR")
@@ -2048,6 +2050,8 @@ class FakeDatabricks:
                 self._set(task, "RUNNING", state_message="In run", exec_start=_now_ms())
             error = f"Cannot read the python file {python_file}. Please check driver logs for more details."
             return "FAILED", error, None
+        # A cluster's driver knows nothing of whoever submitted the run: the task gets the cluster's
+        # spark_env_vars and what the runtime sets (DATABRICKS_RUNTIME_VERSION), not our environment.
         env = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", "")}
         env.update(cluster_spec.get("spark_env_vars", {}))
         spark_version = str(cluster_spec.get("spark_version", "15.4.x-scala2.12"))
@@ -2189,13 +2193,15 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
         payload = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
+        # A client that gave up on a slow answer has closed its end: nothing to tell it any more.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
 
