@@ -68,8 +68,8 @@ class Outcome:
 
 
 def ours_calls(duration: float, policy: DatabricksPollPolicy, watched: bool) -> int:
-    """find (active + recent pages: 2) + submit + the submit's runs/get (reused as the first check)
-    + the checks + one get-output.
+    """submit + the submit's runs/get (reused as the first check) + the checks + one get-output (a fresh
+    submit makes no find(): ``runs/submit`` is idempotent by the identity's token).
 
     API only: one runs/get per check of the poll schedule until one falls after the end. Watching the
     manifest: the sparse fallback checks before the end, then one when the manifest appears and one
@@ -77,17 +77,17 @@ def ours_calls(duration: float, policy: DatabricksPollPolicy, watched: bool) -> 
     """
     checks = 0
     if watched:
-        fallback = PollPolicy(first_delay=2 * policy.first_delay, factor=2.0, cap=policy.cap)
+        fallback = PollPolicy(first_delay=2 * policy.first_delay, factor=2.0, cap=120.0)
         elapsed = fallback.delay(0)
         while elapsed < duration:
             checks += 1
             elapsed += fallback.delay(checks)
-        return 2 + 1 + 1 + checks + 2 + 1
+        return 1 + 1 + checks + 2 + 1
     for elapsed in itertools.accumulate(policy.schedule(10_000)):
         checks += 1
         if elapsed >= duration:
             break
-    return 2 + 1 + 1 + checks + 1
+    return 1 + 1 + checks + 1
 
 
 def provider_calls(duration: float, period: float, deferrable: bool) -> int:
@@ -102,10 +102,10 @@ def provider_calls(duration: float, period: float, deferrable: bool) -> int:
 # -- the four waiters -----------------------------------------------------------------------------------
 
 
-def _script(directory: Path, seconds: float) -> Path:
-    path = directory / f"sleep_{uuid.uuid4().hex[:8]}.py"
-    path.write_text(f"import time\nprint('working', flush=True)\ntime.sleep({seconds})\nprint('done')\n")
-    return path
+def _script(server: FakeDatabricks, seconds: float) -> str:
+    """The provider's task file, placed in DBFS (a cluster cannot read a file on the worker)."""
+    return server.put_file(f"dbfs:/bench/sleep_{uuid.uuid4().hex[:8]}.py",
+                           f"import time\nprint('working', flush=True)\ntime.sleep({seconds})\nprint('done')\n")
 
 
 def run_ours(server: FakeDatabricks, conn_id: str, seconds: float, scale: float, deferred: bool,
@@ -121,9 +121,13 @@ def run_ours(server: FakeDatabricks, conn_id: str, seconds: float, scale: float,
         task_id=f"ours_{'deferred' if deferred else 'sync'}",
         backend="databricks",
         backend_config={
-            "databricks_conn_id": conn_id, "new_cluster": CLUSTER, "runtime_dir": str(workdir / "runtime"),
-            "poll_first_delay": default.first_delay * scale, "poll_quick_delay": default.quick_delay * scale,
-            "poll_quick_window": default.quick_window * scale, "poll_cap": default.cap * scale,
+            # The runtime goes to DBFS through a mount of it on the worker (no API call, as before the
+            # double refused worker paths); the double serves dbfs:/ from the same directory.
+            "databricks_conn_id": conn_id, "new_cluster": CLUSTER, "runtime_dir": "dbfs:/bench/runtime",
+            "local_mounts": {"dbfs:/": str(server.dbfs_root)},
+            "poll_first_delay": default.first_delay * scale, "poll_factor": default.factor,
+            "poll_quick_delay": default.quick_delay * scale, "poll_quick_window": default.quick_window * scale,
+            "poll_cap": default.cap * scale, "watch_cap": 120.0 * scale,
             "watch_manifest": watch, "watch_interval": 0.25 * scale,
         },
         command=["python3", "-c", f"import time; print('working', flush=True); time.sleep({seconds})"],
@@ -158,7 +162,7 @@ def run_provider(server: FakeDatabricks, conn_id: str, seconds: float, scale: fl
     operator = DatabricksSubmitRunOperator(
         task_id="provider",
         databricks_conn_id=conn_id,
-        spark_python_task={"python_file": str(_script(workdir, seconds))},
+        spark_python_task={"python_file": _script(server, seconds)},
         new_cluster=dict(CLUSTER),
         polling_period_seconds=PROVIDER_PERIOD * scale,
         deferrable=deferrable,
@@ -247,11 +251,16 @@ def main() -> int:
             continue
         print(f"| {long.waiter} | {long.total} ({_detail(long.calls)}) | {analytic[long.waiter]} "
               f"| {short.delay:.2f} s | {short.total} |")
-    print(f"\nOur API-only poll schedule: {policy.schedule(16)} s (quick checks for {policy.quick_window:g} s, "
-          f"then ×{policy.factor:g} to a {policy.cap:g} s cap). Watching the manifest (a stat every 0.25 s, no API "
-          f"call), the API is asked at 2, 6, 14, 30, ... s (doubling to {policy.cap:g} s) and when the manifest "
-          f"appears. Provider: every {PROVIDER_PERIOD:g} s. Ours includes 2 runs/list calls of find() "
-          "before submitting (reattachment).")
+    print(f"\nOur API-only poll schedule: {policy.schedule(8)} s ({policy.first_delay:g} s, ×{policy.factor:g} to a "
+          f"{policy.cap:g} s cap). Watching the manifest (a stat every 0.25 s, no API call), the API is asked at "
+          f"6, 18, 42, ... s (doubling to 120 s) and when the manifest appears. Provider: every {PROVIDER_PERIOD:g} s.")
+    print("\nAPI-only, by run length (analytic): the longest a run's end goes unnoticed, and the checks made")
+    print("\n| run length | ours: worst delay | provider: worst delay | ours: checks | provider: checks |")
+    print("|---|---|---|---|---|")
+    for length in (10, 30, 60, 120, 300, 600, 1800, 3600):
+        theirs = math.ceil(length / PROVIDER_PERIOD) + 1
+        print(f"| {length:g} s | {policy.worst_delay(length):g} s | {PROVIDER_PERIOD:g} s "
+              f"| {policy.checks_until(length)} | {theirs} |")
     print("Long-run delays scale with the run, so the scaled delay is not reported; calls are.")
     print("\nCommand: .venv/bin/python bench/bench_databricks.py "
           f"--long {args.long:g} --short {args.short:g} --scale {args.scale:g}")

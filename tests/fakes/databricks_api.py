@@ -91,6 +91,26 @@ TASK_TYPES = (
 LIBRARY_KINDS = ("jar", "egg", "whl", "pypi", "maven", "cran", "requirements")
 
 MAX_IDEMPOTENCY_TOKEN_LENGTH = 64
+#: DBFS API limits (docs.databricks.com/api/workspace/dbfs): ``read`` "length ... has a limit of 1 MB"
+#: (MAX_READ_SIZE_EXCEEDED), ``add-block`` "data ... has a limit of 1 MB" (MAX_BLOCK_SIZE_EXCEEDED), and
+#: ``put`` "The amount of data that can be passed ... using the contents parameter is limited to 1 MB"
+#: (MAX_BLOCK_SIZE_EXCEEDED). ``read`` defaults to 0.5 MB.
+DBFS_MAX_BYTES = 1 << 20
+DBFS_DEFAULT_READ = 1 << 19
+#: The prefixes of the workspace file tree (``/Workspace`` and its aliases) and of Unity Catalog volumes:
+#: an absolute ``python_file`` is looked up there, never on some machine's local disk.
+WORKSPACE_ROOTS = ("/Workspace/", "/Users/", "/Shared/", "/Repos/", "/Volumes/")
+#: Cloud file URIs ``SparkPythonTask.python_file`` accepts ("Cloud file URIs (such as dbfs:/, s3:/, adls:/,
+#: gcs:/) and workspace paths are supported", Jobs API reference).
+CLOUD_URI_PREFIXES = ("dbfs:/", "s3:/", "s3a:/", "adls:/", "abfss:/", "gs:/", "gcs:/", "wasbs:/")
+#: How Databricks reports a driver that was killed (its JVM or Python process ran out of memory): the run
+#: page's "The spark driver has stopped unexpectedly and is restarting." with termination code DRIVER_ERROR
+#: (``TerminationCodeCode``: "DRIVER_ERROR: The run encountered an error while communicating with the
+#: Spark Driver").
+MSG_DRIVER_OOM = (
+    "The spark driver has stopped unexpectedly and is restarting. Your notebook will be automatically "
+    "reattached."
+)
 MAX_TASKS_PER_RUN = 100
 #: "Databricks restricts this API to return the last 5 MB of these logs" (RunOutput.logs).
 DEFAULT_LOGS_LIMIT_BYTES = 5 * 1024 * 1024
@@ -257,6 +277,9 @@ class _TaskRun:
     process: subprocess.Popen[bytes] | None = None
     thread: threading.Thread | None = None
     exit_code: int | None = None
+    #: ``status.termination_details`` when the platform, not the result state, says why the task ended
+    #: (a driver killed for memory is ``DRIVER_ERROR``, not ``RUN_EXECUTION_ERROR``).
+    termination: tuple[str, str, str] | None = None
 
 
 @dataclass
@@ -416,7 +439,15 @@ class FakeDatabricks:
             ``job_cluster_key`` or ``environment_key``), as a workspace with serverless jobs does.
         python_executable: The interpreter that runs ``spark_python_task`` files.
         inherit_env: Start task subprocesses with this process's environment (plus
-            ``spark_env_vars``); if False they get only ``PATH`` and the cluster's variables.
+            ``spark_env_vars``). Default False, as on a cluster: a task sees only ``PATH``, the
+            cluster's ``spark_env_vars`` and what Databricks sets (``DATABRICKS_RUNTIME_VERSION``),
+            never the environment of whoever submitted it.
+        cancel_seconds: How long a cancelled (or timed-out) task stays ``TERMINATING`` before it is
+            ``TERMINATED``/``CANCELED``: ``runs/cancel`` "cancels a job run or a task run. The run is
+            canceled asynchronously, so it may still be running when this request completes."
+        driver_memory_mb: The driver's memory. A task whose processes together hold more resident
+            memory is killed, and the run ends ``TERMINATED/FAILED`` with termination code
+            ``DRIVER_ERROR`` and the message Databricks shows for a driver OOM.
         workspace_id: The ``?o=`` organisation id in ``run_page_url``.
         user_name: ``creator_user_name`` of every run.
     """
@@ -436,7 +467,9 @@ class FakeDatabricks:
         tasks_page_size: int = DEFAULT_TASKS_PAGE_SIZE,
         serverless: bool = False,
         python_executable: str = sys.executable,
-        inherit_env: bool = True,
+        inherit_env: bool = False,
+        cancel_seconds: float = 0.5,
+        driver_memory_mb: float | None = None,
         workspace_id: int = 1234567890123456,
         user_name: str = "fake.user@example.com",
     ) -> None:
@@ -454,6 +487,8 @@ class FakeDatabricks:
         self.serverless = serverless
         self.python_executable = python_executable
         self.inherit_env = inherit_env
+        self.cancel_seconds = cancel_seconds
+        self.driver_memory_mb = driver_memory_mb
         self.workspace_id = workspace_id
         self.user_name = user_name
 
@@ -466,6 +501,12 @@ class FakeDatabricks:
         self._path_mappings: list[tuple[str, Path]] = []
         self._outcomes: dict[str, SimulatedOutcome] = {}
         self._faults: list[_Fault] = []
+        #: endpoint -> [(seconds, drop)]: answer the next matching request late, or not at all, *after*
+        #: serving it (the request takes effect either way).
+        self._late: dict[str, list[tuple[float, bool]]] = {}
+        self._outage_until = 0.0
+        self._dbfs_handles: dict[int, tuple[str, bytearray]] = {}
+        self._handle_ids = itertools.count(1)
         self._requests: list[RequestRecord] = []
         # Real run ids are large (above 2**31); using such values catches int32 assumptions.
         self._ids = itertools.count(700_000_000_000_000 + random.randint(0, 10_000) * 1000)
@@ -708,10 +749,86 @@ class FakeDatabricks:
             else:
                 task.forced = None
 
-    def revoke_token(self, token: str) -> None:
-        """Make a token invalid from now on (e.g. to simulate expiry)."""
+    def revoke_token(self, token: str | None = None) -> None:
+        """Make a token invalid from now on (expiry, or revoked by an admin mid-run).
+
+        Every later request with it is answered as the service answers an unknown token: 403
+        ``"Invalid access token."`` (``invalid_token_status``). Runs already started go on.
+        """
         with self._cond:
-            self.tokens.discard(token)
+            self.tokens.discard(token if token is not None else self.token)
+
+    # ------------------------------------------------------------------ faults of a real network
+
+    def slow_next(self, endpoint: str, seconds: float) -> None:
+        """Serve the next ``endpoint`` request at once (it takes effect), but answer it ``seconds`` late.
+
+        A client with a shorter timeout gives up on a request that did happen: a submit that created
+        its run although the caller saw a timeout.
+        """
+        with self._cond:
+            self._late.setdefault(endpoint, []).append((seconds, False))
+
+    def drop_response_next(self, endpoint: str) -> None:
+        """Serve the next ``endpoint`` request (it takes effect), then close the connection unanswered."""
+        with self._cond:
+            self._late.setdefault(endpoint, []).append((0.0, True))
+
+    def outage(self, seconds: float) -> None:
+        """Answer every request 503 ``TEMPORARILY_UNAVAILABLE`` for ``seconds`` from now.
+
+        The documented body of a workspace that is down for maintenance or overloaded; nothing is served,
+        running tasks go on.
+        """
+        with self._cond:
+            self._outage_until = time.monotonic() + seconds
+
+    def rate_limit(self, count: int, retry_after: float) -> None:
+        """Answer the next ``count`` requests 429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After``."""
+        self.fail_next("*", 429, times=count, retry_after=retry_after)
+
+    def delete_run(self, run_id: int, timeout: float = 30.0) -> None:
+        """Delete a run remotely, the way a user does it: cancel it, wait until it is over, delete it.
+
+        (``runs/delete`` refuses an active run, so the UI and CLI cancel first.)
+        """
+        self.cancel(run_id)
+        self.wait_until_terminal(run_id, timeout=timeout)
+        with self._cond:
+            self._delete("2.2", {"run_id": run_id})
+
+    # ------------------------------------------------------------------ DBFS seen from the tests
+
+    @property
+    def dbfs_root(self) -> Path:
+        """The directory behind ``dbfs:/``: a ``map_path("dbfs:/", ...)`` directory, or the server's own."""
+        with self._cond:
+            for prefix, directory in self._path_mappings:
+                if prefix == "dbfs:/":
+                    return directory
+        assert self._tmp is not None, "FakeDatabricks is not started"
+        return self._tmp / "dbfs"
+
+    def idempotency_token(self, run_id: int) -> str | None:
+        """The ``idempotency_token`` a run was submitted with (None without one)."""
+        with self._cond:
+            run, _ = self._lookup(run_id)
+            return run.idempotency_token
+
+    def dbfs_file(self, path: str) -> Path:
+        """The local file behind a DBFS path (``dbfs:/x`` or ``/x``)."""
+        path = path[len("dbfs:") :] if path.startswith("dbfs:") else path
+        return self.dbfs_root / path.lstrip("/")
+
+    def put_file(self, path: str, data: bytes | str) -> str:
+        """Place a file in DBFS (``dbfs:/...``) or in a mapped workspace path, as an upload would; returns path."""
+        raw = data.encode() if isinstance(data, str) else data
+        target = self.dbfs_file(path) if path.startswith("dbfs:") else self._resolve_mapped(path)
+        if target is None:
+            raise ValueError(f"{path} is neither dbfs:/ nor under a map_path() prefix")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(raw)
+        return path
 
     # ------------------------------------------------------------------ inspection
 
@@ -825,6 +942,11 @@ class FakeDatabricks:
                     return fault
         return None
 
+    def _take_late(self, endpoint: str) -> tuple[float, bool] | None:
+        with self._cond:
+            queue = self._late.get(endpoint)
+            return queue.pop(0) if queue else None
+
     def _authenticate(self, headers: Any) -> None:
         auth = headers.get("Authorization")
         if not auth or not auth.startswith("Bearer "):
@@ -847,6 +969,11 @@ class FakeDatabricks:
                 status, answer, extra = self._oidc_token(method, headers, body)
                 self._record(method, path, version, endpoint, status, {})
                 return status, answer, extra
+            with self._cond:
+                down = time.monotonic() < self._outage_until
+            if down:
+                raise ApiError(503, "The service is temporarily unavailable. Please try again later.",
+                               "TEMPORARILY_UNAVAILABLE")
             self._authenticate(headers)
             params = self._params(method, split.query, body)
             handler = self._route(method, version, endpoint)
@@ -864,6 +991,12 @@ class FakeDatabricks:
                 return fault.status, err.body(), extra_headers
             answer = handler(version, params)
             self._record(method, path, version, endpoint, 200, params)
+            late = self._take_late(endpoint)
+            if late is not None:
+                seconds, drop = late
+                time.sleep(seconds)  # the request took effect; only its answer is late (or lost)
+                if drop:
+                    return 0, None, {}
             return 200, answer, {}
         except ApiError as err:
             self._record(method, path, version, endpoint, err.status, params)
@@ -897,9 +1030,24 @@ class FakeDatabricks:
             ("POST", "jobs/runs/delete"): self._delete,
             ("GET", "clusters/get"): self._cluster_get,
             ("GET", "clusters/spark-versions"): self._spark_versions,
+            # The DBFS API (2.0 only): docs.databricks.com/api/workspace/dbfs.
+            ("GET", "dbfs/get-status"): self._dbfs_get_status,
+            ("GET", "dbfs/read"): self._dbfs_read,
+            ("GET", "dbfs/list"): self._dbfs_list,
+            ("POST", "dbfs/put"): self._dbfs_put,
+            ("POST", "dbfs/create"): self._dbfs_create,
+            ("POST", "dbfs/add-block"): self._dbfs_add_block,
+            ("POST", "dbfs/close"): self._dbfs_close,
+            ("POST", "dbfs/mkdirs"): self._dbfs_mkdirs,
+            ("POST", "dbfs/delete"): self._dbfs_delete,
         }
         handler = routes.get((method, endpoint))
-        versions = CLUSTERS_API_VERSIONS if endpoint.startswith("clusters/") else JOBS_API_VERSIONS
+        if endpoint.startswith("clusters/"):
+            versions: tuple[str, ...] = CLUSTERS_API_VERSIONS
+        elif endpoint.startswith("dbfs/"):
+            versions = ("2.0",)
+        else:
+            versions = JOBS_API_VERSIONS
         if handler is None or version not in versions:
             raise ApiError(404, f"No API found for '{method} /{endpoint}'", "ENDPOINT_NOT_FOUND")
         return handler
@@ -1087,6 +1235,7 @@ class FakeDatabricks:
             source = spec.get("source", "WORKSPACE")
             if source not in ("WORKSPACE", "GIT"):
                 raise _invalid(f"Invalid {where}.spark_python_task.source {source!r}: use WORKSPACE or GIT")
+            _check_python_file(spec["python_file"], source, where)
         if kind == "python_wheel_task" and "parameters" in spec:
             _str_list(spec["parameters"], f"{where}.python_wheel_task.parameters")
         if kind == "notebook_task" and "base_parameters" in spec:
@@ -1316,6 +1465,149 @@ class FakeDatabricks:
                 self._deleted_tokens.add(run.idempotency_token)
         return {}
 
+    # ------------------------------------------------------------------ DBFS API 2.0
+
+    def _dbfs_target(self, params: dict[str, Any]) -> tuple[str, Path]:
+        path = _as_str(params.get("path", ""), "path")
+        # "The path of the file or directory. The path should be the absolute DBFS path."
+        if not path.startswith("/"):
+            raise _invalid(f"Path must be absolute: {path}")
+        root = self.dbfs_root
+        target = (root / path.lstrip("/")).resolve()
+        if target != root.resolve() and root.resolve() not in target.parents:
+            raise _invalid(f"Invalid path: {path}")
+        return path, target
+
+    @staticmethod
+    def _not_found(path: str) -> ApiError:
+        # "If the file or directory does not exist, this call throws an exception with RESOURCE_DOES_NOT_EXIST."
+        return ApiError(404, f"No file or directory exists on path {path}.", "RESOURCE_DOES_NOT_EXIST")
+
+    @staticmethod
+    def _decode_b64(value: Any, name: str) -> bytes:
+        try:
+            return base64.b64decode(_as_str(value, name), validate=True)
+        except (ValueError, TypeError) as exc:
+            raise _invalid(f"Invalid base64 in {name}") from exc
+
+    def _file_info(self, path: str, target: Path) -> dict[str, Any]:
+        stat = target.stat()
+        return {
+            "path": path,
+            "is_dir": target.is_dir(),
+            "file_size": 0 if target.is_dir() else stat.st_size,
+            "modification_time": int(stat.st_mtime * 1000),
+        }
+
+    def _dbfs_get_status(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        path, target = self._dbfs_target(params)
+        if not target.exists():
+            raise self._not_found(path)
+        return self._file_info(path, target)
+
+    def _dbfs_list(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        path, target = self._dbfs_target(params)
+        if not target.exists():
+            raise self._not_found(path)
+        if not target.is_dir():
+            return {"files": [self._file_info(path, target)]}
+        base = path.rstrip("/")
+        return {"files": [self._file_info(f"{base}/{child.name}", child) for child in sorted(target.iterdir())]}
+
+    def _dbfs_read(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        path, target = self._dbfs_target(params)
+        offset = _as_int(params.get("offset", 0), "offset")
+        length = _as_int(params.get("length", DBFS_DEFAULT_READ), "length")
+        if not target.exists():
+            raise self._not_found(path)
+        # "If the path is a directory, the read length is negative, or if the offset is negative, this call
+        # throws an exception with INVALID_PARAMETER_VALUE. If the read length exceeds 1 MB, this call throws
+        # an exception with MAX_READ_SIZE_EXCEEDED."
+        if target.is_dir() or length < 0 or offset < 0:
+            raise _invalid(f"Cannot read {path} at offset {offset} with length {length}")
+        if length > DBFS_MAX_BYTES:
+            raise ApiError(400, f"Cannot read more than {DBFS_MAX_BYTES} bytes at once, got {length}",
+                           "MAX_READ_SIZE_EXCEEDED")
+        with target.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read(length)
+        return {"bytes_read": len(data), "data": base64.b64encode(data).decode()}
+
+    def _dbfs_write(self, path: str, target: Path, data: bytes, overwrite: bool) -> None:
+        if target.is_dir():
+            raise _invalid(f"Path {path} is a directory")
+        if target.exists() and not overwrite:
+            # "If the file already exists and overwrite is false, this call throws RESOURCE_ALREADY_EXISTS."
+            raise ApiError(400, f"File {path} already exists.", "RESOURCE_ALREADY_EXISTS")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.part-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+
+    def _dbfs_put(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        path, target = self._dbfs_target(params)
+        data = self._decode_b64(params.get("contents", ""), "contents")
+        # "The amount of data that can be passed (when not streaming) using the contents parameter is limited
+        # to 1 MB. MAX_BLOCK_SIZE_EXCEEDED is thrown if this limit is exceeded."
+        if len(data) > DBFS_MAX_BYTES:
+            raise ApiError(400, f"The contents exceed the {DBFS_MAX_BYTES} byte limit of an inline put; "
+                           "use create, add-block and close", "MAX_BLOCK_SIZE_EXCEEDED")
+        self._dbfs_write(path, target, data, _as_bool(params.get("overwrite", False), "overwrite"))
+        return {}
+
+    def _dbfs_create(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        path, target = self._dbfs_target(params)
+        overwrite = _as_bool(params.get("overwrite", False), "overwrite")
+        if target.exists() and not overwrite:
+            raise ApiError(400, f"File {path} already exists.", "RESOURCE_ALREADY_EXISTS")
+        with self._cond:
+            handle = next(self._handle_ids)
+            self._dbfs_handles[handle] = (path, bytearray())
+        return {"handle": handle}
+
+    def _dbfs_add_block(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        handle = _as_int(params.get("handle", -1), "handle")
+        data = self._decode_b64(params.get("data", ""), "data")
+        if len(data) > DBFS_MAX_BYTES:
+            raise ApiError(400, f"The block exceeds {DBFS_MAX_BYTES} bytes", "MAX_BLOCK_SIZE_EXCEEDED")
+        with self._cond:
+            if handle not in self._dbfs_handles:
+                raise ApiError(404, f"No stream with handle {handle}", "RESOURCE_DOES_NOT_EXIST")
+            self._dbfs_handles[handle][1].extend(data)
+        return {}
+
+    def _dbfs_close(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        handle = _as_int(params.get("handle", -1), "handle")
+        with self._cond:
+            if handle not in self._dbfs_handles:
+                raise ApiError(404, f"No stream with handle {handle}", "RESOURCE_DOES_NOT_EXIST")
+            path, data = self._dbfs_handles.pop(handle)
+        _, target = self._dbfs_target({"path": path})
+        self._dbfs_write(path, target, bytes(data), True)
+        return {}
+
+    def _dbfs_mkdirs(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        path, target = self._dbfs_target(params)
+        if target.is_file():
+            raise ApiError(400, f"A file exists at {path}", "RESOURCE_ALREADY_EXISTS")
+        target.mkdir(parents=True, exist_ok=True)
+        return {}
+
+    def _dbfs_delete(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        path, target = self._dbfs_target(params)
+        recursive = _as_bool(params.get("recursive", False), "recursive")
+        # The reference documents only IO_ERROR ("if the path is a non-empty directory and recursive is set
+        # to false"); a missing path is not documented as an error, so it is none here.
+        if not target.exists():
+            return {}
+        if target.is_dir():
+            if any(target.iterdir()) and not recursive:
+                raise ApiError(400, f"Directory {path} is not empty; use recursive", "IO_ERROR")
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+        return {}
+
     # ------------------------------------------------------------------ clusters
 
     def _cluster_get(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -1382,6 +1674,7 @@ class FakeDatabricks:
         message: str,
         ucot: bool,
         forced: _Forced | None,
+        termination: tuple[str, str, str] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         status_state = None
         if forced is not None:
@@ -1409,6 +1702,8 @@ class FakeDatabricks:
                 code, kind = "INTERNAL_ERROR", "INTERNAL_ERROR"
             elif life_cycle_state == "SKIPPED":
                 code, kind = "SKIPPED", "SUCCESS"
+            elif termination is not None and status["state"] == "TERMINATED":
+                code, kind, message = termination
             else:
                 code, kind = _TERMINATION.get(result_state or "", ("SUCCESS", "SUCCESS"))
             status["termination_details"] = {"code": code, "type": kind, "message": message}
@@ -1421,6 +1716,7 @@ class FakeDatabricks:
             task.state_message,
             task.user_cancelled_or_timedout,
             task.forced,
+            task.termination,
         )
 
     def _run_is_terminal(self, run: _Run) -> bool:
@@ -1477,7 +1773,9 @@ class FakeDatabricks:
             life = "QUEUED"
         else:
             life = lcs[0]
-        return self._state_json(life, result, message, ucot, run.forced)
+        # A one-task run reports its task's termination details (what ended the run is what ended the task).
+        termination = next((t.termination for t in tasks if t.termination is not None), None)
+        return self._state_json(life, result, message, ucot, run.forced, termination)
 
     def _durations(self, task: _TaskRun) -> dict[str, int]:
         now = _now_ms()
@@ -1675,6 +1973,8 @@ class FakeDatabricks:
             self._wait(run, task, self.terminating_seconds)
             self._set_cluster_state(task.cluster_id, "TERMINATED", "Job run ended")
             message = "" if result == "SUCCESS" else MSG_TASK_FAILED
+            if task.termination is not None:
+                message = task.termination[2]
             self._set(task, "TERMINATED", result_state=result, state_message=message, end_time=_now_ms())
         return None
 
@@ -1684,6 +1984,14 @@ class FakeDatabricks:
         now = _now_ms()
         if ran:
             task.exec_end = task.exec_end or now
+        if reason in ("CANCELED", "TIMEDOUT") and self.cancel_seconds > 0:
+            # "The run is canceled asynchronously, so it may still be running when this request completes"
+            # (runs/cancel): the cluster and execution context are torn down while the task is TERMINATING.
+            self._set(task, "TERMINATING")
+            deadline = time.monotonic() + self.cancel_seconds
+            while not self._closing and (remaining := deadline - time.monotonic()) > 0:
+                self._cond.wait(min(remaining, 0.05))
+            now = _now_ms()
         if reason == "FORCED" and task.forced is not None:
             forced = task.forced
             self._set(
@@ -1714,14 +2022,20 @@ class FakeDatabricks:
             )
         self._set_cluster_state(task.cluster_id, "TERMINATED", "Job run ended")
 
-    def _resolve_python_file(self, python_file: str) -> Path | None:
+    def _resolve_mapped(self, path: str) -> Path | None:
         for prefix, directory in self._path_mappings:
-            if python_file.startswith(prefix):
-                return directory / python_file[len(prefix) :].lstrip("/")
-        if python_file.startswith("file:"):
-            return Path("/" + python_file[len("file:") :].lstrip("/"))
-        if python_file.startswith("/") and not python_file.startswith(("/Volumes/", "/Workspace/")):
-            return Path(python_file)
+            if path.startswith(prefix):
+                return directory / path[len(prefix) :].lstrip("/")
+        return None
+
+    def _resolve_python_file(self, python_file: str) -> Path | None:
+        """Where the cluster reads ``python_file``: DBFS, or a mapped workspace/volume path; never the
+        machine's own disk (submit already refused anything else)."""
+        mapped = self._resolve_mapped(python_file)
+        if mapped is not None:
+            return mapped
+        if python_file.startswith("dbfs:/"):
+            return self.dbfs_file(python_file)
         return None
 
     def _run_python(self, run: _Run, task: _TaskRun) -> tuple[str | None, str | None, str | None]:
@@ -1736,6 +2050,8 @@ class FakeDatabricks:
                 self._set(task, "RUNNING", state_message="In run", exec_start=_now_ms())
             error = f"Cannot read the python file {python_file}. Please check driver logs for more details."
             return "FAILED", error, None
+        # A cluster's driver knows nothing of whoever submitted the run: the task gets the cluster's
+        # spark_env_vars and what the runtime sets (DATABRICKS_RUNTIME_VERSION), not our environment.
         env = dict(os.environ) if self.inherit_env else {"PATH": os.environ.get("PATH", "")}
         env.update(cluster_spec.get("spark_env_vars", {}))
         spark_version = str(cluster_spec.get("spark_version", "15.4.x-scala2.12"))
@@ -1760,6 +2076,7 @@ class FakeDatabricks:
             task.process = process
             self._set(task, "RUNNING", state_message="In run", exec_start=_now_ms())
         reader.start()
+        limit = int(self.driver_memory_mb * 1024 * 1024) if self.driver_memory_mb else None
         while process.poll() is None:
             with self._cond:
                 self._check_deadlines(run, task)
@@ -1770,6 +2087,16 @@ class FakeDatabricks:
                 _kill(process)
                 reader.join(timeout=5)
                 return None, None, None
+            if limit is not None and _tree_rss(process.pid) > limit:
+                # The driver dies with everything it started, at once (no SIGTERM grace): the node's OOM
+                # handling, then Databricks restarts the driver and the run fails with DRIVER_ERROR.
+                _kill_tree(process.pid)
+                process.wait()
+                reader.join(timeout=5)
+                with self._cond:
+                    task.exit_code = process.returncode
+                    task.termination = ("DRIVER_ERROR", "CLIENT_ERROR", MSG_DRIVER_OOM)
+                return "FAILED", MSG_DRIVER_OOM, None
         reader.join(timeout=5)
         code = process.returncode
         with self._cond:
@@ -1866,15 +2193,90 @@ class _Handler(BaseHTTPRequestHandler):
                 self.connection.shutdown(socket.SHUT_RDWR)
             return
         payload = json.dumps(answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(payload)
+        # A client that gave up on a slow answer has closed its end: nothing to tell it any more.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
 
     do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve
+
+
+def _check_python_file(python_file: str, source: str, where: str) -> None:
+    """``SparkPythonTask.python_file`` as the Jobs API reference states it: "Cloud file URIs (such as dbfs:/,
+    s3:/, adls:/, gcs:/) and workspace paths are supported. For python files stored in the Databricks
+    workspace, the path must be absolute and begin with /. For files stored in a remote repository, the path
+    must be relative." A path on the submitting machine (``/tmp/x.py``, ``file:/...``) names nothing the
+    cluster can read: 400 INVALID_PARAMETER_VALUE at submit.
+    """
+    name = f"{where}.spark_python_task.python_file"
+    if source == "GIT":
+        if python_file.startswith("/") or ":" in python_file.split("/", 1)[0]:
+            raise _invalid(f"Invalid {name} {python_file!r}: a file in a Git repository has a relative path")
+        return
+    if python_file.startswith(CLOUD_URI_PREFIXES):
+        return
+    if python_file.startswith(WORKSPACE_ROOTS):
+        return
+    raise _invalid(
+        f"Invalid {name} {python_file!r}: use a workspace path (/Workspace/..., /Users/...), a Unity Catalog "
+        "volume path (/Volumes/...), a cloud URI (dbfs:/, s3:/, abfss:/, gs:/) or, with source GIT, a path "
+        "relative to the repository"
+    )
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc: a step's runtime starts its command in a new session,
+    so the process group alone misses it)."""
+    found, todo = [], [pid]
+    try:
+        while todo:
+            current = todo.pop()
+            found.append(current)
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children", encoding="ascii") as fh:
+                    todo.extend(int(child) for child in fh.read().split())
+        return found
+    except FileNotFoundError:  # the process is gone, or the kernel has no children files
+        if not os.path.exists(f"/proc/{pid}/task"):
+            return found
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def _tree_rss(pid: int) -> int:
+    total = 0
+    for member in _descendants(pid):
+        try:
+            with open(f"/proc/{member}/statm", encoding="utf-8") as fh:
+                total += int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def _kill_tree(pid: int) -> None:
+    for member in _descendants(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(member, signal.SIGKILL)
 
 
 def _kill(process: subprocess.Popen[bytes] | None) -> None:

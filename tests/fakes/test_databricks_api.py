@@ -38,9 +38,14 @@ def _hook(conn_id: str = "databricks_default") -> Any:
     return DatabricksHook(conn_id, retry_args={"stop": stop_after_attempt(3), "wait": wait_none()})
 
 
+#: Test scripts live in the (mapped) workspace: a cluster cannot read a path on the submitting machine.
+WS = "/Workspace/Shared/tests/"
+
+
 @pytest.fixture
-def dbx(monkeypatch: pytest.MonkeyPatch) -> Any:
+def dbx(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
     with FakeDatabricks(token=TOKEN) as server:
+        server.map_path(WS, tmp_path)
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
         yield server
@@ -51,10 +56,11 @@ def hook(dbx: FakeDatabricks) -> Any:
     return _hook()
 
 
-def _script(tmp_path: Path, body: str, name: str = "step.py") -> Path:
+def _script(tmp_path: Path, body: str, name: str = "step.py") -> str:
+    """Write a script into ``tmp_path`` and return its workspace path (the servers map ``WS`` there)."""
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
-    return path
+    return WS + name
 
 
 def _python_run(python_file: str | Path, *, parameters: list[str] | None = None, **extra: Any) -> dict[str, Any]:
@@ -174,6 +180,7 @@ def test_life_cycle_pending_running_terminated(monkeypatch: pytest.MonkeyPatch, 
         """,
     )
     with FakeDatabricks(token=TOKEN, hold_pending=True) as dbx:
+        dbx.map_path(WS, tmp_path)
         monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
         hook = _hook()
         run_id = hook.submit_run(_python_run(script))
@@ -209,11 +216,11 @@ def test_dbfs_and_volume_paths_map_to_registered_directories(dbx: FakeDatabricks
     dbx.map_path("/Volumes/main/ml/", tmp_path / "vol")
 
     logs = []
-    for python_file in ("dbfs:/jobs/step.py", "/Volumes/main/ml/step.py", f"file:{tmp_path / 'vol' / 'step.py'}"):
+    for python_file in ("dbfs:/jobs/step.py", "/Volumes/main/ml/step.py"):
         run_id = hook.submit_run(_python_run(python_file))
         dbx.wait_until_terminal(run_id)
         logs.append(hook.get_run_output(dbx.task_run_ids(run_id)["step"])["logs"].strip())
-    assert logs == ["from dbfs", "from volume", "from volume"]
+    assert logs == ["from dbfs", "from volume"]
 
     run_id = hook.submit_run(_python_run("dbfs:/nowhere/step.py"))
     dbx.wait_until_terminal(run_id)
@@ -240,6 +247,7 @@ def test_legacy_single_task_form_is_accepted(dbx: FakeDatabricks, hook: Any, tmp
 def test_logs_are_truncated_to_their_tail(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     script = _script(tmp_path, "print('x' * 1000)\nprint('THE END')\n")
     with FakeDatabricks(token=TOKEN, logs_limit_bytes=100) as dbx:
+        dbx.map_path(WS, tmp_path)
         monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
         hook = _hook()
         run_id = hook.submit_run(_python_run(script))
@@ -620,6 +628,7 @@ def test_service_principal_oauth_over_tls(monkeypatch: pytest.MonkeyPatch, tmp_p
         FakeDatabricks(token=TOKEN, tls=True, service_principals={"sp-client": "sp-secret"}) as dbx,
         dbx.trust_ca(),
     ):
+        dbx.map_path(WS, tmp_path)
         monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json(oauth_client_id="sp-client"))
         assert json.loads(dbx.connection_json(oauth_client_id="sp-client"))["extra"] == {
             "service_principal_oauth": True
@@ -716,6 +725,7 @@ def test_cancel_before_the_cluster_starts(monkeypatch: pytest.MonkeyPatch, tmp_p
     marker = tmp_path / "ran"
     script = _script(tmp_path, f"open({str(marker)!r}, 'w').close()\n")
     with FakeDatabricks(token=TOKEN, hold_pending=True) as dbx:
+        dbx.map_path(WS, tmp_path)
         monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
         hook = _hook()
         run_id = hook.submit_run(_python_run(script))
@@ -726,3 +736,175 @@ def test_cancel_before_the_cluster_starts(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert run["state"]["result_state"] == "CANCELED"
     assert run["tasks"][0]["state"]["result_state"] == "CANCELED"
     assert not marker.exists()  # the script never ran
+
+
+# ----------------------------------------------------------------------------- strict like the real service
+
+
+@pytest.mark.parametrize("python_file", ["/tmp/worker/step.py", "file:/tmp/step.py", "step.py"])
+def test_python_file_on_the_submitting_machine_is_refused(dbx: FakeDatabricks, hook: Any, python_file: str) -> None:
+    with pytest.raises(DatabricksApiError) as raised:
+        hook.submit_run(_python_run(python_file))
+    assert raised.value.http_status_code == 400
+    assert "INVALID_PARAMETER_VALUE" in str(raised.value) and "python_file" in str(raised.value)
+    assert dbx.run_ids == []
+
+
+def test_git_source_python_file_must_be_relative(dbx: FakeDatabricks, hook: Any) -> None:
+    with pytest.raises(DatabricksApiError, match="relative"):
+        hook.submit_run(_python_run("/Workspace/x.py", task={"spark_python_task": {
+            "python_file": "/Workspace/x.py", "source": "GIT"}}))
+
+
+def test_task_environment_is_minimal(dbx: FakeDatabricks, hook: Any, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SUBMITTER_SECRET", "must-not-leak")
+    script = _script(tmp_path, "import os, json\nprint(json.dumps(sorted(os.environ)))\n")
+    cluster = {**CLUSTER, "spark_env_vars": {"FROM_CLUSTER": "yes"}}
+    run_id = hook.submit_run(_python_run(script, task={"new_cluster": cluster}))
+    dbx.wait_until_terminal(run_id)
+    names = json.loads(hook.get_run_output(dbx.task_run_ids(run_id)["step"])["logs"])
+    assert "FROM_CLUSTER" in names and "DATABRICKS_RUNTIME_VERSION" in names
+    assert "SUBMITTER_SECRET" not in names and "AIRFLOW_CONN_DATABRICKS_DEFAULT" not in names
+
+
+def test_cancel_passes_through_terminating(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with FakeDatabricks(token=TOKEN, cancel_seconds=0.5) as dbx:
+        dbx.map_path(WS, tmp_path)
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        hook = _hook()
+        run_id = hook.submit_run(_python_run(_script(tmp_path, "import time\ntime.sleep(300)\n")))
+        dbx.wait_until(run_id, "RUNNING")
+        hook.cancel_run(run_id)
+        # Asynchronous, as runs/cancel documents: the run is TERMINATING first, not at once CANCELED.
+        assert hook.get_run(run_id)["state"]["life_cycle_state"] in ("RUNNING", "TERMINATING")
+        run = dbx.wait_until(run_id, "TERMINATING")
+        assert "result_state" not in run["state"]
+        run = dbx.wait_until_terminal(run_id)
+        assert run["state"]["result_state"] == "CANCELED"
+
+
+# ----------------------------------------------------------------------------- the DBFS API
+
+
+def _dbfs(hook: Any, method: str, name: str, **params: Any) -> Any:
+    return hook._do_api_call((method, f"2.0/dbfs/{name}"), params)
+
+
+def test_dbfs_put_read_status_and_delete(dbx: FakeDatabricks, hook: Any) -> None:
+    import base64
+
+    with pytest.raises(DatabricksApiError) as raised:
+        _dbfs(hook, "GET", "get-status", path="/ml/x.json")
+    assert raised.value.http_status_code == 404 and "RESOURCE_DOES_NOT_EXIST" in str(raised.value)
+    _dbfs(hook, "POST", "put", path="/ml/x.json", contents=base64.b64encode(b'{"a": 1}').decode(), overwrite=True)
+    assert _dbfs(hook, "GET", "get-status", path="/ml/x.json")["file_size"] == 8
+    answer = _dbfs(hook, "GET", "read", path="/ml/x.json", offset=0, length=4)
+    assert answer == {"bytes_read": 4, "data": base64.b64encode(b'{"a"').decode()}
+    assert dbx.dbfs_file("dbfs:/ml/x.json").read_bytes() == b'{"a": 1}'
+    with pytest.raises(DatabricksApiError, match="RESOURCE_ALREADY_EXISTS"):
+        _dbfs(hook, "POST", "put", path="/ml/x.json", contents="", overwrite=False)
+    with pytest.raises(DatabricksApiError, match="MAX_READ_SIZE_EXCEEDED"):
+        _dbfs(hook, "GET", "read", path="/ml/x.json", length=(1 << 20) + 1)
+    _dbfs(hook, "POST", "delete", path="/ml/x.json")
+    assert not dbx.dbfs_file("/ml/x.json").exists()
+
+
+def test_dbfs_inline_put_is_limited_to_1_mb_and_streams_in_blocks(dbx: FakeDatabricks, hook: Any) -> None:
+    import base64
+
+    big = b"x" * ((1 << 20) + 1)
+    with pytest.raises(DatabricksApiError, match="MAX_BLOCK_SIZE_EXCEEDED"):
+        _dbfs(hook, "POST", "put", path="/big.bin", contents=base64.b64encode(big).decode(), overwrite=True)
+    handle = _dbfs(hook, "POST", "create", path="/big.bin", overwrite=True)["handle"]
+    with pytest.raises(DatabricksApiError, match="MAX_BLOCK_SIZE_EXCEEDED"):
+        _dbfs(hook, "POST", "add-block", handle=handle, data=base64.b64encode(big).decode())
+    for part in (big[: 1 << 20], big[1 << 20 :]):
+        _dbfs(hook, "POST", "add-block", handle=handle, data=base64.b64encode(part).decode())
+    _dbfs(hook, "POST", "close", handle=handle)
+    assert dbx.dbfs_file("/big.bin").read_bytes() == big
+    with pytest.raises(DatabricksApiError, match="RESOURCE_DOES_NOT_EXIST"):
+        _dbfs(hook, "POST", "close", handle=handle)
+
+
+# ----------------------------------------------------------------------------- fault knobs
+
+
+def _quick_hook(timeout: int = 1, attempts: int = 1) -> Any:
+    return DatabricksHook(timeout_seconds=timeout, retry_limit=attempts,
+                          retry_args={"stop": stop_after_attempt(attempts), "wait": wait_none()})
+
+
+def test_slow_submit_takes_effect_although_the_client_timed_out(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    dbx.slow_next("jobs/runs/submit", 3)
+    with pytest.raises(AirflowException, match="(?i)timed? ?out"):
+        _quick_hook().submit_run(_python_run(_script(tmp_path, "print(1)\n"), idempotency_token="slow-1"))
+    assert len(dbx.run_ids) == 1  # the run exists
+    # The same token answers the same run, without a second one.
+    assert _quick_hook().submit_run(_python_run(_script(tmp_path, "print(1)\n"), idempotency_token="slow-1")) \
+        == dbx.run_ids[0]
+    assert len(dbx.run_ids) == 1
+
+
+def test_lost_submit_response_still_created_the_run(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    dbx.drop_response_next("jobs/runs/submit")
+    with pytest.raises(AirflowException):
+        _quick_hook().submit_run(_python_run(_script(tmp_path, "print(1)\n")))
+    assert len(dbx.run_ids) == 1
+
+
+def test_outage_answers_503_for_its_duration(dbx: FakeDatabricks) -> None:
+    dbx.outage(30)
+    with pytest.raises(AirflowException, match="503"):
+        _quick_hook().get_run_state(1)
+    dbx.outage(0)
+    with pytest.raises(DatabricksApiError, match="does not exist"):
+        _quick_hook().get_run_state(1)
+
+
+def test_rate_limit_answers_429_with_retry_after(dbx: FakeDatabricks) -> None:
+    dbx.rate_limit(2, retry_after=7)
+    for _ in range(2):
+        response = requests.get(f"{dbx.url}/api/2.2/jobs/runs/list",
+                                headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10)
+        assert response.status_code == 429 and response.headers["Retry-After"] == "7"
+        assert response.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED"
+    assert requests.get(f"{dbx.url}/api/2.2/jobs/runs/list", headers={"Authorization": f"Bearer {TOKEN}"},
+                        timeout=10).status_code == 200
+
+
+def test_revoked_token_is_refused_with_403_while_the_run_goes_on(dbx: FakeDatabricks, hook: Any,
+                                                                  tmp_path: Path) -> None:
+    run_id = hook.submit_run(_python_run(_script(tmp_path, "import time\ntime.sleep(300)\n")))
+    dbx.wait_until(run_id, "RUNNING")
+    dbx.revoke_token()
+    with pytest.raises(DatabricksApiError) as raised:
+        _quick_hook().get_run_state(run_id)
+    assert raised.value.http_status_code == 403 and "Invalid access token" in str(raised.value)
+    assert dbx.life_cycle_state(run_id) == "RUNNING"
+    dbx.cancel(run_id)
+
+
+def test_delete_run_cancels_then_forgets_it(dbx: FakeDatabricks, hook: Any, tmp_path: Path) -> None:
+    run_id = hook.submit_run(_python_run(_script(tmp_path, "import time\ntime.sleep(300)\n")))
+    dbx.wait_until(run_id, "RUNNING")
+    process = dbx.process_of(run_id)
+    dbx.delete_run(run_id)
+    assert dbx.run_ids == [] and process is not None and process.poll() is not None
+    with pytest.raises(DatabricksApiError, match="does not exist"):
+        hook.get_run(run_id)
+
+
+def test_driver_out_of_memory_fails_with_driver_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    with FakeDatabricks(token=TOKEN, driver_memory_mb=64) as dbx:
+        dbx.map_path(WS, tmp_path)
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        hook = _hook()
+        script = _script(tmp_path, "import time\nhog = b'x' * (256 << 20)\ntime.sleep(300)\n")
+        run_id = hook.submit_run(_python_run(script))
+        run = dbx.wait_until_terminal(run_id, timeout=60)
+        assert run["state"]["result_state"] == "FAILED"
+        assert run["status"]["termination_details"]["code"] == "DRIVER_ERROR"
+        assert "The spark driver has stopped unexpectedly" in run["state"]["state_message"]
+        output = hook.get_run_output(dbx.task_run_ids(run_id)["step"])
+        assert "The spark driver has stopped unexpectedly" in output["error"]

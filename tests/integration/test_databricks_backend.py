@@ -46,8 +46,12 @@ def dbx(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDatabricks]:
         yield server
 
 
+#: The runtime goes to DBFS through the DBFS API: the cluster cannot read a path on the Airflow worker.
+RUNTIME_DIR = "dbfs:/airflow-remote-ml/runtime"
+
+
 def make_backend(tmp_path: Path, **settings: Any) -> DatabricksBackend:
-    return DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime"),
+    return DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": RUNTIME_DIR,
                                           **QUICK, **settings})
 
 
@@ -65,11 +69,11 @@ def run_to_end(backend: DatabricksBackend, request: StepRequest) -> tuple[Any, A
 
 
 def test_failed_user_file_reports_databricks_error_trace_and_run_page(dbx: FakeDatabricks, tmp_path: Path) -> None:
-    script = tmp_path / "features.py"
-    script.write_text("print('reading input')\ndef load():\n    raise RuntimeError('bad partition 7')\nload()\n")
+    script = dbx.put_file("dbfs:/jobs/features.py",
+                          "print('reading input')\ndef load():\n    raise RuntimeError('bad partition 7')\nload()\n")
     backend = make_backend(tmp_path)
     request = make_request(tmp_path, command=["--day", "1"],
-                           backend_options={"databricks": {"python_file": str(script)}})
+                           backend_options={"databricks": {"python_file": script}})
     handle, outcome = run_to_end(backend, request)
     assert outcome.status.state is RunState.FAILED
     error = failure_error(backend, handle, outcome.status, outcome.tail)
@@ -291,7 +295,7 @@ def test_notebook_exit_value_becomes_the_result(dbx: FakeDatabricks, tmp_path: P
 
 def test_manifest_watch_notices_the_end_with_few_api_calls(dbx: FakeDatabricks, tmp_path: Path) -> None:
     # Default poll settings: without the manifest signal a 4 s run would cost a check every 1-3 s.
-    backend = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime")})
+    backend = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": RUNTIME_DIR})
     request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(4)"])
     handle = backend.submit(request)
     dbx.reset_counts()
@@ -304,7 +308,7 @@ def test_manifest_watch_notices_the_end_with_few_api_calls(dbx: FakeDatabricks, 
     assert dbx.calls["jobs/runs/get"] <= 4, dbx.calls
     watched = dbx.calls["jobs/runs/get"]
 
-    api_only = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime"),
+    api_only = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": RUNTIME_DIR,
                                               "watch_manifest": False})
     handle2 = api_only.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(4)"]))
     dbx.reset_counts()
@@ -313,7 +317,7 @@ def test_manifest_watch_notices_the_end_with_few_api_calls(dbx: FakeDatabricks, 
 
 
 def test_manifest_watch_still_notices_a_run_that_ends_without_one(dbx: FakeDatabricks, tmp_path: Path) -> None:
-    backend = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime"),
+    backend = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": RUNTIME_DIR,
                                              "poll_first_delay": 0.2})
     handle = backend.submit(make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(60)"]))
     dbx.force_state(int(handle.job_id), "INTERNAL_ERROR", None, "driver lost")
@@ -323,3 +327,160 @@ def test_manifest_watch_still_notices_a_run_that_ends_without_one(dbx: FakeDatab
 
     outcome = asyncio.run(wait_async())
     assert outcome.status.state is RunState.FAILED and "driver lost" in outcome.status.message
+
+
+# -- exactly one run under an ambiguous submit ----------------------------------------------------------
+
+
+def test_submit_is_idempotent_by_the_identity_token(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    assert DatabricksBackend.idempotent_submit is True
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"])
+    first = backend.submit(request)
+    token = dbx.requests[[r.endpoint for r in dbx.requests].index("jobs/runs/submit")].params["idempotency_token"]
+    assert token == request.identity.idempotency_token and len(token) <= 64
+    # A second submit of the same identity (a retry after an ambiguous answer) adopts the same run.
+    assert make_backend(tmp_path).submit(request).job_id == first.job_id
+    assert dbx.run_ids == [int(first.job_id)]
+    backend.cancel(first)
+
+
+def test_slow_submit_past_the_client_timeout_makes_one_run(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    # The hook's own retry of the timed-out submit carries the same token: the existing run answers.
+    backend = make_backend(tmp_path, request_timeout=1, retry_limit=3)
+    dbx.slow_next("jobs/runs/submit", 3)
+    request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"])
+    handle = backend.submit(request)
+    assert dbx.run_ids == [int(handle.job_id)]
+    assert dbx.count("jobs/runs/submit") >= 2
+    backend.cancel(handle)
+
+
+@pytest.mark.parametrize("fault", ["slow", "lost", "outage"])
+def test_ambiguous_submit_is_transient_and_a_resubmit_adopts_the_run(dbx: FakeDatabricks, tmp_path: Path,
+                                                                     fault: str) -> None:
+    backend = make_backend(tmp_path, request_timeout=1, retry_limit=1)
+    request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(30)"])
+    if fault == "slow":
+        dbx.slow_next("jobs/runs/submit", 3)
+    elif fault == "lost":
+        dbx.drop_response_next("jobs/runs/submit")
+    else:
+        dbx.outage(60)
+    with pytest.raises(TransientBackendError, match="outcome unknown" if fault != "outage" else "UNAVAILABLE"):
+        backend.submit(request)
+    dbx.outage(0)
+    created = dbx.run_ids  # slow and lost: the run exists; outage: nothing was served
+    assert len(created) == (0 if fault == "outage" else 1)
+    handle = make_backend(tmp_path).submit(request)
+    assert dbx.run_ids == (created or [int(handle.job_id)]) and int(handle.job_id) == dbx.run_ids[0]
+    found = make_backend(tmp_path).find(request.identity)
+    assert found is not None and found.job_id == handle.job_id
+    backend.cancel(handle)
+
+
+# -- the run page link survives a throttled first read ---------------------------------------------------
+
+
+def test_run_page_url_survives_a_429_on_the_first_read(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, retry_limit=2, max_retry_after=0.1)
+    dbx.fail_next("jobs/runs/get", 429, retry_after=5, times=2)
+    request = make_request(tmp_path, command=["python3", "-c", "import sys; print('boom'); sys.exit(4)"])
+    handle = backend.submit(request)
+    assert handle.url and handle.job_id in handle.url and handle.url.startswith(dbx.url)
+    assert json.loads(json.dumps(handle.to_json()))["url"] == handle.url
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    assert outcome.status.state is RunState.FAILED
+    assert handle.url in str(failure_error(backend, handle, outcome.status, outcome.tail))
+
+
+# -- dbfs:/ artifacts need the /dbfs mount on the cluster -----------------------------------------------
+
+
+def test_dbfs_artifact_root_without_the_dbfs_mount_is_refused_before_submitting(
+        dbx: FakeDatabricks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    backend = make_backend(tmp_path)
+    request = StepRequest.create(StepSpec.build(command=["python3", "-c", "print(1)"], outputs=["model"]),
+                                 StepIdentity("dbx_it", "step", "run-dbfs"), ArtifactStore("dbfs:/ml/artifacts"))
+    with pytest.raises(ConfigError, match="artifact_root") as caught:
+        backend.validate(request)
+    assert "/Volumes/" in str(caught.value) and "dbfs_fuse" in str(caught.value)
+    with pytest.raises(ConfigError, match="artifact_root"):
+        backend.submit(request)
+    assert dbx.run_ids == [] and dbx.count("jobs/runs/submit") == 0
+    assert not list(tmp_path.rglob("dbfs:*")) and not Path("dbfs:").exists()
+    inputs = StepRequest.create(StepSpec.build(command=["python3", "-c", "print(1)"],
+                                               inputs={"data": "dbfs:/raw/data.csv"}),
+                                StepIdentity("dbx_it", "step", "run-dbfs-in"), ArtifactStore(str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="inputs.data"):
+        backend.validate(inputs)
+
+
+def test_dbfs_manifest_is_read_through_the_dbfs_api(dbx: FakeDatabricks, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dbfs_fuse (classic clusters), Airflow still reads dbfs:/ through the API, never as a local path."""
+    monkeypatch.chdir(tmp_path)
+    backend = make_backend(tmp_path, dbfs_fuse=True)
+    big = {"protocol_version": 1, "status": "succeeded", "outputs": {}, "metrics": {"blob": "y" * (3 << 20)}}
+    dbx.put_file("dbfs:/ml/m.json", json.dumps(big))
+    assert backend.read_manifest("dbfs:/ml/m.json") == big  # 3 MB: several 1 MB reads
+    assert dbx.count("dbfs/read") == 4
+    assert backend.read_manifest("dbfs:/ml/missing.json") is None
+    backend._write("dbfs:/ml/big.bin", b"z" * ((1 << 20) + 5))  # more than one inline put may carry
+    assert dbx.dbfs_file("dbfs:/ml/big.bin").read_bytes() == b"z" * ((1 << 20) + 5)
+    assert dbx.count("dbfs/add-block") == 2
+    assert not list(tmp_path.rglob("dbfs:*"))
+
+
+# -- the platform's reason reaches the status and the error ----------------------------------------------
+
+
+def test_driver_oom_reaches_the_status_reason_with_message_log_tail_and_link(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with FakeDatabricks(token=TOKEN, driver_memory_mb=64) as dbx:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", dbx.connection_json())
+        backend = make_backend(tmp_path)
+        hog = "import time; print('loading the table', flush=True); hog = b'x' * (256 << 20); time.sleep(120)"
+        handle, outcome = run_to_end(backend, make_request(tmp_path, command=["python3", "-c", hog]))
+        assert outcome.status.state is RunState.FAILED
+        assert outcome.status.reason == "DRIVER_ERROR"
+        assert "The spark driver has stopped unexpectedly" in outcome.status.message
+        assert "ran out of memory" in outcome.status.message
+        text = str(failure_error(backend, handle, outcome.status, outcome.tail))
+        assert "The spark driver has stopped unexpectedly" in text and handle.url in text
+        assert "loading the table" in text  # the log tail
+
+
+def test_timeout_and_internal_error_carry_their_reason(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    backend = make_backend(tmp_path, timeout_grace_seconds=0)
+    handle, outcome = run_to_end(backend, make_request(
+        tmp_path, command=["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                                            "time.sleep(120)"], timeout=1))
+    assert outcome.status.reason == "TIMEDOUT" and "timed out" in outcome.status.message
+    handle = backend.submit(make_request(tmp_path, task_id="lost", command=["python3", "-c",
+                                                                            "import time; time.sleep(60)"]))
+    dbx.force_state(int(handle.job_id), "INTERNAL_ERROR", None, "Cluster 0101-x was terminated unexpectedly")
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    assert outcome.status.reason == "INTERNAL_ERROR"
+    assert "Cluster 0101-x was terminated unexpectedly" in outcome.status.message
+
+
+def test_find_adopts_the_oldest_of_several_runs_for_one_identity(dbx: FakeDatabricks, tmp_path: Path) -> None:
+    from airflow.providers.databricks.hooks.databricks import DatabricksHook
+
+    from airflow_remote_ml.backends.databricks import build_submit_payload
+
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=["python3", "-c", "import time; time.sleep(60)"])
+    first = backend.submit(request)
+    # A run for the same identity without the token (submitted by an older version, or by hand): newer.
+    payload = build_submit_payload(request, backend.config, backend.runtime_uri(request))
+    payload.pop("idempotency_token")
+    second = DatabricksHook().submit_run(payload)
+    assert dbx.run_ids == sorted([int(first.job_id), second])
+    for _ in range(2):  # deterministic: every caller adopts the same, oldest run
+        found = make_backend(tmp_path).find(request.identity)
+        assert found is not None and found.job_id == first.job_id
+    dbx.cancel(second)
+    backend.cancel(first)

@@ -59,7 +59,7 @@ def test_features_on_databricks_training_local(dag, tmp_path: Path, monkeypatch:
             "new_cluster": {"spark_version": "15.4.x-scala2.12", "node_type_id": "m5.xlarge", "num_workers": 1},
             "node_types": [{"node_type_id": "m5.xlarge", "cpu": 4, "memory": "16Gi"},
                            {"node_type_id": "m5.2xlarge", "cpu": 8, "memory": "32Gi"}],
-            "runtime_dir": str(tmp_path / "runtime"),
+            "runtime_dir": "dbfs:/airflow-remote-ml/runtime",
             "poll_first_delay": 0.2, "poll_quick_delay": 0.5,
         }}))
         run = dag.test(run_conf={"features_backend": "databricks", "train_backend": "local",

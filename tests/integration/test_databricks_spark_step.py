@@ -68,7 +68,7 @@ def _load(directory: str) -> tuple[list[str], list[list[float]]]:
 def test_spark_feature_step_runs_on_the_databricks_backend(dbx: FakeDatabricks, dataset: str,
                                                            tmp_path: Path) -> None:
     backend = DatabricksBackend.from_config({
-        "new_cluster": CLUSTER, "runtime_dir": str(tmp_path / "runtime"), "python_path": [str(CODE_DIR)],
+        "new_cluster": CLUSTER, "runtime_dir": "dbfs:/airflow-remote-ml/runtime", "python_path": [str(CODE_DIR)],
         "poll_first_delay": 0.2, "poll_quick_delay": 0.5, "poll_quick_window": 120,
     })
     spec = StepSpec.build(callable="spark_features:build_features", params={"engine": "spark"},

@@ -23,7 +23,15 @@ from airflow_remote_ml.backends.databricks import (
 )
 from airflow_remote_ml.backends.databricks._payload import matches_identity, parse_description, validate_request
 from airflow_remote_ml.backends.databricks._states import exit_code_from, metrics_from_logs, parse_error_body
-from airflow_remote_ml.core import ArtifactStore, ConfigError, RunState, StepIdentity, StepRequest, StepSpec
+from airflow_remote_ml.core import (
+    ArtifactStore,
+    ConfigError,
+    RunState,
+    RunStatus,
+    StepIdentity,
+    StepRequest,
+    StepSpec,
+)
 
 CLUSTER = {"spark_version": "15.4.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}
 IDENTITY = StepIdentity("dag", "features", "manual__2026-01-01", 3, 1)
@@ -36,6 +44,8 @@ def request(root: str = "dbfs:/ml", **spec: Any) -> StepRequest:
 
 def config(**settings: Any) -> DatabricksConfig:
     settings.setdefault("new_cluster", dict(CLUSTER))
+    # These requests use a dbfs:/ root: a classic cluster with the /dbfs mount (see the dbfs_fuse tests).
+    settings.setdefault("dbfs_fuse", True)
     return DatabricksConfig.from_mapping(settings, "databricks")
 
 
@@ -177,7 +187,7 @@ def test_secret_without_key_is_refused() -> None:
 
 
 def test_existing_cluster_from_settings_takes_env_in_the_step_but_refuses_secrets() -> None:
-    cfg = DatabricksConfig.from_mapping({"existing_cluster_id": "0101-abc"})
+    cfg = DatabricksConfig.from_mapping({"existing_cluster_id": "0101-abc", "dbfs_fuse": True})
     task = build_submit_payload(request(), cfg, "dbfs:/r.py")["tasks"][0]
     assert task["existing_cluster_id"] == "0101-abc" and "new_cluster" not in task
     validate_request(request(env={"A": "1"}), cfg)
@@ -320,15 +330,42 @@ def test_task_types_refuse_missing_settings_and_callables() -> None:
 def test_poll_schedule_is_quick_then_backs_off_to_the_cap() -> None:
     policy = DatabricksPollPolicy()
     delays = policy.schedule(20)
-    elapsed = 0.0
-    for delay in delays:
-        if elapsed < policy.quick_window:
-            assert delay <= policy.quick_delay
-        elapsed += delay
-    assert delays[0] == policy.first_delay
-    assert max(delays) == policy.cap and delays[-1] == policy.cap
+    assert delays[:4] == [3.0, 9.0, 18.0, 30.0]
+    assert max(delays) == policy.cap == 30.0 and delays[-1] == policy.cap
     assert delays == sorted(delays)
     assert [policy.delay(i) for i in range(20)] == delays
+    quick = DatabricksPollPolicy(first_delay=1, quick_delay=3, quick_window=10).schedule(8)
+    assert quick[:5] == [1, 2, 3, 3, 3] and quick[5:] == [9, 9, 30]  # 12 s, 21 s, then the 30 s grid
+
+
+#: DatabricksSubmitRunOperator's default polling_period_seconds: it notices an end up to 30 s late.
+PROVIDER_PERIOD = 30.0
+
+
+@pytest.mark.parametrize("run_seconds", [1, 5, 20, 45, 90, 300, 599, 1800, 3600])
+def test_poll_schedule_is_never_later_than_the_provider(run_seconds: float) -> None:
+    policy = DatabricksPollPolicy()
+    elapsed, checks = 0.0, 0
+    for delay in policy.schedule(10_000):
+        elapsed += delay
+        checks += 1
+        if elapsed >= run_seconds:
+            break
+    # The first check at or after the run's end is no later than a 30 s loop's (started with ours).
+    import math
+
+    assert elapsed <= math.ceil(run_seconds / PROVIDER_PERIOD) * PROVIDER_PERIOD
+    assert elapsed - run_seconds <= PROVIDER_PERIOD
+    assert policy.worst_delay(run_seconds) <= PROVIDER_PERIOD
+    assert policy.checks_until(run_seconds) == checks
+
+
+def test_poll_schedule_costs_at_most_1_2_times_the_providers_checks_over_10_minutes() -> None:
+    import math
+
+    provider = math.ceil(600 / PROVIDER_PERIOD) + 1  # one check per period until one falls after the end
+    ours = DatabricksPollPolicy().checks_until(600)
+    assert ours <= 1.2 * provider, (ours, provider)
 
 
 def test_retry_after_wins_when_longer() -> None:
@@ -392,6 +429,7 @@ def test_the_example_deployment_config_is_valid_for_every_profile() -> None:
 
     path = Path(__file__).resolve().parents[2] / "backends" / "databricks" / "backend_config.example.json"
     cfg = DatabricksConfig.from_mapping(json.loads(path.read_text())["databricks"], "databricks")
+    assert cfg.dbfs_fuse  # the example deployment's classic clusters mount /dbfs
     assert set(cfg.profiles) == {"spark-small", "spark-large", "gpu", "shared"}
     for name in ("spark-small", "spark-large", "gpu"):
         req = request(resources={"profile": name, **({"gpu": 1} if name == "gpu" else {})})
@@ -402,3 +440,83 @@ def test_the_example_deployment_config_is_valid_for_every_profile() -> None:
     # Without a profile, cpu/memory pick from the node type catalogue.
     cluster = build_submit_payload(request(resources={"cpu": 3}), cfg, "dbfs:/r.py")["tasks"][0]["new_cluster"]
     assert cluster["node_type_id"] == "m5d.xlarge"
+
+
+# -- the one choke point of errors ------------------------------------------------------------------------
+
+
+def _hook_failure(cause: BaseException) -> BaseException:
+    """What DatabricksHook raises after its retries: AirflowException from tenacity's RetryError."""
+    from tenacity import Future, RetryError
+
+    attempt = Future(1)
+    attempt.set_exception(cause)
+    retry_error = RetryError(attempt)
+    try:
+        raise RuntimeError("API requests to Databricks failed 3 times. Giving up.") from retry_error
+    except RuntimeError as exc:
+        return exc
+
+
+@pytest.mark.parametrize("cause", [
+    requests.ReadTimeout("read timed out"),
+    requests.ConnectionError("Connection aborted: RemoteDisconnected"),
+])
+def test_submit_timeouts_and_dropped_connections_are_transient(cause: BaseException) -> None:
+    from airflow_remote_ml.backends.databricks import map_error
+    from airflow_remote_ml.core import TransientBackendError
+
+    mapped = map_error(_hook_failure(cause), "submitting the run", backend="databricks", conn_id="c",
+                       ambiguous=True)
+    assert isinstance(mapped, TransientBackendError) and "outcome unknown" in str(mapped)
+
+
+def test_a_body_cut_off_mid_submit_is_transient_not_a_refusal() -> None:
+    # The hook neither retries nor wraps ChunkedEncodingError: it arrives raw, and the run may exist.
+    from airflow_remote_ml.backends.databricks import DatabricksBackend, map_error
+    from airflow_remote_ml.core import BackendAPIError, TransientBackendError
+
+    cut = requests.exceptions.ChunkedEncodingError("Connection broken: IncompleteRead")
+    assert isinstance(map_error(cut, "submitting the run", backend="databricks", conn_id="c", ambiguous=True),
+                      TransientBackendError)
+    # A read is not ambiguous: nothing was created by it.
+    refused = map_error(cut, "reading the run", backend="databricks", conn_id="c")
+    assert isinstance(refused, BackendAPIError) and not isinstance(refused, TransientBackendError)
+    assert DatabricksBackend.idempotent_submit is True
+
+
+# -- the platform's reason for a failure -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("answer", "reason"), [
+    (run("INTERNAL_ERROR", None, "Cluster 0101 was terminated"), "INTERNAL_ERROR"),
+    (run("TERMINATED", "TIMEDOUT", "Run timed out after 60 seconds."), "TIMEDOUT"),
+    (run("TERMINATED", "CANCELED", "Run cancelled."), "CANCELED"),
+    (run("TERMINATED", "FAILED", "Cluster failed to start", status={
+        "state": "TERMINATED", "termination_details": {"code": "CLUSTER_ERROR", "type": "CLOUD_FAILURE",
+                                                      "message": "Cloud provider launch failure"}}),
+     "CLUSTER_ERROR"),
+    (run("TERMINATED", "FAILED", "The spark driver has stopped unexpectedly and is restarting.", status={
+        "state": "TERMINATED", "termination_details": {"code": "DRIVER_ERROR", "type": "CLIENT_ERROR",
+                                                      "message": "The spark driver has stopped unexpectedly "
+                                                                 "and is restarting."}}),
+     "DRIVER_ERROR"),
+    # The step's own code failed: no platform reason, so the step's error leads.
+    (run("TERMINATED", "FAILED", "Workload failed", status={
+        "state": "TERMINATED", "termination_details": {"code": "RUN_EXECUTION_ERROR", "type": "CLIENT_ERROR"}}),
+     ""),
+    (run("TERMINATED", "SUCCESS"), ""),
+])
+def test_failure_reason_is_the_platforms_word(answer: dict[str, Any], reason: str) -> None:
+    status = status_from_run(answer)
+    assert status.reason == reason
+    assert RunStatus.from_json(status.to_json()) == status
+
+
+def test_a_stopped_driver_says_it_probably_ran_out_of_memory() -> None:
+    status = status_from_run(run("TERMINATED", "FAILED", "The spark driver has stopped unexpectedly and is "
+                                 "restarting. Your notebook will be automatically reattached.",
+                                 status={"state": "TERMINATED", "termination_details": {"code": "DRIVER_ERROR"}}))
+    assert status.reason == "DRIVER_ERROR"
+    assert "stopped unexpectedly" in status.message and "ran out of memory" in status.message
+    assert "resources.memory" in status.message

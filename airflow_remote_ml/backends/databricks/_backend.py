@@ -9,7 +9,6 @@ point that maps errors to ours, raw state parsing that survives new states, and 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import json
 import logging
@@ -18,11 +17,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import requests
 from airflow.providers.databricks.hooks.databricks import DatabricksHook
-from tenacity import stop_after_attempt, wait_exponential
+from tenacity import stop_after_attempt
 
 from airflow_remote_ml import runtime
+from airflow_remote_ml.backends.databricks._errors import RetryAfterWait, map_error
 from airflow_remote_ml.backends.databricks._payload import (
     NAME,
     OPTION_NAMES,
@@ -34,105 +33,26 @@ from airflow_remote_ml.backends.databricks._payload import (
     validate_request,
 )
 from airflow_remote_ml.backends.databricks._states import (
-    ApiErrorInfo,
     DatabricksPollPolicy,
     exit_code_from,
     metrics_from_logs,
-    parse_error_body,
     status_from_run,
     task_run_id,
 )
+from airflow_remote_ml.backends.databricks._storage import WORKSPACE_ONLY, NotFound, Storage
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest, result_from_manifest
 from airflow_remote_ml.core.errors import (
     ArtifactError,
     BackendAPIError,
-    ConfigError,
     RemoteMLError,
-    TransientBackendError,
 )
 from airflow_remote_ml.core.identity import StepIdentity
-from airflow_remote_ml.core.poll import PollPolicy, parse_retry_after
+from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
 log = logging.getLogger(__name__)
 
-#: ``dbfs/read`` returns at most 1 MB per call.
-DBFS_READ_CHUNK = 1 << 20
-#: Paths that only exist inside a workspace: Airflow reaches them through ``local_mounts`` or an API.
-_WORKSPACE_ONLY = ("/Volumes/", "/Workspace/", "/dbfs/")
-
-
-class _NotFound(Exception):
-    """The run (or file) does not exist: 400 "Run N does not exist.", 404, RESOURCE_DOES_NOT_EXIST."""
-
-
-# -- retries that honour Retry-After --------------------------------------------------------------------
-
-
-def retry_after_of(exc: BaseException | None) -> float | None:
-    """Seconds from the ``Retry-After`` header of a ``requests`` or ``aiohttp`` HTTP error, if any."""
-    response = getattr(exc, "response", None)
-    headers = getattr(response, "headers", None) if response is not None else getattr(exc, "headers", None)
-    if not headers:
-        return None
-    return parse_retry_after(headers.get("Retry-After"))
-
-
-class RetryAfterWait:
-    """A tenacity ``wait`` for the hook: exponential backoff, but never shorter than ``Retry-After``.
-
-    The hook retries 429/5xx by itself yet ignores ``Retry-After``; plugging this in keeps its retries
-    and makes them polite.
-    """
-
-    def __init__(self, minimum: float, maximum: float, max_retry_after: float) -> None:
-        self._backoff = wait_exponential(min=minimum, max=maximum)
-        self.max_retry_after = max_retry_after
-
-    def __call__(self, retry_state: Any) -> float:
-        base = float(self._backoff(retry_state))
-        outcome = retry_state.outcome
-        retry_after = retry_after_of(outcome.exception()) if outcome is not None and outcome.failed else None
-        if retry_after is not None:
-            return max(base, min(retry_after, self.max_retry_after))
-        return base
-
-
-def error_info(exc: BaseException) -> ApiErrorInfo | None:
-    """What went wrong in a hook call, or None for errors that are not about HTTP (bugs, config)."""
-    from tenacity import RetryError
-
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, RetryError):
-        if cause is not exc and isinstance(cause, requests.HTTPError | requests.ConnectionError):
-            break
-        cause = cause.__cause__
-    if isinstance(cause, RetryError):
-        # The hook gave up after its retries: the last attempt says why.
-        cause = cause.last_attempt.exception()
-    if cause is None:
-        cause = exc
-    status = getattr(exc, "http_status_code", None)
-    response = getattr(cause, "response", None)
-    if response is not None and getattr(response, "status_code", None) is not None:
-        status = response.status_code
-        code, message = parse_error_body(response.text or "")
-        return ApiErrorInfo(status, code, message, retry_after_of(cause))
-    aiohttp_status = getattr(cause, "status", None)
-    if aiohttp_status is not None and hasattr(cause, "request_info"):  # aiohttp.ClientResponseError
-        reason = str(getattr(cause, "message", ""))
-        return ApiErrorInfo(int(aiohttp_status), "", reason, retry_after_of(cause))
-    if isinstance(
-        cause, requests.ConnectionError | requests.Timeout | asyncio.TimeoutError | ConnectionError
-    ):
-        return ApiErrorInfo(None, "", f"{type(cause).__name__}: {cause}")
-    if type(cause).__name__ in ("ClientConnectorError", "ServerDisconnectedError", "ClientOSError"):
-        return ApiErrorInfo(None, "", f"{type(cause).__name__}: {cause}")
-    if status is not None:
-        code, message = parse_error_body(str(exc))
-        return ApiErrorInfo(int(status), code, message)
-    return None
 
 
 # -- run bookkeeping --------------------------------------------------------------------------------------
@@ -145,6 +65,8 @@ class _Seen:
     status: RunStatus
     #: The next check may reuse ``status``: the look-up right after submit/find doubles as the first check.
     fresh: bool = False
+    #: When ``status`` was read (monotonic): a fresh status older than the first poll delay is not reused.
+    read_at: float = 0.0
     task_run_id: int | None = None
     final: RunStatus | None = None
     output: dict[str, Any] | None = None
@@ -162,19 +84,27 @@ class DatabricksBackend(Backend):
     option_names = OPTION_NAMES
     poll_policy = DatabricksPollPolicy()
     has_job_page = True
+    #: ``runs/submit`` carries the identity's ``idempotency_token``: "If a run with the provided token already
+    #: exists, the request does not create a new run but returns the ID of the existing run instead ...
+    #: Databricks guarantees that exactly one run is launched with that idempotency token" (Jobs API). So an
+    #: ambiguous submit is simply sent again, and the hook's own retries of a timed-out submit are safe.
+    idempotent_submit: ClassVar[bool] = True
+    #: A submitted run shows in ``runs/list`` at once; the margin covers a slow control plane.
+    create_settle_seconds: ClassVar[float] = 30.0
     config: DatabricksConfig
 
     def __init__(self, config: DatabricksConfig) -> None:
         super().__init__(config)
         self.poll_policy = DatabricksPollPolicy(  # type: ignore[misc]
             first_delay=config.poll_first_delay,
+            factor=config.poll_factor,
             quick_delay=config.poll_quick_delay,
             quick_window=config.poll_quick_window,
             cap=config.poll_cap,
         )
         # While the manifest is watched, the Jobs API is only a fallback: a sparse schedule suffices.
         self.watch_policy = PollPolicy(first_delay=2 * config.poll_first_delay, factor=2.0,
-                                       cap=config.poll_cap)
+                                       cap=config.watch_cap)
         version = config.api_version
         self._submit_ep = ("POST", f"{version}/jobs/runs/submit")
         self._get_ep = ("GET", f"{version}/jobs/runs/get")
@@ -185,6 +115,7 @@ class DatabricksBackend(Backend):
         self._ahook: DatabricksHook | None = None
         self._seen: dict[int, _Seen] = {}
         self._placed: set[str] = set()
+        self._storage = Storage(config.local_mounts, self._call, self.name)
 
     # -- the hook and the one place errors are mapped ----------------------------------------------------
 
@@ -204,34 +135,24 @@ class DatabricksBackend(Backend):
             caller="airflow-remote-ml",
         )
 
-    def _mapped(self, exc: BaseException, action: str) -> BaseException:
-        if isinstance(exc, RemoteMLError | _NotFound):
-            return exc
-        if "AirflowNotFoundException" in {c.__name__ for c in type(exc).__mro__}:
-            return ConfigError(
-                "databricks_conn_id",
-                f"{exc}",
-                f"create the Airflow connection {self.config.databricks_conn_id!r} (type databricks)",
-            )
-        info = error_info(exc)
-        if info is None:
-            return BackendAPIError(self.name, f"{action}: {exc}")
-        if info.not_found:
-            return _NotFound(info.message)
-        text = f"{action}: {info.error_code + ': ' if info.error_code else ''}{info.message or exc}"
-        if info.transient:
-            return TransientBackendError(self.name, text, info.status, info.retry_after)
-        if info.status in (401, 403):
-            text += f" (check the credentials of the Airflow connection {self.config.databricks_conn_id!r})"
-        return BackendAPIError(self.name, text, info.status)
+    def _mapped(self, exc: BaseException, action: str, *, ambiguous: bool = False) -> BaseException:
+        return map_error(exc, action, backend=self.name, conn_id=self.config.databricks_conn_id,
+                         ambiguous=ambiguous)
 
-    def _call(self, endpoint: tuple[str, str], payload: dict[str, Any], action: str) -> dict[str, Any]:
+    def _call(
+        self, endpoint: tuple[str, str], payload: dict[str, Any], action: str, *, ambiguous: bool = False
+    ) -> dict[str, Any]:
+        """The one place every sync request goes through: the hook's retries, then our errors."""
+        hook = self._sync_hook()
+        try:
+            return hook._do_api_call(endpoint, payload) or {}
+        except Exception as exc:
+            raise self._mapped(exc, action, ambiguous=ambiguous) from exc
+
+    def _sync_hook(self) -> DatabricksHook:
         if self._hook is None:
             self._hook = self._make_hook()
-        try:
-            return self._hook._do_api_call(endpoint, payload) or {}
-        except Exception as exc:
-            raise self._mapped(exc, action) from exc
+        return self._hook
 
     async def _acall(
         self, endpoint: tuple[str, str], payload: dict[str, Any], action: str, *, run_lookup: bool = False
@@ -251,7 +172,7 @@ class DatabricksBackend(Backend):
         except Exception as exc:
             mapped = self._mapped(exc, action)
             if run_lookup and isinstance(mapped, BackendAPIError) and mapped.status_code == 400:
-                raise _NotFound(str(mapped)) from exc
+                raise NotFound(str(mapped)) from exc
             raise mapped from exc
 
     # -- validation and submission -------------------------------------------------------------------------
@@ -273,14 +194,15 @@ class DatabricksBackend(Backend):
         return _join(directory, f"remote_ml_runtime_v{runtime.PROTOCOL_VERSION}_{digest}.py")
 
     def submit(self, request: StepRequest) -> RunHandle:
-        runtime_file = None
-        if self._uses_runtime(request):
-            runtime_file = self.runtime_uri(request)
-            if self.config.upload_runtime and runtime_file not in self._placed:
-                self._write(runtime_file, runtime.source().encode())
-                self._placed.add(runtime_file)
+        runtime_file = self.runtime_uri(request) if self._uses_runtime(request) else None
+        # Built (and so checked) before anything is uploaded or submitted.
         payload = build_submit_payload(request, self.config, runtime_file)
-        answer = self._call(self._submit_ep, payload, "submitting the run")
+        if runtime_file is not None and self.config.upload_runtime and runtime_file not in self._placed:
+            self._write(runtime_file, runtime.source().encode())
+            self._placed.add(runtime_file)
+        # Ambiguous: a timeout or a dropped connection may hide a run that was created. Sending the same
+        # token again answers that run, so the caller may retry at once (TransientBackendError).
+        answer = self._call(self._submit_ep, payload, "submitting the run", ambiguous=True)
         run_id = int(answer["run_id"])
         handle_data = {
             "run_id": run_id,
@@ -291,16 +213,28 @@ class DatabricksBackend(Backend):
             "runtime": runtime_file is not None,
             "task_key": task_key(request.identity),
         }
-        url = None
-        try:
-            run = self._call(self._get_ep, {"run_id": run_id}, "reading the submitted run")
-            url = run.get("run_page_url")
-            self._remember(run_id, run, fresh=True)
-        except (TransientBackendError, _NotFound) as exc:
-            # The run exists; its page link is a courtesy that must not fail the submission.
-            log.warning("databricks: run %s submitted but not readable yet: %s", run_id, exc)
+        url = self._page_url_after_submit(run_id)
         log.info("databricks: submitted run %s for %s", run_id, request.identity.key)
         return RunHandle(self.name, str(run_id), url, handle_data)
+
+    def _page_url_after_submit(self, run_id: int) -> str:
+        """The run page URL: from ``runs/get`` (which also serves as the first check), or built from host and id.
+
+        The hook has already retried a 429/5xx of that read; when it still fails the run exists anyway, so the
+        submission must not fail, and the link must not be lost for good (it goes into the handle, the XCom
+        link and every later error): it is then built from the workspace host and the run id.
+        """
+        try:
+            run = self._call(self._get_ep, {"run_id": run_id}, "reading the submitted run")
+        except (BackendAPIError, NotFound) as exc:
+            log.warning("databricks: run %s submitted but not readable yet (%s); linking it by id", run_id, exc)
+            return self._built_page_url(run_id)
+        self._remember(run_id, run, fresh=True)
+        return str(run.get("run_page_url") or self._built_page_url(run_id))
+
+    def _built_page_url(self, run_id: int) -> str:
+        """``<workspace>/jobs/runs/<run_id>``: the Jobs UI's run page for a run id, needing no API call."""
+        return run_page_url(self._sync_hook()._endpoint_url(""), run_id)
 
     # -- find: reattach without creating anything ------------------------------------------------------------
 
@@ -310,6 +244,7 @@ class DatabricksBackend(Backend):
         ``runs/submit`` with the identity's idempotency token would also answer the run id, but it would
         *create* the run when there is none, so find lists instead: the run name ends with the token.
         """
+        matches: dict[int, tuple[int, int]] = {}
         for params in self._list_passes():
             page_token = None
             for _ in range(max(1, self.config.find_max_pages)):
@@ -317,10 +252,17 @@ class DatabricksBackend(Backend):
                 answer = self._call(self._list_ep, query, "listing runs")
                 for run in answer.get("runs") or []:
                     if matches_identity(run.get("run_name"), identity):
-                        return self._handle_for(int(run["run_id"]))
+                        run_id = int(run["run_id"])
+                        matches[run_id] = (int(run.get("start_time") or 0), run_id)
                 page_token = answer.get("next_page_token")
                 if not page_token or not answer.get("has_more", True):
                     break
+        # One run per token is the rule; should there be several (a run submitted before tokens were
+        # used, a token reused after its run was deleted), every caller adopts the same one: the oldest.
+        for _, run_id in sorted(matches.values()):
+            handle = self._handle_for(run_id)
+            if handle is not None:
+                return handle
         return None
 
     def _list_passes(self) -> list[dict[str, Any]]:
@@ -343,7 +285,7 @@ class DatabricksBackend(Backend):
     def _handle_for(self, run_id: int) -> RunHandle | None:
         try:
             run = self._call(self._get_ep, {"run_id": run_id}, "reading the run")
-        except _NotFound:
+        except NotFound:
             return None
         tasks = run.get("tasks") or [{}]
         task = tasks[0]
@@ -375,7 +317,7 @@ class DatabricksBackend(Backend):
         if seen is None:
             seen = self._seen[run_id] = _Seen(status, next_api=time.monotonic() + self.watch_policy.delay(0),
                                               api_checks=1)
-        seen.status, seen.fresh = status, fresh
+        seen.status, seen.fresh, seen.read_at = status, fresh, time.monotonic()
         seen.task_run_id = task_run_id(run) or seen.task_run_id
         return seen
 
@@ -387,6 +329,10 @@ class DatabricksBackend(Backend):
             return seen.final
         if seen.fresh and not seen.status.is_terminal:
             seen.fresh = False
+            # Reused only as the check the caller would have made right away anyway; an older answer may
+            # hide what happened since (a cancel, a remote delete, a revoked token).
+            if time.monotonic() - seen.read_at > self.config.poll_first_delay:
+                return None
             return seen.status
         return None
 
@@ -397,7 +343,7 @@ class DatabricksBackend(Backend):
             return cached
         try:
             run = self._call(self._get_ep, {"run_id": run_id}, "reading the run state")
-        except _NotFound:
+        except NotFound:
             return _gone()
         seen = self._remember(run_id, run)
         if seen.status.is_terminal:
@@ -413,7 +359,7 @@ class DatabricksBackend(Backend):
         try:
             run = await self._acall(self._get_ep, {"run_id": run_id}, "reading the run state",
                                     run_lookup=True)
-        except _NotFound:
+        except NotFound:
             return _gone()
         seen = self._remember(run_id, run)
         if seen.status.is_terminal:
@@ -438,12 +384,20 @@ class DatabricksBackend(Backend):
         error = output.get("error")
         if exit_code is None:
             exit_code = exit_code_from(error)
-        parts = [str(manifest_error or error or status.message or status.remote_state)]
-        if manifest_error and error and error not in parts[0]:
-            parts.append(f"Databricks: {error}")
+        if status.reason:
+            # The platform ended the run (driver lost, cluster failure, timeout): its words lead.
+            parts = [f"{status.reason}: {status.message or status.remote_state}"]
+            if error and error not in parts[0]:
+                parts.append(f"Databricks: {error}")
+            if manifest_error:
+                parts.append(f"step: {manifest_error}")
+        else:
+            parts = [str(manifest_error or error or status.message or status.remote_state)]
+            if manifest_error and error and error not in parts[0]:
+                parts.append(f"Databricks: {error}")
         if output.get("error_trace"):
             parts.append(str(output["error_trace"]).rstrip())
-        return RunStatus(status.state, status.remote_state, "\n".join(parts), exit_code)
+        return RunStatus(status.state, status.remote_state, "\n".join(parts), exit_code, status.reason)
 
     # -- waiting: the manifest as a completion signal ------------------------------------------------------
 
@@ -455,7 +409,7 @@ class DatabricksBackend(Backend):
         path = self._mount_of(uri)
         if path is None and is_local(uri) and not uri.startswith("dbfs:"):
             path = local_path(uri)
-            if path.startswith(_WORKSPACE_ONLY) and not os.path.isdir(os.path.dirname(path)):
+            if path.startswith(WORKSPACE_ONLY) and not os.path.isdir(os.path.dirname(path)):
                 return None
         return path
 
@@ -470,7 +424,7 @@ class DatabricksBackend(Backend):
         """The manifest is there but the run is not TERMINATED yet (process exit, cluster clean-up):
         look again soon, backing off in case the clean-up takes a while."""
         delay = 4 * self.config.watch_interval * 2 ** seen.checks_since_manifest
-        seen.next_api = now + min(self.config.poll_cap, delay)
+        seen.next_api = now + min(self.config.watch_cap, delay)
         seen.checks_since_manifest += 1
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
@@ -542,7 +496,7 @@ class DatabricksBackend(Backend):
             return answer
         try:
             seen.output = self._call(self._output_ep, {"run_id": seen.task_run_id}, "reading the run output")
-        except (BackendAPIError, _NotFound) as exc:
+        except (BackendAPIError, NotFound) as exc:
             log.warning("databricks: no output for run %s: %s", handle.job_id, exc)
             return seen.output or {}
         return seen.output
@@ -557,7 +511,7 @@ class DatabricksBackend(Backend):
             seen.output = await self._acall(
                 self._output_ep, {"run_id": seen.task_run_id}, "reading the run output"
             )
-        except (BackendAPIError, _NotFound) as exc:
+        except (BackendAPIError, NotFound) as exc:
             log.warning("databricks: no output for run %s: %s", handle.job_id, exc)
             return seen.output or {}
         return seen.output
@@ -597,7 +551,7 @@ class DatabricksBackend(Backend):
         run_id = int(handle.data["run_id"])
         try:
             self._call(self._cancel_ep, {"run_id": run_id}, "cancelling the run")
-        except _NotFound:
+        except NotFound:
             return
         except BackendAPIError as exc:
             if exc.status_code != 400:  # 400 INVALID_STATE: already over, which is what we want
@@ -608,7 +562,7 @@ class DatabricksBackend(Backend):
         run_id = int(handle.data["run_id"])
         try:
             await self._acall(self._cancel_ep, {"run_id": run_id}, "cancelling the run", run_lookup=True)
-        except _NotFound:
+        except NotFound:
             return
         except BackendAPIError as exc:
             if exc.status_code != 400:
@@ -672,92 +626,16 @@ class DatabricksBackend(Backend):
     # -- artifact I/O seen from Airflow ----------------------------------------------------------------------
 
     def _mount_of(self, uri: str) -> str | None:
-        for prefix in sorted(self.config.local_mounts, key=len, reverse=True):
-            if uri.startswith(prefix):
-                return os.path.join(self.config.local_mounts[prefix], uri[len(prefix) :].lstrip("/"))
-        return None
+        return self._storage.mount_of(uri)
 
     def _write(self, uri: str, data: bytes) -> None:
-        """Place a file where the cluster reads it: a mount, the DBFS API, a local path or fsspec."""
-        target = self._mount_of(uri)
-        if target is None and uri.startswith("dbfs:/"):
-            self._call(
-                ("POST", "2.0/dbfs/put"),
-                {"path": uri[len("dbfs:") :], "overwrite": True, "contents": base64.b64encode(data).decode()},
-                f"uploading {uri}",
-            )
-            return
-        if target is None and is_local(uri):
-            path = local_path(uri)
-            top = "/" + path.lstrip("/").split("/", 1)[0]
-            if path.startswith(_WORKSPACE_ONLY) and not os.path.isdir(top):
-                raise ConfigError(
-                    "runtime_dir",
-                    f"Airflow cannot write {uri!r}",
-                    f"map it with backend_config[{self.name}].local_mounts, use a dbfs:/ runtime_dir, "
-                    "or deploy the runtime there yourself and set upload_runtime=False",
-                )
-            target = path
-        if target is not None:
-            os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
-            return
-        import fsspec
-
-        with fsspec.open(uri, "wb") as fh:
-            fh.write(data)
+        self._storage.write(uri, data)
 
     def read_manifest(self, uri: str) -> dict[str, Any] | None:
         return self._read_json(uri)
 
     def _read_json(self, uri: str) -> dict[str, Any] | None:
-        text = self._read_text(uri)
-        if text is None:
-            return None
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise ArtifactError(f"the result manifest at {uri!r} is unreadable: {exc}") from exc
-        return value if isinstance(value, dict) else None
-
-    def _read_text(self, uri: str) -> str | None:
-        target = self._mount_of(uri)
-        if target is None and uri.startswith("dbfs:/"):
-            return self._dbfs_read(uri)
-        if target is None and is_local(uri):
-            target = local_path(uri)
-        if target is not None:
-            try:
-                with open(target, encoding="utf-8") as fh:
-                    return fh.read()
-            except FileNotFoundError:
-                return None
-        from airflow_remote_ml.core.artifacts import read_json
-
-        value = read_json(uri)
-        return None if value is None else json.dumps(value)
-
-    def _dbfs_read(self, uri: str) -> str | None:
-        path = uri[len("dbfs:") :]
-        chunks: list[bytes] = []
-        offset = 0
-        while True:
-            try:
-                answer = self._call(
-                    ("GET", "2.0/dbfs/read"),
-                    {"path": path, "offset": offset, "length": DBFS_READ_CHUNK},
-                    f"reading {uri}",
-                )
-            except _NotFound:
-                return None
-            data = base64.b64decode(answer.get("data") or "")
-            chunks.append(data)
-            offset += len(data)
-            if int(answer.get("bytes_read") or 0) < DBFS_READ_CHUNK or not data:
-                return b"".join(chunks).decode("utf-8")
+        return self._storage.read_json(uri)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -767,6 +645,11 @@ class DatabricksBackend(Backend):
 
     async def aclose(self) -> None:
         self.close()
+
+
+def run_page_url(workspace_url: str, run_id: int | str) -> str:
+    """The run page of ``run_id`` in the workspace at ``workspace_url`` (``https://host[:port]/``)."""
+    return f"{workspace_url.rstrip('/')}/jobs/runs/{run_id}"
 
 
 def _gone() -> RunStatus:

@@ -140,10 +140,17 @@ class DatabricksConfig(BackendConfig):
         find_lookback_hours, find_max_pages: how far back and how many 25-run pages :meth:`find` reads.
         retry_limit, retry_delay, request_timeout: passed to the hook; retries of 429/5xx wait at least
             the server's ``Retry-After`` (at most ``max_retry_after`` seconds).
-        poll_first_delay, poll_quick_delay, poll_quick_window, poll_cap: the :class:`DatabricksPollPolicy`.
+        poll_first_delay, poll_factor, poll_quick_delay, poll_quick_window, poll_cap: the
+            :class:`DatabricksPollPolicy` (3 s, ×3, to a 30 s cap: never later than the provider's 30 s).
+        watch_cap: the longest gap of the fallback checks while the manifest is watched (the manifest, not
+            the API, signals the end of a normal run).
+        dbfs_fuse: the clusters mount DBFS at ``/dbfs`` (the FUSE mount), so the step runtime can read and
+            write ``dbfs:/`` artifacts there. Off by default: serverless compute has no ``/dbfs`` and a
+            workspace can disable it, and without it the runtime would write a local folder named ``dbfs:``
+            on the driver. With it off, a ``dbfs:/`` artifact root or input of a runtime step is refused.
         watch_manifest: when Airflow sees the result manifest as a file (a local or ``local_mounts``
             path), look for it every ``watch_interval`` seconds (no API call) and ask the Jobs API only
-            when it appears, or on a sparse schedule (``poll_first_delay`` × 2, doubling to ``poll_cap``)
+            when it appears, or on a sparse schedule (``poll_first_delay`` × 2, doubling to ``watch_cap``)
             for runs that end without one (cluster failures, cancellations).
     """
 
@@ -168,10 +175,13 @@ class DatabricksConfig(BackendConfig):
     retry_delay: float = 1.0
     request_timeout: int = 180
     max_retry_after: float = 300.0
-    poll_first_delay: float = 1.0
+    poll_first_delay: float = 3.0
+    poll_factor: float = 3.0
     poll_quick_delay: float = 3.0
-    poll_quick_window: float = 24.0
-    poll_cap: float = 120.0
+    poll_quick_window: float = 0.0
+    poll_cap: float = 30.0
+    watch_cap: float = 120.0
+    dbfs_fuse: bool = False
     watch_manifest: bool = True
     watch_interval: float = 0.25
 
@@ -373,6 +383,7 @@ def build_submit_payload(
     if uses_runtime:
         if not runtime_file:
             raise ConfigError("runtime_dir", "the step runtime has no location", "set runtime_dir")
+        check_runtime_locations(request, config)
         extra = {"env": dict(request.spec.env)} if compute.existing_cluster_id and request.spec.env else {}
         step = request.runtime_config(python_path=list(compute.python_path), **extra)
         argument = json.dumps(step, separators=(",", ":"), sort_keys=True)
@@ -403,6 +414,29 @@ def build_submit_payload(
     if spec.timeout:
         payload["timeout_seconds"] = math.ceil(spec.timeout + max(0.0, config.timeout_grace_seconds))
     return payload
+
+
+def check_runtime_locations(request: StepRequest, config: DatabricksConfig) -> None:
+    """Refuse ``dbfs:/`` artifacts for the runtime unless the clusters mount ``/dbfs``.
+
+    The runtime is stdlib-only: on the driver it reaches ``dbfs:/x`` as the FUSE path ``/dbfs/x``, and
+    without that mount it falls back to fsspec, which resolves ``dbfs:/x`` to a local folder named ``dbfs:``:
+    the step "succeeds" into the driver's disk and Airflow then finds no manifest. Refused before submitting.
+    """
+    if config.dbfs_fuse:
+        return
+    places = [("artifact_root", request.artifact_root), ("artifact_root", request.manifest_uri)]
+    places += [(f"inputs.{name}", str(uri)) for name, uri in request.spec.inputs.items()]
+    for field_name, uri in places:
+        if uri.startswith("dbfs:"):
+            raise ConfigError(
+                field_name,
+                f"{uri!r} is on DBFS, which the step runtime reaches only through the cluster's /dbfs mount "
+                "(serverless compute has none, and a workspace may disable it)",
+                "use a Unity Catalog volume (/Volumes/<catalog>/<schema>/<volume>/...) or an object store "
+                f"URI (s3://, abfss://, gs://) instead, or set backend_config[{NAME}].dbfs_fuse=True if your "
+                "clusters mount /dbfs",
+            )
 
 
 def _with_step_env(cluster: Mapping[str, Any], request: StepRequest) -> dict[str, Any]:

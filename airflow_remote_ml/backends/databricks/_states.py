@@ -95,12 +95,67 @@ def _warn_once(run_id: Any, text: str) -> None:
         log.warning("databricks run %s: %s; still waiting", run_id, text)
 
 
+#: Result states that say why a run ended without the step's own code failing: they become the reason.
+_REASON_RESULTS = frozenset(
+    {"TIMEDOUT", "CANCELED", "UPSTREAM_CANCELED", "UPSTREAM_FAILED", "MAXIMUM_CONCURRENT_RUNS_REACHED",
+     "EXCLUDED", "DISABLED"}
+)
+#: ``status.termination_details.code`` values that are no reason of their own: success, the task's own
+#: failure (RUN_EXECUTION_ERROR: "the run was completed with task failures"), a user's cancel.
+_PLAIN_CODES = frozenset({"", "SUCCESS", "SUCCESS_WITH_FAILURES", "RUN_EXECUTION_ERROR", "USER_CANCELED",
+                          "CANCELED", "SKIPPED"})
+#: What Databricks shows when the driver died, most often of memory (its JVM or Python process was killed).
+DRIVER_STOPPED = "The spark driver has stopped unexpectedly"
+_OOM_HINT = (
+    "the driver most likely ran out of memory: give it a node type with more memory (resources.memory, a "
+    "profile's node_type_id or driver_node_type_id), or collect less data to the driver"
+)
+
+
+def failure_reason(life: str, result: Any, status: Mapping[str, Any]) -> str:
+    """The platform's own word for why a run ended (``RunStatus.reason``), or ``""`` when the step's code did.
+
+    ``INTERNAL_ERROR``/``SKIPPED`` life cycle states, the result states of :data:`_REASON_RESULTS`, and the
+    2.2 ``termination_details.code`` of a platform failure (``DRIVER_ERROR``, ``CLUSTER_ERROR``,
+    ``LIBRARY_INSTALLATION_ERROR``, ``CLOUD_FAILURE``, ``INTERNAL_ERROR``...: ``TerminationCodeCode``).
+    """
+    if life in ("INTERNAL_ERROR", "SKIPPED"):
+        return life
+    if result in _REASON_RESULTS:
+        return str(result)
+    code = str((status.get("termination_details") or {}).get("code") or "")
+    return "" if code in _PLAIN_CODES else code
+
+
+def with_reason(status: RunStatus, run: Mapping[str, Any]) -> RunStatus:
+    """``status`` with the platform's reason and, for a stopped driver, what to do about it."""
+    if not status.is_terminal or status.is_successful:
+        return status
+    state = run.get("state") or {}
+    v2 = run.get("status") or {}
+    reason = failure_reason(str(state.get("life_cycle_state") or ""), state.get("result_state"), v2)
+    if not reason:
+        return status
+    details = str((v2.get("termination_details") or {}).get("message") or "")
+    message = status.message
+    if details and details not in message:
+        message = _join(message, details)
+    if DRIVER_STOPPED in message and _OOM_HINT not in message:
+        message = f"{message} ({_OOM_HINT})"
+    return RunStatus(status.state, status.remote_state, message, status.exit_code, reason)
+
+
 def status_from_run(run: Mapping[str, Any], *, success_with_failures_is_success: bool = False) -> RunStatus:
     """Map a raw ``runs/get`` (or ``runs/list`` entry) answer to a :class:`RunStatus`.
 
     Parsed from the raw JSON on purpose: the provider's ``RunState`` raises on a life-cycle state it does
-    not know, and a new state must keep the wait going (with a warning), never crash it.
+    not know, and a new state must keep the wait going (with a warning), never crash it. A run the platform
+    ended carries its reason (:func:`failure_reason`).
     """
+    return with_reason(_status_from_run(run, success_with_failures_is_success), run)
+
+
+def _status_from_run(run: Mapping[str, Any], success_with_failures_is_success: bool) -> RunStatus:
     state = run.get("state") or {}
     status = run.get("status") or {}
     life = str(state.get("life_cycle_state") or "")
@@ -256,19 +311,22 @@ def parse_error_body(text: str) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class DatabricksPollPolicy(PollPolicy):
-    """Quick checks first, then exponential backoff to a cap.
+    """Checks where a run is likely to end, never further apart than the provider's 30 s.
 
-    For the first ``quick_window`` seconds the checks come every ``first_delay`` seconds growing to at most
-    ``quick_delay``, so a short run on a warm cluster is noticed within ``quick_delay`` seconds. After that
-    the delay doubles (``factor``) from ``quick_delay`` up to ``cap``: a long run costs a handful of calls
-    per ten minutes instead of the provider's fixed 30-second loop. A longer ``Retry-After`` always wins.
+    The provider's ``DatabricksSubmitRunOperator`` looks every 30 s, so it notices a run's end up to 30 s late
+    whatever its length, and makes about 20 checks per 10 minutes. This schedule spends a few checks early,
+    where short runs on a warm cluster end (``first_delay``, then ×``factor``: at 3 and 12 s), then joins the
+    ``cap`` grid (30, 60, 90, ... s): its checks include every check time of a 30 s loop started with it, so at
+    every run length it notices the end no later than the provider does, for about the same number of calls
+    (22 checks over 10 minutes vs its 21). Optionally, for ``quick_window`` seconds the checks come every
+    ``first_delay`` growing to at most ``quick_delay`` (off by default). A longer ``Retry-After`` always wins.
     """
 
-    first_delay: float = 1.0
-    factor: float = 2.0
-    cap: float = 120.0
+    first_delay: float = 3.0
+    factor: float = 3.0
+    cap: float = 30.0
     quick_delay: float = 3.0
-    quick_window: float = 24.0
+    quick_window: float = 0.0
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         base = self.schedule(max(0, attempt) + 1)[-1]
@@ -281,14 +339,35 @@ class DatabricksPollPolicy(PollPolicy):
         delays: list[float] = []
         elapsed = 0.0
         quick = self.first_delay
-        slow = self.quick_delay
         for _ in range(checks):
-            if elapsed < self.quick_window:
+            if elapsed >= self.cap:
+                delay = self.cap  # on the grid: every check at a multiple of cap
+            elif elapsed < self.quick_window:
                 delay = min(quick, self.quick_delay, self.cap)
                 quick += self.first_delay
             else:
-                slow = min(self.cap, slow * self.factor)
-                delay = slow
+                delay = min(self.cap, delays[-1] * self.factor if delays else self.first_delay)
+            if elapsed < self.cap < elapsed + delay:
+                delay = self.cap - elapsed  # land on the cap grid: every later check is at a multiple of cap
             delays.append(delay)
             elapsed += delay
         return delays
+
+    def worst_delay(self, horizon: float) -> float:
+        """The longest a run ending at any time up to ``horizon`` goes unnoticed (the widest gap)."""
+        worst, elapsed = 0.0, 0.0
+        for delay in self.schedule(10_000):
+            worst = max(worst, delay)
+            elapsed += delay
+            if elapsed >= horizon:
+                return worst
+        return worst
+
+    def checks_until(self, duration: float) -> int:
+        """How many checks it takes until one falls at or after ``duration`` seconds."""
+        elapsed = 0.0
+        for count, delay in enumerate(self.schedule(100_000), start=1):
+            elapsed += delay
+            if elapsed >= duration:
+                return count
+        raise ValueError(f"{duration} s is beyond the schedule")
