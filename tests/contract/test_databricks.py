@@ -25,6 +25,7 @@ from airflow_remote_ml.core import (
     TransientBackendError,
 )
 from airflow_remote_ml.core.wait import failure_error, wait_for_completion
+from tests.contract.faults import FaultContract
 from tests.contract.suite import BackendContract
 from tests.fakes.databricks_api import TERMINAL_LIFE_CYCLE_STATES, FakeDatabricks
 
@@ -196,3 +197,23 @@ class TestDatabricksFaults:
                 fault_backend.poll(handle)
         assert caught.value.status_code == 403 and not isinstance(caught.value, TransientBackendError)
         service.server.cancel(int(handle.job_id))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+class TestDatabricksFaultContract(FaultContract):
+    """The shared fault contract (tests/contract/faults.py) on the Jobs API double."""
+
+    # A runtime step on the double is a local process: it can ignore SIGTERM, and the runs/cancel the
+    # double honours after TERMINATING ends it (Databricks kills the driver). Crashes, kills and defer are
+    # the lifecycle's; they run here against the double's Jobs API too. Not "trigger_restart": a run's
+    # output (runs/get-output) is only there once the run has ended, so there is no stream to resume.
+    supports = DatabricksFaults.supports | {"crash", "kill", "defer", "ignores_sigterm"}
+
+    @pytest.fixture
+    def artifact_root(self, tmp_path) -> str:
+        return str(tmp_path / "artifacts")
+
+    @pytest.fixture
+    def image(self) -> None:
+        return None
