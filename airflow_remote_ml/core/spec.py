@@ -494,6 +494,9 @@ def _reject_unknown(prefix: str, value: Mapping[str, Any], known: set[str]) -> N
             raise ConfigError(f"{prefix}.{key}", "is not a known field", fix)
 
 
-def reject_unknown_options(prefix: str, value: Mapping[str, Any], known: set[str]) -> None:
-    """Raise a :class:`ConfigError` with a suggestion for the first key of ``value`` not in ``known``."""
-    _reject_unknown(prefix, value, known)
+def reject_unknown_options(prefix: str, value: Any, known: set[str]) -> None:
+    """Raise a :class:`ConfigError` with a suggestion for the first key of ``value`` not in ``known``.
+
+    ``value`` may be anything a user wrote: a non-mapping is refused the same way.
+    """
+    _reject_unknown(prefix, expect_mapping(prefix, value, "{'option': value}"), known)

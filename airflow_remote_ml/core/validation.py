@@ -46,16 +46,20 @@ MAX_GPU = 1024
 # Valohai's data store: `datum://<id>` inputs (docs.valohai.com, "Inputs": datum:// URLs).
 PLATFORM_URI_SCHEMES: dict[str, str] = {"datum": "valohai"}
 
+_SCHEME_FIX = "use a scheme fsspec knows (fsspec.available_protocols()), e.g. 's3', 'gs', 'abfs' or 'file'"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def suggestion(name: str, known: Sequence[str], what: str = "names") -> str:
-    """``"did you mean 'x'?"`` for the closest of ``known``, else the list of them."""
-    close = difflib.get_close_matches(name, sorted(known), n=1)
+def suggestion(name: str, known: Sequence[str], what: str = "names", otherwise: str | None = None) -> str:
+    """``"did you mean 'x'?"`` for the closest of ``known``, else ``otherwise`` or the list of them.
+
+    The cutoff is a little below difflib's default so that two-letter names ('s4' for 's3') match.
+    """
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.5)
     if close:
         return f"did you mean {close[0]!r}?"
-    return f"known {what}: {', '.join(sorted(known)) or 'none'}"
+    return otherwise or f"known {what}: {', '.join(sorted(known)) or 'none'}"
 
 
 def type_name(value: Any) -> str:
@@ -248,24 +252,29 @@ def check_uri(field: str, value: Any) -> str:
     uri = require_text(field, value, "a path or URI", "'s3://bucket/data.csv' or an upstream output")
     if uri != uri.strip():
         raise ConfigError(field, f"{short_repr(uri)} has leading or trailing whitespace", "remove the spaces")
-    # fsspec chains protocols with '::' (e.g. 'simplecache::s3://bucket/key'); each link must be known.
     known = known_uri_schemes()
-    for link in uri.split("::"):
-        match = _SCHEME_RE.match(link)
-        if match is None or (len(match.group(1)) == 1 and link[2:3] in ("\\", "/")):
-            # No scheme (or a Windows drive letter): a path, which must be absolute.
-            if not link.startswith("/"):
-                raise ConfigError(field, f"{short_repr(uri)} is a relative path",
-                                  "use an absolute path such as '/data/train.csv' or a URI such as "
-                                  "'s3://bucket/train.csv'")
-            continue
-        scheme = match.group(1).lower()
+    # fsspec chains protocols with '::' (e.g. 'simplecache::s3://bucket/key'): each link before the
+    # last is a protocol name (optionally 'name://'), the last one the URI itself; each must be known.
+    *wrappers, target = uri.split("::")
+    for link in wrappers:
+        scheme = link.split("://", 1)[0].lower()
         if scheme not in known:
-            raise ConfigError(field, f"{short_repr(uri)} uses the unknown scheme {scheme!r}",
-                              suggestion(scheme, sorted(known), "schemes"))
-        rest = link[match.end():].lstrip("/")
-        if not rest and link is uri.split("::")[-1]:
-            raise ConfigError(field, f"{short_repr(uri)} names no path", f"use e.g. '{scheme}://bucket/key'")
+            raise ConfigError(field, f"{short_repr(uri)} chains the unknown protocol {short_repr(scheme)}",
+                              suggestion(scheme, sorted(known), otherwise=_SCHEME_FIX))
+    match = _SCHEME_RE.match(target)
+    if match is None or (len(match.group(1)) == 1 and target[2:3] in ("\\", "/")):
+        # No scheme (or a Windows drive letter): a path, which must be absolute.
+        if not target.startswith("/"):
+            raise ConfigError(field, f"{short_repr(uri)} is a relative path",
+                              "use an absolute path such as '/data/train.csv' or a URI such as "
+                              "'s3://bucket/train.csv'")
+        return uri
+    scheme = match.group(1).lower()
+    if scheme not in known:
+        raise ConfigError(field, f"{short_repr(uri)} uses the unknown scheme {scheme!r}",
+                          suggestion(scheme, sorted(known), otherwise=_SCHEME_FIX))
+    if not target[match.end():].strip("/"):
+        raise ConfigError(field, f"{short_repr(uri)} names no path", f"use e.g. '{scheme}://bucket/key'")
     return uri
 
 
