@@ -31,7 +31,8 @@ from airflow_remote_ml.core.validation import (
     validate_operator_arguments,
 )
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# database=None: nothing is written into the checkout (CI runs from a fresh clone anyway).
+SETTINGS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 BACKENDS = ["databricks", "docker", "kubernetes", "local", "valohai"]
 
 
