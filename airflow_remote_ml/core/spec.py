@@ -125,7 +125,10 @@ class Resources:
                               "use e.g. {'cpu': 2, 'memory': '4Gi', 'gpu': 1, 'profile': 'gpu'}")
         value = expect_mapping("resources", value, "{'cpu': 2}")
         _reject_unknown("resources", value, {"cpu", "memory", "gpu", "profile"})
-        profile = expect_text("resources.profile", value.get("profile"), "a profile name", "'gpu'")
+        profile = value.get("profile")
+        if profile is not None:  # given, it must name something: a blank name is a mistake, not "none"
+            profile = require_text("resources.profile", profile, "a profile name",
+                                   "the name of a profile your deployment defines, e.g. 'gpu'")
         return cls(
             cpu=parse_cpu(value.get("cpu")),
             memory=parse_memory(value.get("memory")),

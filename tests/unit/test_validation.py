@@ -58,6 +58,7 @@ CASES = [
     ({"resources": {"memory": 0.5}}, "resources.memory", None),
     ({"resources": {"gpu": 10**400}}, "resources.gpu", None),
     ({"resources": {"gpu": "9" * 30}}, "resources.gpu", None),
+    ({"resources": {"profile": "gpu\n"}}, "resources.profile", None),
     ({"timeout": 10**400}, "timeout", "at most 30 days"),
     ({"timeout": 1e10}, "timeout", "at most 30 days"),
     ({"timeout": MAX_TIMEOUT_SECONDS + 1}, "timeout", "at most 30 days"),
@@ -116,6 +117,7 @@ REGRESSION_GUARDS = [
     ({"timeout": [60]}, "timeout", None),
     ({"secrets": ["DB"]}, "secrets", None),
     ({"inputs": {"data": 5}}, "inputs.data", None),
+    ({"resources": {"profile": "  "}}, "resources.profile", None),
 ]
 
 

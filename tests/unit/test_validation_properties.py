@@ -11,6 +11,7 @@ Bounded (``max_examples``, no deadline) so CI spends seconds here.
 from __future__ import annotations
 
 import json
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -31,8 +32,10 @@ from airflow_remote_ml.core.validation import (
     validate_operator_arguments,
 )
 
+# 150 examples per test keep CI at a few seconds; REMOTE_ML_FUZZ_EXAMPLES=5000 makes a soak run.
 # database=None: nothing is written into the checkout (CI runs from a fresh clone anyway).
-SETTINGS = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(os.environ.get("REMOTE_ML_FUZZ_EXAMPLES", "150")), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow])
 BACKENDS = ["databricks", "docker", "kubernetes", "local", "valohai"]
 
 
