@@ -54,7 +54,9 @@ _MEMORY_UNITS = {
     "gb": 1000**3,
     "tb": 1000**4,
 }
-_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]{0,2})\s*$")
+# ASCII digits only: \d would also match '٣' or '²', which no platform's quantity parser takes.
+_MEMORY_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]{0,2})\s*$")
+_WHOLE_RE = re.compile(r"^\s*[0-9]{1,19}\s*$")
 
 
 def parse_memory(value: Any, field_name: str = "resources.memory") -> int | None:
@@ -96,8 +98,8 @@ def parse_gpu(value: Any, field_name: str = "resources.gpu") -> int:
     fix = f"use a whole number from 0 to {MAX_GPU}, such as 1"
     if value is None:
         return 0
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip()) if len(value.strip()) < 20 else MAX_GPU + 1
+    if isinstance(value, str) and _WHOLE_RE.match(value):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(field_name, f"{short_repr(value)} is not a GPU count", fix)
     if value < 0 or value > MAX_GPU:

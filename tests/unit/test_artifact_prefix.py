@@ -59,7 +59,7 @@ def test_a_long_value_is_cut_with_a_hash_and_stays_distinct():
     assert decode_segment(encode_segment(long_a)) is None  # cut: only the hash tells them apart
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
 @given(st.text())
 def test_encoding_round_trips(value):
     segment = encode_segment(value)
@@ -67,14 +67,14 @@ def test_encoding_round_trips(value):
         assert decode_segment(segment) == value
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None, derandomize=True)
 @given(st.text(max_size=80), st.text(max_size=80))
 def test_encoding_is_injective(a, b):
     if a != b:
         assert encode_segment(a) != encode_segment(b)
 
 
-@settings(max_examples=200, deadline=None, database=None)
+@settings(max_examples=200, deadline=None, database=None, derandomize=True)
 @given(st.tuples(st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30), st.text(max_size=40),
                  st.integers(-1, 5), st.integers(0, 3)),
        st.tuples(st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30), st.text(max_size=40),

@@ -59,6 +59,8 @@ CASES = [
     ({"resources": {"gpu": 10**400}}, "resources.gpu", None),
     ({"resources": {"gpu": "9" * 30}}, "resources.gpu", None),
     ({"resources": {"profile": "gpu\n"}}, "resources.profile", None),
+    ({"resources": {"gpu": "²"}}, "resources.gpu", None),  # str.isdigit() is true for it; int() is not
+    ({"resources": {"memory": "٣Gi"}}, "resources.memory", None),
     ({"timeout": 10**400}, "timeout", "at most 30 days"),
     ({"timeout": 1e10}, "timeout", "at most 30 days"),
     ({"timeout": MAX_TIMEOUT_SECONDS + 1}, "timeout", "at most 30 days"),
