@@ -6,6 +6,7 @@ root (a local directory by default, any fsspec URI for deployments), and only it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -17,7 +18,13 @@ from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
 
 MANIFEST_NAME = "manifest.json"
-_SEGMENT_BAD = re.compile(r"[^A-Za-z0-9._=+-]+")
+# Characters kept as they are in a prefix segment: safe in every filesystem and object store path,
+# and no URL-escaping is needed for them. Everything else is escaped (see encode_segment).
+_SEGMENT_SAFE = re.compile(r"[A-Za-z0-9._=+-]")
+_ESCAPE = "~"
+_ESCAPED = re.compile(r"~([0-9A-F]{2})")
+#: Longest segment kept whole: filesystems allow 255 bytes per name; the rest is left for a hash.
+MAX_SEGMENT = 200
 
 # Schemes a process can read as plain files (after mapping) without an fsspec implementation.
 _LOCAL_SCHEMES = {"", "file"}
@@ -49,8 +56,50 @@ def _is_windows_drive(uri: str) -> bool:
     return len(uri) > 2 and uri[1] == ":" and uri[0].isalpha()
 
 
-def _segment(value: str) -> str:
-    return _SEGMENT_BAD.sub("_", value).strip(".") or "_"
+def encode_segment(value: str) -> str:
+    """A readable path segment that maps different values to different segments (injective).
+
+    Safe characters stay as they are; every other byte of the UTF-8 text becomes ``~XX`` (its hex
+    value), ``~`` itself included, so ``12:00`` is ``12~3A00`` and can never meet the literal
+    ``12_00``. A leading or trailing dot is escaped too (``..`` must never be a segment, and Windows
+    drops trailing dots). A segment longer than :data:`MAX_SEGMENT` keeps its readable start and
+    ends in ``~~`` plus a hash of the whole value (``~~`` never appears in an escaped segment).
+    """
+    if value == "":
+        return _ESCAPE  # '~' alone is no escape sequence, so no other value encodes to it
+    out = []
+    last = len(value) - 1
+    for i, char in enumerate(value):
+        if _SEGMENT_SAFE.fullmatch(char) and not (char == "." and i in (0, last)):
+            out.append(char)
+        else:
+            out.extend(f"{_ESCAPE}{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    encoded = "".join(out)
+    if len(encoded) <= MAX_SEGMENT:
+        return encoded
+    digest = hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = encoded[: MAX_SEGMENT - 18]
+    head = re.sub(r"~[0-9A-F]?$", "", head)  # never end on half an escape
+    return f"{head}~~{digest}"
+
+
+def decode_segment(segment: str) -> str | None:
+    """The value :func:`encode_segment` made ``segment`` from; ``None`` for a hashed (cut) segment."""
+    if segment == _ESCAPE:
+        return ""
+    if "~~" in segment:
+        return None
+    raw = bytearray()
+    i = 0
+    while i < len(segment):
+        match = _ESCAPED.match(segment, i)
+        if match:
+            raw.append(int(match.group(1), 16))
+            i = match.end()
+        else:
+            raw.extend(segment[i].encode("utf-8"))
+            i += 1
+    return raw.decode("utf-8", "surrogatepass")
 
 
 @dataclass(frozen=True)
@@ -73,7 +122,10 @@ class ArtifactStore:
 
     def step_prefix(self, identity: StepIdentity) -> str:
         map_part = "map_-1" if identity.map_index < 0 else f"map_{identity.map_index}"
-        parts = [_segment(identity.dag_id), _segment(identity.run_id), _segment(identity.task_id),
+        # Every part is encoded injectively: two runs whose ids differ only in characters a path cannot
+        # hold ('manual__...T12:00:00' and 'manual__...T12_00_00') must not share a folder, since the
+        # runtime clears leftover outputs before it runs.
+        parts = [encode_segment(identity.dag_id), encode_segment(identity.run_id), encode_segment(identity.task_id),
                  map_part, f"gen_{identity.generation}"]
         return self._join(*parts)
 

@@ -6,7 +6,6 @@ are literal, before submission when they are templated), and every error names t
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -14,10 +13,30 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from airflow_remote_ml.core.errors import ConfigError
+from airflow_remote_ml.core.validation import (
+    MAX_CPU,
+    MAX_GPU,
+    MAX_INT,
+    MAX_MEMORY_BYTES,
+    as_float,
+    check_backend_key,
+    check_json,
+    check_range,
+    check_uri,
+    expect_bool,
+    expect_mapping,
+    expect_names,
+    expect_text,
+    json_copy,
+    parse_timeout,
+    require_text,
+    short_repr,
+    type_name,
+)
 
 _CALLABLE_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
-_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _RESERVED_ENV_PREFIX = "REMOTE_ML_"
 
 _MEMORY_UNITS = {
@@ -35,45 +54,57 @@ _MEMORY_UNITS = {
     "gb": 1000**3,
     "tb": 1000**4,
 }
-_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]{0,2})\s*$")
+# ASCII digits only: \d would also match '٣' or '²', which no platform's quantity parser takes.
+_MEMORY_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]{0,2})\s*$")
+_WHOLE_RE = re.compile(r"^\s*[0-9]{1,19}\s*$")
 
 
-def parse_memory(value: str | int | float | None, field_name: str = "resources.memory") -> int | None:
+def parse_memory(value: Any, field_name: str = "resources.memory") -> int | None:
     """Return a memory size in bytes from ``'512Mi'``, ``'4Gi'``, ``'2G'`` or a number of bytes."""
+    fix = "use e.g. '512Mi' or '4Gi'"
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ConfigError(field_name, f"{value!r} is not a size", "use e.g. '512Mi' or '4Gi'")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(field_name, f"{short_repr(value)} is not a size", fix)
     if isinstance(value, (int, float)):
-        if value <= 0 or not math.isfinite(value):
-            raise ConfigError(field_name, f"{value!r} must be positive", "use e.g. '512Mi' or '4Gi'")
-        return int(value)
-    match = _MEMORY_RE.match(str(value))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _MEMORY_UNITS:
-        raise ConfigError(field_name, f"{value!r} is not a size", "use e.g. '512Mi' or '4Gi'")
-    size = int(float(match.group(1)) * _MEMORY_UNITS[unit])
-    if size <= 0:
-        raise ConfigError(field_name, f"{value!r} must be positive", "use e.g. '512Mi' or '4Gi'")
+        number = as_float(field_name, value, "a size", fix)
+    else:
+        match = _MEMORY_RE.match(value)
+        unit = match.group(2).lower() if match else None
+        if not match or unit not in _MEMORY_UNITS:
+            raise ConfigError(field_name, f"{short_repr(value)} is not a size", fix)
+        number = as_float(field_name, match.group(1), "a size", fix) * _MEMORY_UNITS[unit]
+    check_range(field_name, number, maximum=MAX_MEMORY_BYTES, shown=value, fix=fix, unit=" bytes")
+    size = int(number)
+    if size <= 0:  # a fraction of a byte
+        raise ConfigError(field_name, f"{short_repr(value)} must be at least one byte", fix)
     return size
 
 
-def parse_cpu(value: str | int | float | None, field_name: str = "resources.cpu") -> float | None:
+def parse_cpu(value: Any, field_name: str = "resources.cpu") -> float | None:
     """Return a CPU count from ``2``, ``0.5`` or Kubernetes-style ``'500m'``."""
+    fix = "use e.g. 2, 0.5 or '500m'"
     if value is None:
         return None
-    if isinstance(value, bool):
-        raise ConfigError(field_name, f"{value!r} is not a CPU count", "use e.g. 2, 0.5 or '500m'")
-    try:
-        if isinstance(value, str) and value.strip().endswith("m"):
-            cpu = float(value.strip()[:-1]) / 1000
-        else:
-            cpu = float(value)
-    except ValueError:
-        raise ConfigError(field_name, f"{value!r} is not a CPU count", "use e.g. 2, 0.5 or '500m'") from None
-    if cpu <= 0 or not math.isfinite(cpu):
-        raise ConfigError(field_name, f"{value!r} must be positive", "use e.g. 2, 0.5 or '500m'")
-    return cpu
+    if isinstance(value, str) and value.strip().endswith("m"):
+        cpu = as_float(field_name, value.strip()[:-1], "a CPU count", fix) / 1000
+    else:
+        cpu = as_float(field_name, value, "a CPU count", fix)
+    return check_range(field_name, cpu, maximum=MAX_CPU, shown=value, fix=fix)
+
+
+def parse_gpu(value: Any, field_name: str = "resources.gpu") -> int:
+    """A whole, non-negative GPU count (``None`` is none); ``'2'`` is accepted."""
+    fix = f"use a whole number from 0 to {MAX_GPU}, such as 1"
+    if value is None:
+        return 0
+    if isinstance(value, str) and _WHOLE_RE.match(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(field_name, f"{short_repr(value)} is not a GPU count", fix)
+    if value < 0 or value > MAX_GPU:
+        raise ConfigError(field_name, f"{short_repr(value)} is not a GPU count", fix)
+    return value
 
 
 @dataclass(frozen=True)
@@ -86,33 +117,25 @@ class Resources:
     profile: str | None = None
 
     @classmethod
-    def parse(cls, value: Resources | Mapping[str, Any] | None) -> Resources:
+    def parse(cls, value: Any) -> Resources:
         if value is None:
             return cls()
         if isinstance(value, Resources):
             return value
         if not isinstance(value, Mapping):
-            raise ConfigError("resources", f"expected a mapping, got {type(value).__name__}",
+            raise ConfigError("resources", f"expected a mapping, got {type_name(value)}",
                               "use e.g. {'cpu': 2, 'memory': '4Gi', 'gpu': 1, 'profile': 'gpu'}")
+        value = expect_mapping("resources", value, "{'cpu': 2}")
         _reject_unknown("resources", value, {"cpu", "memory", "gpu", "profile"})
-        gpu = value.get("gpu") or 0
-        if isinstance(gpu, bool) or not isinstance(gpu, int) or gpu < 0:
-            try:
-                gpu = int(str(gpu))
-                if gpu < 0:
-                    raise ValueError
-            except ValueError:
-                raise ConfigError("resources.gpu", f"{value.get('gpu')!r} is not a GPU count",
-                                  "use a whole number such as 1") from None
         profile = value.get("profile")
-        if profile is not None and (not isinstance(profile, str) or not profile.strip()):
-            raise ConfigError("resources.profile", f"{profile!r} is not a profile name",
-                              "use the name of a profile your deployment defines, e.g. 'gpu'")
+        if profile is not None:  # given, it must name something: a blank name is a mistake, not "none"
+            profile = require_text("resources.profile", profile, "a profile name",
+                                   "the name of a profile your deployment defines, e.g. 'gpu'")
         return cls(
             cpu=parse_cpu(value.get("cpu")),
             memory=parse_memory(value.get("memory")),
-            gpu=gpu,
-            profile=profile or None,
+            gpu=parse_gpu(value.get("gpu")),
+            profile=profile,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -131,22 +154,35 @@ class SecretRef:
     key: str | None = None
 
     @classmethod
-    def parse(cls, env_name: str, value: SecretRef | str | Mapping[str, Any]) -> SecretRef:
+    def parse(cls, env_name: str, value: Any) -> SecretRef:
         field_name = f"secrets.{env_name}"
+        fix = "use 'secret-name' or 'secret-name/key'"
         if isinstance(value, SecretRef):
-            return value
-        if isinstance(value, str):
-            name, _, key = value.partition("/")
-            if not name:
-                raise ConfigError(field_name, f"{value!r} names no secret", "use 'secret-name' or 'secret-name/key'")
-            return cls(name=name, key=key or None)
-        if isinstance(value, Mapping):
+            name, key = value.name, value.key
+        elif isinstance(value, str):
+            if value.count("/") > 1:
+                # Kubernetes Secret keys and Databricks secret keys cannot contain '/': 'a/b/c' is a typo.
+                raise ConfigError(field_name, f"{short_repr(value)} has more than one '/'", fix)
+            name, slash, key_text = value.partition("/")
+            if slash and not key_text:
+                raise ConfigError(field_name, f"{short_repr(value)} ends in '/' but names no key",
+                                  f"use {name!r} or '{name}/<key>'")
+            key = key_text or None
+        elif isinstance(value, Mapping):
+            value = expect_mapping(field_name, value, "{'name': 'db-creds', 'key': 'password'}")
             _reject_unknown(field_name, value, {"name", "key"})
             if not value.get("name"):
                 raise ConfigError(field_name, "has no 'name'", "use {'name': 'db-creds', 'key': 'password'}")
-            return cls(name=str(value["name"]), key=(str(value["key"]) if value.get("key") else None))
-        raise ConfigError(field_name, f"expected 'name/key' or a mapping, got {type(value).__name__}",
-                          "use 'secret-name/key'")
+            name, key = value["name"], value.get("key")
+        else:
+            raise ConfigError(field_name, f"expected 'name/key' or a mapping, got {type_name(value)}",
+                              "use 'secret-name/key'")
+        name = require_text(f"{field_name}.name", name, "a secret name", "'db-creds'")
+        key = expect_text(f"{field_name}.key", key, "a secret key", "'password'")
+        for part, text in (("name", name), ("key", key)):
+            if text is not None and (text != text.strip() or "/" in text or any(c.isspace() for c in text)):
+                raise ConfigError(f"{field_name}.{part}", f"{short_repr(text)} contains '/' or whitespace", fix)
+        return cls(name=name, key=key)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key}
@@ -158,6 +194,9 @@ class StepSpec:
 
     Exactly one of ``command`` (an argv list; a string only with ``shell=True``) and ``callable``
     (``'package.module:function'`` called with ``params`` as keyword arguments) is given.
+
+    Build it with :meth:`build`, which normalises and checks every field; the constructor itself only
+    checks how the (already normalised) fields fit together.
     """
 
     image: str | None = None
@@ -180,114 +219,51 @@ class StepSpec:
     def build(
         cls,
         *,
-        image: str | None = None,
-        command: Sequence[str] | str | None = None,
-        callable: str | None = None,  # noqa: A002 - the public name of the field
-        shell: bool = False,
-        params: Mapping[str, Any] | None = None,
-        env: Mapping[str, Any] | None = None,
-        secrets: Mapping[str, Any] | None = None,
-        inputs: Mapping[str, Any] | None = None,
-        outputs: Sequence[str] | None = None,
-        resources: Resources | Mapping[str, Any] | None = None,
-        timeout: float | int | str | None = None,
-        backend_options: Mapping[str, Mapping[str, Any]] | None = None,
+        image: Any = None,
+        command: Any = None,
+        callable: Any = None,  # noqa: A002 - the public name of the field
+        shell: Any = False,
+        params: Any = None,
+        env: Any = None,
+        secrets: Any = None,
+        inputs: Any = None,
+        outputs: Any = None,
+        resources: Any = None,
+        timeout: Any = None,
+        backend_options: Any = None,
+        known_backends: Sequence[str] | None = None,
     ) -> StepSpec:
-        """Build a spec from loosely typed user input, normalising and validating every field."""
-        if command is not None and not isinstance(command, str):
-            if not isinstance(command, Sequence):
-                raise ConfigError("command", f"expected a list of strings, got {type(command).__name__}",
-                                  "use e.g. ['python', 'train.py', '--epochs', '3']")
-            command = tuple(command)
-        if isinstance(outputs, str):
-            raise ConfigError("outputs", f"expected a list of names, got the string {outputs!r}",
-                              f"use [{outputs!r}]")
-        if env is not None and not isinstance(env, Mapping):
-            raise ConfigError("env", f"expected a mapping, got {type(env).__name__}", "use {'NAME': 'value'}")
-        if secrets is not None and not isinstance(secrets, Mapping):
-            raise ConfigError("secrets", f"expected a mapping, got {type(secrets).__name__}",
-                              "use {'DB_PASSWORD': 'db-creds/password'}")
-        return cls(
-            image=image or None,
-            command=command,
-            callable=callable,
-            shell=shell,
-            params=dict(params or {}),
-            env={str(k): _env_value(k, v) for k, v in (env or {}).items()},
-            secrets={str(k): SecretRef.parse(str(k), v) for k, v in (secrets or {}).items()},
-            inputs=dict(inputs or {}),
-            outputs=tuple(outputs or ()),
-            resources=Resources.parse(resources),
-            timeout=_parse_timeout(timeout),
-            backend_options={str(k): dict(v) if isinstance(v, Mapping) else v  # type: ignore[misc]
-                             for k, v in (backend_options or {}).items()},
+        """Build a spec from loosely typed user input, normalising and validating every field.
+
+        Raises:
+            ConfigError: for any wrong input, naming the field and the fix; nothing else escapes.
+        """
+        values = normalise_fields(
+            {"image": image, "command": command, "callable": callable, "shell": shell, "params": params,
+             "env": env, "secrets": secrets, "inputs": inputs, "outputs": outputs, "resources": resources,
+             "timeout": timeout, "backend_options": backend_options},
+            known_backends=known_backends,
         )
+        return cls(**values)
 
     # -- validation ---------------------------------------------------------------------------------
 
     def _validate(self) -> None:
+        """How the fields fit together; each field on its own was checked by :func:`normalise_fields`."""
         if (self.command is None) == (self.callable is None):
             raise ConfigError("command", "give exactly one of 'command' and 'callable'",
                               "use command=['python', 'train.py'] or callable='my_pkg.train:main'")
-        if self.command is not None:
-            if isinstance(self.command, str):
-                if not self.shell:
-                    raise ConfigError("command", f"{self.command!r} is a shell string",
-                                      "pass an argv list such as ['python', 'train.py'], or set shell=True")
-                if not self.command.strip():
-                    raise ConfigError("command", "is empty", "give the program to run")
-            else:
-                if not self.command:
-                    raise ConfigError("command", "is empty", "give the program to run, e.g. ['python', 'train.py']")
-                for i, arg in enumerate(self.command):
-                    if not isinstance(arg, str):
-                        raise ConfigError(f"command[{i}]", f"{arg!r} is not a string",
-                                          "pass every argument as a string, e.g. str(value)")
-                if self.shell:
-                    raise ConfigError("shell", "shell=True needs command to be one string",
-                                      "use command='python train.py && echo done'")
-        if self.callable is not None:
-            if not isinstance(self.callable, str) or not _CALLABLE_RE.match(self.callable):
-                raise ConfigError("callable", f"{self.callable!r} is not 'package.module:function'",
-                                  "use e.g. 'my_pipeline.steps:train'")
-            if self.shell:
-                raise ConfigError("shell", "shell=True only applies to 'command'", "drop shell=True")
-        if not isinstance(self.params, Mapping):
-            raise ConfigError("params", f"expected a mapping, got {type(self.params).__name__}",
-                              "use {'alpha': 0.1}")
-        for key in self.params:
-            if not isinstance(key, str) or not key.isidentifier():
-                raise ConfigError(f"params.{key}", "is not a valid parameter name",
-                                  "use Python identifiers such as 'learning_rate'")
-        try:
-            json.dumps(dict(self.params), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError("params", f"is not JSON-serialisable ({exc})",
-                              "pass only strings, numbers, booleans, lists and mappings") from None
-        for name in self.env:
-            _check_env_name(f"env.{name}", name)
+        if isinstance(self.command, str) and not self.shell:
+            raise ConfigError("command", f"{short_repr(self.command)} is a shell string",
+                              "pass an argv list such as ['python', 'train.py'], or set shell=True")
+        if isinstance(self.command, tuple) and self.shell:
+            raise ConfigError("shell", "shell=True needs command to be one string",
+                              "use command='python train.py && echo done'")
+        if self.callable is not None and self.shell:
+            raise ConfigError("shell", "shell=True only applies to 'command'", "drop shell=True")
         for name in self.secrets:
-            _check_env_name(f"secrets.{name}", name)
             if name in self.env:
                 raise ConfigError(f"secrets.{name}", "is also set in env", "set it in one place only")
-        for name, uri in self.inputs.items():
-            _check_artifact_name(f"inputs.{name}", name)
-            if not isinstance(uri, str) or not uri.strip():
-                raise ConfigError(f"inputs.{name}", f"{uri!r} is not a URI",
-                                  "pass a path or URI such as 's3://bucket/data.csv' or an upstream output")
-        seen: set[str] = set()
-        for name in self.outputs:
-            _check_artifact_name(f"outputs.{name}", name)
-            if name in seen:
-                raise ConfigError(f"outputs.{name}", "is declared twice", "declare each output once")
-            seen.add(name)
-        if self.timeout is not None and (self.timeout <= 0 or not math.isfinite(self.timeout)):
-            raise ConfigError("timeout", f"{self.timeout!r} must be a positive number of seconds",
-                              "use e.g. 3600 or timedelta(hours=1)")
-        for backend, options in self.backend_options.items():
-            if not isinstance(options, Mapping):
-                raise ConfigError(f"backend_options.{backend}", f"expected a mapping, got {type(options).__name__}",
-                                  f"use {{'{backend}': {{'option': value}}}}")
 
     # -- serialisation ------------------------------------------------------------------------------
 
@@ -308,7 +284,9 @@ class StepSpec:
         }
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> StepSpec:
+    def from_json(cls, data: Any) -> StepSpec:
+        data = expect_mapping("spec", data, "the output of StepSpec.to_json()")
+        _reject_unknown("spec", data, set(SPEC_FIELDS))
         return cls.build(**data)
 
     def options_for(self, backend: str) -> dict[str, Any]:
@@ -316,18 +294,189 @@ class StepSpec:
         return dict(self.backend_options.get(backend, {}))
 
 
-def _env_value(name: Any, value: Any) -> str:
-    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-        return str(value)
+#: The fields of a step, in the order :meth:`StepSpec.build` takes them.
+SPEC_FIELDS = ("image", "command", "callable", "shell", "params", "env", "secrets", "inputs", "outputs",
+               "resources", "timeout", "backend_options")
+
+#: Parameter names the runtime itself passes to a callable step (``runtime._call`` hands the input and
+#: output paths under these keyword names, replacing a parameter of the same name).
+RESERVED_PARAM_NAMES = frozenset({"inputs", "outputs"})
+
+_JSON_FIX = "pass only strings, numbers, booleans, None, lists and mappings with string keys"
+
+
+def normalise_fields(values: Mapping[str, Any], *, known_backends: Sequence[str] | None = None) -> dict[str, Any]:
+    """Normalise each field present in ``values`` on its own; ``ConfigError`` for the first bad one.
+
+    Missing fields are left out of the result, so the operator can check the fields that are already
+    final while others are still templates.
+    """
+    out: dict[str, Any] = {}
+    if "image" in values:
+        out["image"] = _image(values["image"])
+    if "command" in values:
+        out["command"] = _command(values["command"])
+    if "callable" in values:
+        out["callable"] = _callable(values["callable"])
+    if "shell" in values:
+        out["shell"] = expect_bool("shell", values["shell"])
+    if "params" in values:
+        out["params"] = _params(values["params"])
+    if "env" in values:
+        env = expect_mapping("env", values["env"], "{'NAME': 'value'}")
+        for name in env:
+            _check_env_name(f"env.{name}", name)
+        out["env"] = {name: _env_value(name, value) for name, value in env.items()}
+    if "secrets" in values:
+        secrets = expect_mapping("secrets", values["secrets"], "{'DB_PASSWORD': 'db-creds/password'}")
+        for name in secrets:
+            _check_env_name(f"secrets.{name}", name)
+        out["secrets"] = {name: SecretRef.parse(name, ref) for name, ref in secrets.items()}
+    if "inputs" in values:
+        out["inputs"] = _inputs(values["inputs"])
+    if "outputs" in values:
+        out["outputs"] = _outputs(values["outputs"])
+    if "resources" in values:
+        out["resources"] = Resources.parse(values["resources"])
+    if "timeout" in values:
+        out["timeout"] = parse_timeout(values["timeout"])
+    if "backend_options" in values:
+        out["backend_options"] = _backend_options(values["backend_options"], known_backends)
+    return out
+
+
+def _image(value: Any) -> str | None:
+    image = expect_text("image", value, "an image reference", "'python:3.11-slim'")
+    if image is not None and any(c.isspace() for c in image):
+        raise ConfigError("image", f"{short_repr(image)} contains whitespace",
+                          "use an image reference such as 'registry.example.com/team/train:1.4'")
+    return image
+
+
+def _command(value: Any) -> tuple[str, ...] | str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError("command", "is empty", "give the program to run")
+        if "\x00" in value:
+            raise ConfigError("command", "contains a NUL byte, which no process can receive", "remove it")
+        return value
+    if isinstance(value, (Mapping, bytes, bytearray)) or not isinstance(value, Sequence):
+        raise ConfigError("command", f"expected a list of strings, got {type_name(value)}",
+                          "use e.g. ['python', 'train.py', '--epochs', '3']")
+    command = tuple(value)
+    if not command:
+        raise ConfigError("command", "is empty", "give the program to run, e.g. ['python', 'train.py']")
+    for i, arg in enumerate(command):
+        if not isinstance(arg, str):
+            raise ConfigError(f"command[{i}]", f"{short_repr(arg)} is not a string",
+                              "pass every argument as a string, e.g. str(value)")
+        # execve(2) takes NUL-terminated strings: Python refuses such an argument with ValueError.
+        if "\x00" in arg:
+            raise ConfigError(f"command[{i}]", "contains a NUL byte, which no process can receive", "remove it")
+    if not command[0].strip():
+        raise ConfigError("command[0]", "is empty", "give the program to run, e.g. 'python'")
+    return command
+
+
+def _callable(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _CALLABLE_RE.match(value):
+        raise ConfigError("callable", f"{short_repr(value)} is not 'package.module:function'",
+                          "use e.g. 'my_pipeline.steps:train'")
+    return value
+
+
+def _params(value: Any) -> dict[str, Any]:
+    params = expect_mapping("params", value, "{'alpha': 0.1}")
+    for key, item in params.items():
+        if not key.isidentifier():
+            raise ConfigError(f"params.{key}", "is not a valid parameter name",
+                              "use Python identifiers such as 'learning_rate'")
+        if key in RESERVED_PARAM_NAMES:
+            raise ConfigError(f"params.{key}", "is reserved: the runtime passes the step's "
+                              f"{key} paths to a callable under this name", f"rename it, e.g. '{key}_config'")
+        check_json(f"params.{key}", item, _JSON_FIX)
+    return {key: json_copy(item) for key, item in params.items()}
+
+
+def _inputs(value: Any) -> dict[str, str]:
+    inputs = expect_mapping("inputs", value, "{'data': 's3://bucket/train.csv'}")
+    _check_artifact_names("inputs", list(inputs))
+    return {name: check_uri(f"inputs.{name}", uri) for name, uri in inputs.items()}
+
+
+def _outputs(value: Any) -> tuple[str, ...]:
+    outputs = expect_names("outputs", value, "['model', 'metrics']")
+    seen: set[str] = set()
+    for name in outputs:
+        if name in seen:
+            raise ConfigError(f"outputs.{name}", "is declared twice", "declare each output once")
+        seen.add(name)
+    _check_artifact_names("outputs", list(outputs))
+    return outputs
+
+
+def _check_artifact_names(kind: str, names: list[str]) -> None:
+    by_env: dict[str, str] = {}
+    for name in names:
+        _check_artifact_name(f"{kind}.{name}", name)
+        # The runtime exports each as REMOTE_ML_INPUT_<NAME.upper()> (REMOTE_ML_OUTPUT_ for outputs):
+        # names differing only in case would overwrite each other there.
+        env_name = name.upper()
+        if env_name in by_env:
+            raise ConfigError(f"{kind}.{name}", f"differs from {by_env[env_name]!r} only in case; both would be "
+                              f"$REMOTE_ML_{kind[:-1].upper()}_{env_name}", "give them names that differ in letters")
+        by_env[env_name] = name
+
+
+def _backend_options(value: Any, known_backends: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    options = expect_mapping("backend_options", value, "{'kubernetes': {'node_selector': {'pool': 'gpu'}}}")
+    if options:
+        if known_backends is None:
+            from airflow_remote_ml.core.registry import available_backends
+
+            known_backends = available_backends()
+        for backend in options:
+            check_backend_key("backend_options", backend, known_backends)
+    out: dict[str, dict[str, Any]] = {}
+    for backend, section in options.items():
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"backend_options.{backend}", f"expected a mapping, got {type_name(section)}",
+                              f"use {{'{backend}': {{'option': value}}}}")
+        section = expect_mapping(f"backend_options.{backend}", section, "{'option': value}")
+        # Options travel as JSON (StepRequest.to_json, trigger kwargs): they must survive it unchanged.
+        check_json(f"backend_options.{backend}", section, _JSON_FIX)
+        out[backend] = json_copy(section)
+    return out
+
+
+def _env_value(name: str, value: Any) -> str:
+    field_name = f"env.{name}"
     if isinstance(value, bool):
         return "true" if value else "false"
-    raise ConfigError(f"env.{name}", f"{value!r} is not a string or number",
+    if isinstance(value, int):
+        if abs(value) > MAX_INT:
+            raise ConfigError(field_name, f"{short_repr(value)} does not fit 64 bits", "pass it as a string")
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(field_name, f"{value!r} is not a finite number", "pass a string or a finite number")
+        return str(value)
+    if isinstance(value, str):
+        # The environment is a block of NUL-terminated strings: os.environ/execve refuse an embedded NUL.
+        if "\x00" in value:
+            raise ConfigError(field_name, "contains a NUL byte, which no environment can hold", "remove it")
+        return value
+    raise ConfigError(field_name, f"{short_repr(value)} is not a string or number",
                       "environment values are strings; json.dumps() structured values")
 
 
 def _check_env_name(field_name: str, name: str) -> None:
     if not _ENV_RE.match(name):
-        raise ConfigError(field_name, f"{name!r} is not a valid environment variable name",
+        raise ConfigError(field_name, f"{short_repr(name)} is not a valid environment variable name",
                           "use letters, digits and underscores, not starting with a digit")
     if name.startswith(_RESERVED_ENV_PREFIX):
         raise ConfigError(field_name, f"names starting with {_RESERVED_ENV_PREFIX!r} are reserved for the runtime",
@@ -336,23 +485,8 @@ def _check_env_name(field_name: str, name: str) -> None:
 
 def _check_artifact_name(field_name: str, name: Any) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ConfigError(field_name, f"{name!r} is not a valid artifact name",
+        raise ConfigError(field_name, f"{short_repr(name)} is not a valid artifact name",
                           "use letters, digits and underscores (at most 63), e.g. 'model' or 'train_data'")
-
-
-def _parse_timeout(value: Any) -> float | None:
-    if value is None:
-        return None
-    from datetime import timedelta
-
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, bool):
-        raise ConfigError("timeout", f"{value!r} is not a duration", "use seconds (e.g. 3600) or a timedelta")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError("timeout", f"{value!r} is not a duration", "use seconds (e.g. 3600) or a timedelta") from None
 
 
 def _reject_unknown(prefix: str, value: Mapping[str, Any], known: set[str]) -> None:
@@ -365,6 +499,9 @@ def _reject_unknown(prefix: str, value: Mapping[str, Any], known: set[str]) -> N
             raise ConfigError(f"{prefix}.{key}", "is not a known field", fix)
 
 
-def reject_unknown_options(prefix: str, value: Mapping[str, Any], known: set[str]) -> None:
-    """Raise a :class:`ConfigError` with a suggestion for the first key of ``value`` not in ``known``."""
-    _reject_unknown(prefix, value, known)
+def reject_unknown_options(prefix: str, value: Any, known: set[str]) -> None:
+    """Raise a :class:`ConfigError` with a suggestion for the first key of ``value`` not in ``known``.
+
+    ``value`` may be anything a user wrote: a non-mapping is refused the same way.
+    """
+    _reject_unknown(prefix, expect_mapping(prefix, value, "{'option': value}"), known)

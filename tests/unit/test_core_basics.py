@@ -114,3 +114,14 @@ def test_backends_are_registered_as_entry_points():
     names = set(registry._entry_points())
     assert {"local", "docker", "kubernetes", "databricks", "valohai"} <= names
     assert registry.get_backend_class("local").name == "local"
+
+
+def test_run_ids_that_shared_an_artifact_folder_keep_distinct_job_names_and_labels():
+    # The artifact prefix changed to an injective encoding; the identity backends name jobs by did not.
+    a = StepIdentity("dag", "train", "manual__2024-05-01T12:00:00+00:00")
+    b = StepIdentity("dag", "train", "manual__2024-05-01T12_00_00+00_00")
+    assert a.key == "dag/train/manual__2024-05-01T12:00:00+00:00/-1/0"
+    assert a.digest != b.digest and a.name() != b.name()
+    for ident in (a, b):
+        assert len(ident.name()) <= 63 and len(ident.idempotency_token) <= 64
+        assert all(len(value) <= 63 for value in ident.labels().values())
