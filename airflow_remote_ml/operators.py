@@ -20,6 +20,7 @@ from airflow_remote_ml.core.lifecycle import StepLifecycle
 from airflow_remote_ml.core.registry import available_backends, create_backend
 from airflow_remote_ml.core.spec import StepSpec
 from airflow_remote_ml.core.status import RunHandle, RunStatus
+from airflow_remote_ml.core.validation import build_operator_spec, check_backend_name, validate_operator_arguments
 from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
 from airflow_remote_ml.triggers import RemoteStepTrigger, result_xcoms
@@ -111,8 +112,20 @@ class RemoteExecutionOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        try:
+            # Each final argument is checked as the user passed it, before it is normalised (list("model")
+            # would already be five outputs); templated ones are checked again once rendered.
+            validate_operator_arguments(
+                {"backend": backend, "backend_config": backend_config, "image": image, "command": command,
+                 "callable": callable, "shell": shell, "parameters": parameters, "env": env, "secrets": secrets,
+                 "inputs": inputs, "outputs": outputs, "compute": compute, "timeout": timeout,
+                 "backend_options": backend_options, "artifact_root": artifact_root, "code_version": code_version,
+                 "deferrable": deferrable},
+                is_templated=_is_templated)
+        except (ConfigError, BackendUnavailableError) as exc:
+            raise final(exc) from exc
         self.backend = backend
-        self.backend_config = dict(backend_config or {})
+        self.backend_config = backend_config if _is_templated(backend_config) else dict(backend_config or {})
         self.image = image
         self.command = command
         self.callable = callable
@@ -121,7 +134,7 @@ class RemoteExecutionOperator(BaseOperator):
         self.env = env or {}
         self.secrets = secrets or {}
         self.inputs = inputs or {}
-        self.outputs = list(outputs or [])
+        self.outputs = outputs if _is_templated(outputs) else list(outputs or [])
         self.compute = compute or {}
         self.timeout = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         self.backend_options = backend_options or {}
@@ -142,12 +155,7 @@ class RemoteExecutionOperator(BaseOperator):
     # -- validation ----------------------------------------------------------------------------------------
 
     def _validate_literal_arguments(self) -> None:
-        """Fail at DAG parse time for arguments that are already final (no template, no XComArg)."""
-        if isinstance(self.backend, str) and not _is_templated(self.backend) \
-                and self.backend not in available_backends():
-            from airflow_remote_ml.core.errors import BackendNotFoundError
-
-            raise BackendNotFoundError(self.backend, available_backends())
+        """Fail at DAG parse time for a spec whose arguments are all final (the checks across fields)."""
         values = {name: getattr(self, name) for name in _SPEC_FIELDS}
         if any(_is_templated(value) for value in values.values()):
             return
@@ -158,15 +166,16 @@ class RemoteExecutionOperator(BaseOperator):
             if name in RESERVED_XCOM_KEYS:
                 raise ConfigError(f"outputs.{name}", "is a reserved XCom key of this operator",
                                   "choose another output name")
-        return StepSpec.build(
-            image=self.image, command=self.command, callable=self.callable, shell=self.shell,
-            params=_plain(self.parameters), env=self.env, secrets=self.secrets, inputs=_plain(self.inputs),
-            outputs=self.outputs, resources=self.compute, timeout=self.timeout,
-            backend_options=self.backend_options,
-        )
+        return build_operator_spec({
+            "image": self.image, "command": self.command, "callable": self.callable, "shell": self.shell,
+            "parameters": _plain(self.parameters), "env": self.env, "secrets": self.secrets,
+            "inputs": _plain(self.inputs), "outputs": _plain(self.outputs), "compute": self.compute,
+            "timeout": self.timeout, "backend_options": self.backend_options,
+        })
 
     def _make_backend(self) -> Backend:
-        name = self.backend or hooks.default_backend()
+        # A template that renders to "" is an error, not a silent fall-back to the default backend.
+        name = check_backend_name(self.backend, available_backends()) or hooks.default_backend()
         return create_backend(name, merge_backend_config(name, hooks.deployment_backend_config(name),
                                                          self.backend_config))
 

@@ -70,7 +70,7 @@ def test_success_returns_uris_and_metrics_and_pushes_each_output(tmp_path, confi
 def test_bad_spec_fails_at_parse_time_naming_the_field(tmp_path, config):
     from airflow_remote_ml.core import ConfigError
 
-    with pytest.raises(ConfigError, match=r"resources.memory: '4GG' is not a size; use e.g. '512Mi' or '4Gi'"):
+    with pytest.raises(ConfigError, match=r"compute.memory: '4GG' is not a size; use e.g. '512Mi' or '4Gi'"):
         make(tmp_path, config, command=["true"], compute={"memory": "4GG"})
     with pytest.raises(ConfigError, match="did you mean 'docker'"):
         RemoteExecutionOperator(task_id="x", backend="dokcer", command=["true"])
@@ -81,7 +81,7 @@ def test_bad_spec_fails_at_parse_time_naming_the_field(tmp_path, config):
 def test_templated_bad_value_fails_before_anything_is_submitted(tmp_path, config, store):
     op = make(tmp_path, config, command=["true"], compute={"memory": "{{ params.mem }}"})
     op.compute = {"memory": "4GG"}  # what rendering produced
-    with pytest.raises(AirflowFailException, match="resources.memory"):
+    with pytest.raises(AirflowFailException, match="compute.memory"):
         op.execute(context(FakeTI(), store))
     assert not os.path.exists(config["state_dir"]) or not os.listdir(config["state_dir"])
     assert store.get(STATE_KEY) is None
@@ -418,7 +418,7 @@ def test_a_config_error_at_run_time_fails_once_without_retry(tmp_path, config, s
 
     with pytest.raises(AirflowFailException) as info:
         op.execute(context(FakeTI(), store))
-    assert isinstance(info.value, ConfigError) and info.value.field == "resources.memory"
+    assert isinstance(info.value, ConfigError) and info.value.field == "compute.memory"
 
 
 def test_a_config_error_in_the_constructor_is_final_too(tmp_path, config):
@@ -488,3 +488,25 @@ def test_resolved_secret_values_are_masked(tmp_path, config, store, monkeypatch)
               command=[sys.executable, "-c", "import os; print(os.environ['API_TOKEN'])"])
     op.execute(context(FakeTI(), store))
     assert "tok-7f3a9c" not in str(_secrets_masker().redact("the token is tok-7f3a9c"))
+
+
+def test_operator_arguments_are_checked_as_passed(tmp_path, config):
+    """Issue 9 item 3: `outputs="model"` ran with outputs m, o, d, e, l; a misspelt backend key was ignored."""
+    from airflow_remote_ml.core import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make(tmp_path, config, command=["true"], outputs="model")
+    assert info.value.field == "outputs" and "['model']" in (info.value.fix or "")
+    with pytest.raises(ConfigError, match="did you mean 'kubernetes'"):
+        make(tmp_path, config, command=["true"], backend_options={"kuberntes": {"namespace": "ml"}})
+    with pytest.raises(ConfigError) as info:
+        make(tmp_path, config, command=["true"], compute={"cpu": [2]})
+    assert info.value.field == "compute.cpu"
+
+
+def test_a_backend_template_rendering_to_nothing_fails_instead_of_using_the_default(tmp_path, config, store):
+    op = make(tmp_path, config, command=["true"])
+    op.backend = ""  # what "{{ params.backend }}" rendered to
+    with pytest.raises(AirflowFailException, match="backend: is empty"):
+        op.execute(context(FakeTI(), store))
+    assert store.get(STATE_KEY) is None
