@@ -1,0 +1,695 @@
+"""The kubernetes backend: :class:`KubernetesBackend` and :class:`KubernetesConfig` (see the package docstring)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import kubernetes  # noqa: F401 - a missing SDK must surface as BackendUnavailableError when the module loads
+
+from airflow_remote_ml.backends.kubernetes import logs as logcursor
+from airflow_remote_ml.backends.kubernetes.client import (
+    AlreadyExists,
+    ConnectionSettings,
+    Expired,
+    Invalid,
+    NotFound,
+    acall_with_retries,
+    call_with_retries,
+    default_namespace,
+    read_connection_extras,
+    resolve_settings,
+    sync_configuration,
+)
+from airflow_remote_ml.backends.kubernetes.pod import (
+    ANNOTATION_IDENTITY,
+    ANNOTATION_MANIFEST,
+    ANNOTATION_OUTPUTS,
+    OPTION_NAMES,
+    PROFILE_NAMES,
+    build_pod,
+    check_artifact_volume,
+    check_settings,
+)
+from airflow_remote_ml.backends.kubernetes.states import (
+    ANNOTATION_CANCELLED,
+    LABEL_FINISHED,
+    container_status,
+    parse_time,
+    status_after_deletion,
+    status_from_pod,
+    termination_manifest,
+)
+from airflow_remote_ml.backends.kubernetes.watch import (
+    ClusterSession,
+    SessionOptions,
+    SessionStats,
+    acquire_session,
+    resource_version,
+    watch_pod_events,
+)
+from airflow_remote_ml.core.artifacts import read_json
+from airflow_remote_ml.core.backend import Backend, BackendConfig, StepRequest, result_from_manifest
+from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, TransientBackendError
+from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
+from airflow_remote_ml.core.poll import PollPolicy
+from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
+
+__all__ = ["KubernetesBackend", "KubernetesConfig"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+JSON = dict[str, Any]
+DELETE_POLICIES = ("on_success", "always", "never")
+LOG_PATH = "/api/v1/namespaces/{namespace}/pods/{name}/log"
+TAIL_LINES = 40
+#: How long a waiting step waits for the shared watch's first list before asking for its pod itself.
+SYNC_WAIT_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class KubernetesConfig(BackendConfig):
+    """Settings of the kubernetes backend.
+
+    Connection (see :mod:`.client`; explicit settings win over the connection's extras):
+        conn_id: an Airflow connection of type ``kubernetes`` (read lazily, as ``KubernetesHook`` does).
+        in_cluster, kubeconfig_path, kubeconfig (inline mapping or YAML/JSON text), context: where the
+            cluster is; none of them: in-cluster when running in a pod, else ``~/.kube/config``.
+        namespace: where pods go; default the connection's, else the kubeconfig context's, else ``default``.
+        disable_verify_ssl, disable_tcp_keepalive: as the connection extras of the same names.
+
+    Pods (see :mod:`.pod`):
+        service_account_name, image_pull_secrets, image_pull_policy, labels, annotations, node_selector,
+        tolerations: for every pod. ``default_profile``: the profile of a step that names none.
+        profiles: ``{name: {node_selector, tolerations, affinity, cpu, memory, gpu, gpu_resource, requests,
+            limits, labels, annotations, service_account_name, priority_class_name, ...}}`` (node pools).
+        container_name: the step's container; python: the interpreter in the image that runs the runtime.
+        artifact_volume: ``{claim_name, mount_path[, sub_path, read_only]}``: a PVC mounted at the artifact
+            root's own path, so output URIs mean the same inside the pod and on the workers.
+        pod_template: a base pod the built one merges over; pod_override: merged over the built pod.
+
+    Life cycle:
+        startup_timeout: seconds a pod may stay Pending (unscheduled, pulling, creating) before it fails.
+        deadline_grace_seconds: ``activeDeadlineSeconds`` is the step timeout plus this (the runtime stops the
+            step at its timeout itself; the deadline is the hard stop behind it).
+        delete_grace_seconds: grace period of the delete that cancels a pod.
+        delete_policy: ``on_success`` (keep failed pods for debugging), ``always`` or ``never``.
+        api_retries: retries of one API call on 409 Conflict/429/5xx/broken connections.
+        request_timeout: seconds for one API call.
+
+    Deferred waiting (one shared watch per triggerer, see :mod:`.watch`):
+        watch_timeout: server-side timeout of one watch request (it is then resumed).
+        log_interval: least seconds between two log reads of one waiting step.
+        max_log_requests_per_second: cap on log reads of all steps waiting in one triggerer.
+        session_linger: seconds the shared watch stays open after its last waiting step left.
+
+        job_url_template: e.g. ``https://console.example/pods/{namespace}/{name}``: the task's extra link.
+    """
+
+    conn_id: str | None = None
+    in_cluster: bool | None = None
+    kubeconfig_path: str | None = None
+    kubeconfig: dict[str, Any] | str | None = None
+    context: str | None = None
+    namespace: str | None = None
+    disable_verify_ssl: bool | None = None
+    disable_tcp_keepalive: bool | None = None
+    service_account_name: str | None = None
+    image_pull_secrets: list[str] = field(default_factory=list)
+    image_pull_policy: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    default_profile: str | None = None
+    container_name: str = "step"
+    python: str = "python3"
+    artifact_volume: dict[str, Any] | None = None
+    pod_template: dict[str, Any] | str | None = None
+    pod_override: dict[str, Any] | None = None
+    startup_timeout: float = 600.0
+    deadline_grace_seconds: float = 60.0
+    delete_grace_seconds: int = 30
+    delete_policy: str = "on_success"
+    api_retries: int = 5
+    request_timeout: float = 60.0
+    watch_timeout: float = 300.0
+    log_interval: float = 10.0
+    max_log_requests_per_second: float = 5.0
+    session_linger: float = 60.0
+    job_url_template: str | None = None
+
+    def connection_fields(self) -> dict[str, Any]:
+        return {"in_cluster": self.in_cluster, "kubeconfig_path": self.kubeconfig_path,
+                "kubeconfig": self.kubeconfig, "context": self.context, "namespace": self.namespace,
+                "disable_verify_ssl": self.disable_verify_ssl, "disable_tcp_keepalive": self.disable_tcp_keepalive}
+
+
+class KubernetesBackend(Backend):
+    name: ClassVar[str] = "kubernetes"
+    config_class = KubernetesConfig
+    option_names = OPTION_NAMES
+    # wait() and await_change() return the moment the pod ends; the policy only paces log reads.
+    poll_policy = PollPolicy(first_delay=1.0, factor=1.5, cap=10.0)
+    has_job_page = False
+    config: KubernetesConfig
+
+    def __init__(self, config: KubernetesConfig, core_v1: Any = None) -> None:
+        """``core_v1``: a ready ``kubernetes.client.CoreV1Api`` to use instead of connecting from the config."""
+        super().__init__(config)
+        prefix = "backend_config[kubernetes]"
+        if config.delete_policy not in DELETE_POLICIES:
+            raise ConfigError(f"{prefix}.delete_policy", f"{config.delete_policy!r} is not known",
+                              f"use one of {', '.join(DELETE_POLICIES)}")
+        for name, settings in config.profiles.items():
+            check_settings(f"profiles.{name}", settings or {}, PROFILE_NAMES)
+        check_settings(prefix, {k: v for k, v in (("labels", config.labels), ("annotations", config.annotations),
+                                                   ("node_selector", config.node_selector),
+                                                   ("tolerations", config.tolerations)) if v},
+                       frozenset({"labels", "annotations", "node_selector", "tolerations"}))
+        check_artifact_volume(config.artifact_volume)
+        if config.default_profile is not None:
+            config.profile(config.default_profile, self.name)
+        if config.startup_timeout <= 0 or config.delete_grace_seconds < 0 or config.api_retries < 0:
+            raise ConfigError(prefix, "startup_timeout must be positive, delete_grace_seconds and api_retries "
+                              "not negative", "fix the value")
+        self._core = core_v1
+        self._owns_core = core_v1 is None
+        self._settings: ConnectionSettings | None = None
+        self._namespace: str | None = None
+        # The last state seen of each pod, its resourceVersion (to resume a watch), and the pods cancelled here.
+        self._pods: dict[tuple[str, str], JSON] = {}
+        self._rv: dict[tuple[str, str], str] = {}
+        self._cancelled: set[tuple[str, str]] = set()
+        self._held: dict[tuple[int, str], ClusterSession] = {}
+        self.session_stats = SessionStats()
+
+    # -- connection -------------------------------------------------------------------------------------------
+
+    def settings(self) -> ConnectionSettings:
+        """Where the cluster is (reads the Airflow connection once, when ``conn_id`` is set)."""
+        if self._settings is None:
+            extras = read_connection_extras(self.config.conn_id) if self.config.conn_id else None
+            self._settings = resolve_settings(self.config.connection_fields(), extras)
+        return self._settings
+
+    def namespace(self) -> str:
+        if self._namespace is None:
+            self._namespace = default_namespace(self.settings())
+        return self._namespace
+
+    @property
+    def core(self) -> Any:
+        """The sync ``CoreV1Api``, created on first use."""
+        if self._core is None:
+            from kubernetes import client
+
+            self._core = client.CoreV1Api(client.ApiClient(sync_configuration(self.settings())))
+        return self._core
+
+    def _call(self, action: str, fn: Callable[[], T]) -> T:
+        return call_with_retries(action, fn, self.config.api_retries)
+
+    def _json(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> JSON:
+        """Call a client method without model deserialisation; the API's JSON is what we map."""
+        def call() -> JSON:
+            resp = fn(*args, _preload_content=False, _request_timeout=self.config.request_timeout, **kwargs)
+            return json.loads(resp.data)
+
+        return self._call(action, call)
+
+    # -- handles, statuses ------------------------------------------------------------------------------------
+
+    def _handle(self, pod: Mapping[str, Any]) -> RunHandle:
+        meta = pod.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        outputs = annotations.get(ANNOTATION_OUTPUTS) or ""
+        identity = None
+        if annotations.get(ANNOTATION_IDENTITY):
+            try:
+                identity = json.loads(annotations[ANNOTATION_IDENTITY])
+            except ValueError:
+                identity = None
+        url = None
+        if self.config.job_url_template:
+            url = self.config.job_url_template.format(namespace=meta.get("namespace"), name=meta.get("name"),
+                                                      uid=meta.get("uid"))
+        return RunHandle(backend=self.name, job_id=str(meta.get("name")), url=url, data={
+            "namespace": meta.get("namespace"),
+            "pod": meta.get("name"),
+            "uid": meta.get("uid"),
+            "container": self.config.container_name,
+            "manifest_uri": annotations.get(ANNOTATION_MANIFEST),
+            "declared_outputs": sorted(o for o in outputs.split(",") if o),
+            "identity": identity,
+        })
+
+    @staticmethod
+    def _key(handle: RunHandle) -> tuple[str, str]:
+        return handle.data["namespace"], handle.data["pod"]
+
+    def _remember(self, pod: JSON) -> None:
+        meta = pod.get("metadata") or {}
+        key = (meta.get("namespace"), meta.get("name"))
+        self._pods[key] = pod  # type: ignore[index]
+
+    def _status(self, handle: RunHandle, pod: Mapping[str, Any]) -> RunStatus:
+        return status_from_pod(pod, container=handle.data.get("container") or self.config.container_name,
+                               now=time.time(), startup_timeout=self.config.startup_timeout,
+                               cancelled=self._key(handle) in self._cancelled)
+
+    def _status_gone(self, handle: RunHandle, last: Mapping[str, Any] | None,
+                     manifest: Mapping[str, Any] | None = None) -> RunStatus:
+        def decide(found: Mapping[str, Any] | None) -> RunStatus:
+            return status_after_deletion(last, manifest=found, now=time.time(),
+                                         container=handle.data.get("container") or self.config.container_name,
+                                         cancelled=self._key(handle) in self._cancelled,
+                                         identity=handle.data.get("identity"))
+
+        status = decide(manifest)
+        if status.state is RunState.LOST and manifest is None and handle.data.get("manifest_uri"):
+            manifest = self._read_manifest(handle)
+            if manifest is not None:
+                status = decide(manifest)
+        return status
+
+    @staticmethod
+    def _read_manifest(handle: RunHandle) -> JSON | None:
+        try:
+            return read_json(handle.data["manifest_uri"])
+        except Exception:  # unreadable means the same as absent here: the pod's fate is unknown
+            return None
+
+    def _same_pod(self, handle: RunHandle, pod: Mapping[str, Any]) -> bool:
+        uid = handle.data.get("uid")
+        return not uid or (pod.get("metadata") or {}).get("uid") == uid
+
+    # -- validation -------------------------------------------------------------------------------------------
+
+    def _profile(self, request: StepRequest) -> dict[str, Any]:
+        return self.config.profile(request.spec.resources.profile or self.config.default_profile, self.name)
+
+    def validate(self, request: StepRequest) -> None:
+        super().validate(request)
+        if not request.spec.image:
+            raise ConfigError("image", "is not set: the kubernetes backend needs an image",
+                              "set image='python:3.11-slim' (or any image with python3)")
+        check_settings("backend_options.kubernetes", request.spec.options_for(self.name), self.option_names)
+        # Building the pod once surfaces every remaining value error now rather than at submit.
+        build_pod(self.config, request, self._profile(request), self.config.namespace or "default")
+
+    # -- submit and find --------------------------------------------------------------------------------------
+
+    def submit(self, request: StepRequest) -> RunHandle:
+        namespace = self.namespace()
+        body = build_pod(self.config, request, self._profile(request), namespace)
+        name = body["metadata"]["name"]
+        try:
+            pod = self._json(f"creating pod {name}", self.core.create_namespaced_pod, namespace, body)
+        except AlreadyExists:
+            # Ours from a try that died after creating it (or a retried create that had reached the server).
+            pod = self._json(f"reading pod {name}", self.core.read_namespaced_pod, name, namespace)
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            if labels.get(LABEL_STEP_ID) != request.identity.digest or labels.get(LABEL_FINISHED) == "true":
+                raise BackendAPIError(self.name, f"a pod named {name!r} exists in {namespace!r} that is not this "
+                                      "step's running pod; delete it or let it finish", 409) from None
+            log.info("kubernetes: pod %s/%s for %s already exists; attaching to it", namespace, name,
+                     request.identity.key)
+        except Invalid as exc:
+            raise ConfigError("pod", f"the API server refused the pod: {exc}", "fix the setting it names "
+                              "(profile, backend_options, pod_template/pod_override)") from None
+        self._remember(pod)
+        self._rv.pop((namespace, name), None)
+        log.info("kubernetes: created pod %s/%s for %s", namespace, name, request.identity.key)
+        return self._handle(pod)
+
+    def find(self, identity: StepIdentity) -> RunHandle | None:
+        namespace = self.namespace()
+        body = self._json("listing pods", self.core.list_namespaced_pod, namespace,
+                          label_selector=f"{LABEL_STEP_ID}={identity.digest},{LABEL_FINISHED}!=true")
+        pods = [p for p in body.get("items") or [] if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        if not pods:
+            return None
+        newest = max(pods, key=lambda p: parse_time((p.get("metadata") or {}).get("creationTimestamp")) or 0)
+        self._remember(newest)
+        return self._handle(newest)
+
+    # -- status and waiting -----------------------------------------------------------------------------------
+
+    def _read_pod(self, handle: RunHandle) -> JSON | None:
+        namespace, name = self._key(handle)
+        try:
+            pod = self._json(f"reading pod {name}", self.core.read_namespaced_pod, name, namespace)
+        except NotFound:
+            return None
+        return pod if self._same_pod(handle, pod) else None
+
+    def poll(self, handle: RunHandle) -> RunStatus:
+        pod = self._read_pod(handle)
+        if pod is None:
+            return self._status_gone(handle, self._pods.get(self._key(handle)))
+        self._remember(pod)
+        return self._status(handle, pod)
+
+    def _relist_one(self, handle: RunHandle) -> tuple[JSON | None, str]:
+        """The pod and a resourceVersion to watch it from, in one request."""
+        namespace, name = self._key(handle)
+        body = self._json(f"listing pod {name}", self.core.list_namespaced_pod, namespace,
+                          field_selector=f"metadata.name={name}")
+        items = [p for p in body.get("items") or [] if self._same_pod(handle, p)]
+        return (items[0] if items else None), (body.get("metadata") or {}).get("resourceVersion") or ""
+
+    def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """Watch the pod (field selector on its name) until it ends or ``timeout`` seconds pass."""
+        key = self._key(handle)
+        namespace, name = key
+        deadline = time.monotonic() + timeout
+        pod = self._pods.get(key)
+        rv = self._rv.get(key)
+        while True:
+            if rv is None or pod is None:
+                pod, rv = self._relist_one(handle)
+                if pod is None:
+                    return self._status_gone(handle, self._pods.get(key))
+                self._remember(pod)
+                self._rv[key] = rv
+            status = self._status(handle, pod)
+            remaining = deadline - time.monotonic()
+            if status.is_terminal or remaining <= 0:
+                return status
+            try:
+                events = watch_pod_events(self.core, namespace, name, rv, remaining)
+                try:
+                    for kind, obj in events:
+                        rv = resource_version(obj) or rv
+                        self._rv[key] = rv
+                        if kind == "BOOKMARK" or not self._same_pod(handle, obj):
+                            continue
+                        if kind == "DELETED":
+                            self._pods[key] = obj
+                            self._rv.pop(key, None)
+                            return self._status_gone(handle, obj)
+                        pod = obj
+                        self._remember(obj)
+                        status = self._status(handle, obj)
+                        if status.is_terminal or time.monotonic() >= deadline:
+                            return status
+                finally:
+                    events.close()
+            except Expired:
+                rv = None  # too old: list again and watch from there
+            except TransientBackendError as exc:
+                log.info("kubernetes: the watch of pod %s broke (%s); resuming", name, exc)
+                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline and pod is not None:
+                return self._status(handle, pod)
+
+    # -- logs -------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _log_query(handle: RunHandle, cursor: Any, tail: int | None = None) -> list[tuple[str, str]]:
+        query = [("container", handle.data.get("container") or "step"), ("timestamps", "true")]
+        since = logcursor.since_of(cursor)
+        if since:
+            # PodLogOptions.sinceTime: in the API, not exposed by the generated client's method.
+            query.append(("sinceTime", since))
+        if tail is not None:
+            query.append(("tailLines", str(tail)))
+        return query
+
+    def _raw_log(self, handle: RunHandle, query: list[tuple[str, str]]) -> bytes | None:
+        namespace, name = self._key(handle)
+
+        def call() -> bytes:
+            resp = self.core.api_client.call_api(
+                LOG_PATH, "GET", path_params={"namespace": namespace, "name": name}, query_params=query,
+                header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"], _preload_content=False,
+                _return_http_data_only=True, _request_timeout=self.config.request_timeout)
+            return bytes(resp.data)
+
+        try:
+            return self._call(f"reading the log of pod {name}", call)
+        except NotFound:
+            return None
+        except BackendAPIError as exc:
+            if exc.status_code == 400:  # the container has not started yet ("is waiting to start")
+                return None
+            raise
+
+    def _log_complete(self, handle: RunHandle) -> bool:
+        pod = self._pods.get(self._key(handle))
+        if pod is None:
+            return True
+        term = (container_status(pod, handle.data.get("container") or "step").get("state") or {}).get("terminated")
+        return bool(term) or self._status(handle, pod).is_terminal
+
+    def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
+        raw = self._raw_log(handle, self._log_query(handle, cursor))
+        if raw is None:
+            return LogChunk([], cursor)
+        return logcursor.next_chunk(logcursor.parse_entries(raw, complete=self._log_complete(handle)), cursor)
+
+    def log_tail(self, handle: RunHandle, lines: int = TAIL_LINES) -> list[str]:
+        try:
+            raw = self._raw_log(handle, self._log_query(handle, None, tail=lines))
+        except Exception:  # the tail is a courtesy in an error message; never mask the real error
+            return []
+        return [text for _, text in logcursor.parse_entries(raw or b"", complete=True)][-lines:]
+
+    # -- cancel, marks, cleanup -------------------------------------------------------------------------------
+
+    def cancel(self, handle: RunHandle) -> None:
+        """Mark the pod cancelled (durably, an annotation) and delete it with the grace period."""
+        key = self._key(handle)
+        pod = self._read_pod(handle)
+        if pod is None:
+            return
+        if status_from_pod(pod, container=handle.data.get("container") or "step", now=time.time(),
+                           startup_timeout=float("inf")).is_terminal:
+            return  # already over: its own outcome stands
+        self._cancelled.add(key)
+        namespace, name = key
+        patch = {"metadata": {"annotations": {ANNOTATION_CANCELLED: f"{time.time():.3f}"}}}
+        try:
+            self._json(f"marking pod {name} cancelled", self.core.patch_namespaced_pod, name, namespace, patch)
+            self._delete(namespace, name, self.config.delete_grace_seconds)
+        except NotFound:
+            return
+        log.info("kubernetes: cancelled pod %s/%s (grace %ss)", namespace, name, self.config.delete_grace_seconds)
+
+    def _delete(self, namespace: str, name: str, grace: int | None) -> None:
+        body = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if grace is not None:
+            body["gracePeriodSeconds"] = grace  # type: ignore[assignment]
+        try:
+            self._json(f"deleting pod {name}", self.core.delete_namespaced_pod, name, namespace, body=body)
+        except NotFound:
+            return
+
+    def _removes(self, status: RunStatus) -> bool:
+        policy = self.config.delete_policy
+        return policy == "always" or (policy == "on_success" and status.is_successful)
+
+    def mark_finished(self, handle: RunHandle) -> None:
+        """Label the pod finished (so no later try reattaches); one the policy deletes is deleted instead."""
+        pod = self._read_pod(handle)
+        if pod is None:
+            return
+        namespace, name = self._key(handle)
+        status = self._status(handle, pod)
+        if status.is_terminal and self._removes(status):
+            self._delete(namespace, name, None)
+            return
+        try:
+            self._json(f"marking pod {name} finished", self.core.patch_namespaced_pod, name, namespace,
+                       {"metadata": {"labels": {LABEL_FINISHED: "true"}}})
+        except NotFound:
+            return
+
+    def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
+        namespace, name = self._key(handle)
+        if not self._removes(status):
+            if not status.is_successful:
+                log.info("kubernetes: keeping pod %s/%s for debugging (delete_policy=%s)", namespace, name,
+                         self.config.delete_policy)
+            return
+        self._delete(namespace, name, None)
+
+    # -- results ----------------------------------------------------------------------------------------------
+
+    def fetch_result(self, handle: RunHandle) -> StepResult:
+        """The manifest from the container's termination message when it is whole, else from the artifact store."""
+        pod = self._pods.get(self._key(handle))
+        if pod is None or not (container_status(pod, handle.data.get("container") or "step").get("state") or {}) \
+                .get("terminated"):
+            pod = self._read_pod(handle) or pod
+        if pod is not None:
+            term = (container_status(pod, handle.data.get("container") or "step").get("state") or {}) \
+                .get("terminated") or {}
+            manifest = termination_manifest(term.get("message"))
+            if (manifest and not manifest.get("truncated") and manifest.get("status") == "succeeded"
+                    and (handle.data.get("identity") is None or manifest.get("identity") == handle.data["identity"])):
+                return result_from_manifest(manifest, handle, handle.data.get("declared_outputs"))
+        return super().fetch_result(handle)
+
+    def close(self) -> None:
+        if self._core is not None and self._owns_core:
+            self._core.api_client.close()
+            self._core = None
+
+    # -- async: the shared watch ------------------------------------------------------------------------------
+
+    async def _session(self, handle: RunHandle) -> ClusterSession:
+        loop = asyncio.get_running_loop()
+        namespace = handle.data["namespace"]
+        held = self._held.get((id(loop), namespace))
+        if held is not None and not held.closed:
+            return held
+        settings = self._settings if self._settings is not None else await asyncio.to_thread(self.settings)
+        options = SessionOptions(watch_timeout=self.config.watch_timeout, log_interval=self.config.log_interval,
+                                 max_log_requests_per_second=self.config.max_log_requests_per_second,
+                                 linger=self.config.session_linger, api_retries=self.config.api_retries,
+                                 stats=self.session_stats)
+        session = await acquire_session(settings, namespace, options)
+        self._held[(id(loop), namespace)] = session
+        return session
+
+    async def _aread_pod(self, session: ClusterSession, handle: RunHandle) -> JSON | None:
+        namespace, name = self._key(handle)
+        session.stats.gets += 1
+
+        async def call() -> JSON:
+            resp = await session.core.read_namespaced_pod(name, namespace, _preload_content=False,
+                                                          _request_timeout=self.config.request_timeout)
+            try:
+                return json.loads(await resp.read())
+            finally:
+                resp.release()
+
+        try:
+            pod = await acall_with_retries(f"reading pod {name}", call, self.config.api_retries)
+        except NotFound:
+            return None
+        return pod if self._same_pod(handle, pod) else None
+
+    async def _astatus(self, session: ClusterSession, handle: RunHandle, ask: bool = True) -> RunStatus | None:
+        """The status from the shared cache; with ``ask``, one GET when the cache cannot tell yet."""
+        key = self._key(handle)
+        if not session.synced.is_set():
+            # The first list is on its way; it answers for every waiting step at once.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(session.synced.wait(), SYNC_WAIT_SECONDS)
+        found = session.lookup(key[1])
+        if found is not None:
+            kind, pod = found
+            if kind == "live" and pod is not None and self._same_pod(handle, pod):
+                self._pods[key] = pod
+                return self._status(handle, pod)
+            if kind == "gone" and (pod is None or self._same_pod(handle, pod)):
+                status = self._status_gone(handle, pod, manifest={}) if pod is not None else None
+                if status is not None and status.state is not RunState.LOST:
+                    return status
+                return await asyncio.to_thread(self._status_gone, handle, pod)
+        if not ask:
+            return None
+        pod = await self._aread_pod(session, handle)
+        if pod is None:
+            return await asyncio.to_thread(self._status_gone, handle, self._pods.get(key))
+        self._pods[key] = pod
+        return self._status(handle, pod)
+
+    async def apoll(self, handle: RunHandle) -> RunStatus:
+        session = await self._session(handle)
+        status = await self._astatus(session, handle)
+        assert status is not None
+        return status
+
+    async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """Wait on the shared watch: returns as soon as the pod's status is terminal, or after ``timeout``."""
+        session = await self._session(handle)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        name = self._key(handle)[1]
+        status = await self._astatus(session, handle)
+        assert status is not None
+        while not status.is_terminal:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            await session.wait_change(name, remaining)
+            # The cache knows the pod, or says it is gone; only a pod it never saw needs a GET.
+            status = await self._astatus(session, handle, ask=loop.time() >= deadline) or status
+        return status
+
+    async def aread_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
+        session = await self._session(handle)
+        key = self._key(handle)
+        status = await self._astatus(session, handle, ask=False)
+        # Only a pod the cache knows to be over gets the unbudgeted final read.
+        final = status is not None and status.is_terminal
+        # A pending pod has no log yet: asking would only spend a request on a 400.
+        if (status is not None and status.state is RunState.QUEUED) or not session.may_read_logs(key[1], final):
+            return LogChunk([], cursor)
+        namespace, name = key
+        query = self._log_query(handle, cursor)
+
+        async def call() -> bytes:
+            resp = await session.api.call_api(
+                LOG_PATH, "GET", path_params={"namespace": namespace, "name": name}, query_params=query,
+                header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"], _preload_content=False,
+                _request_timeout=self.config.request_timeout)
+            try:
+                return await resp.read()
+            finally:
+                resp.release()
+
+        try:
+            raw = await acall_with_retries(f"reading the log of pod {name}", call, self.config.api_retries)
+        except NotFound:
+            return LogChunk([], cursor)
+        except BackendAPIError as exc:
+            if exc.status_code == 400:
+                return LogChunk([], cursor)
+            raise
+        return logcursor.next_chunk(logcursor.parse_entries(raw, complete=self._log_complete(handle)), cursor)
+
+    async def acancel(self, handle: RunHandle) -> None:
+        session = await self._session(handle)
+        key = self._key(handle)
+        namespace, name = key
+        pod = await self._aread_pod(session, handle)
+        if pod is None or status_from_pod(pod, container=handle.data.get("container") or "step", now=time.time(),
+                                          startup_timeout=float("inf")).is_terminal:
+            return
+        self._cancelled.add(key)
+        patch = {"metadata": {"annotations": {ANNOTATION_CANCELLED: f"{time.time():.3f}"}}}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": self.config.delete_grace_seconds}
+
+        async def annotate() -> None:
+            resp = await session.core.patch_namespaced_pod(name, namespace, patch, _preload_content=False)
+            resp.release()
+
+        async def delete() -> None:
+            resp = await session.core.delete_namespaced_pod(name, namespace, body=body, _preload_content=False)
+            resp.release()
+
+        try:
+            await acall_with_retries(f"marking pod {name} cancelled", annotate, self.config.api_retries)
+            await acall_with_retries(f"deleting pod {name}", delete, self.config.api_retries)
+        except NotFound:
+            return
+        log.info("kubernetes: cancelled pod %s/%s", namespace, name)
+
+    async def aclose(self) -> None:
+        loop_id = id(asyncio.get_running_loop())
+        for key in [k for k in self._held if k[0] == loop_id]:
+            self._held.pop(key).release()
+        await asyncio.to_thread(self.close)
+
