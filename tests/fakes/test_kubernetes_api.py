@@ -568,3 +568,103 @@ def test_abrupt_watch_drop_resets_the_connection(k8s: FakeKubernetes, v1: client
 
     with pytest.raises(urllib3.exceptions.ProtocolError):
         resp.read()
+
+
+# ------------------------------------------------------------- negotiation, admission, RBAC (issue 10)
+
+
+def _raw(k8s: FakeKubernetes, path: str, accept: str | None, token: str | None = None) -> tuple[int, str, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(k8s.url + path)
+    req.add_header("Authorization", f"Bearer {token or k8s.token}")
+    if accept is not None:
+        req.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("Content-Type", ""), err.read().decode()
+
+
+NOT_ACCEPTABLE = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                  "message": "only the following media types are accepted: application/json, application/yaml, "
+                             "application/vnd.kubernetes.protobuf", "reason": "NotAcceptable", "code": 406}
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/namespaces/default/pods",
+    "/api/v1/namespaces/default/pods/talker",
+    "/api/v1/namespaces/default/pods/talker/log",
+    "/api/v1/namespaces/default/pods?watch=true&timeoutSeconds=1",
+    "/api/v1/namespaces",
+])
+def test_every_endpoint_negotiates_the_media_type_before_answering(k8s: FakeKubernetes, v1: client.CoreV1Api,
+                                                                    path: str) -> None:
+    v1.create_namespaced_pod(NS, pod_body("talker", ["python3", "-c", "print('hello')"]))
+    k8s.wait_for_pod("talker", "Succeeded")
+    code, ctype, body = _raw(k8s, path, "text/plain")
+    assert (code, ctype) == (406, "application/json")
+    assert json.loads(body) == NOT_ACCEPTABLE
+
+
+def test_pod_log_is_text_plain_for_the_accept_kubectl_sends(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    v1.create_namespaced_pod(NS, pod_body("talker", ["python3", "-c", "print('hello')"]))
+    k8s.wait_for_pod("talker", "Succeeded")
+    for accept in ("application/json, */*", "*/*", "application/json", None, "text/plain;q=1, */*;q=0.5"):
+        code, ctype, body = _raw(k8s, "/api/v1/namespaces/default/pods/talker/log", accept)
+        assert (code, body) == (200, "hello\n"), accept
+        assert ctype.startswith("text/plain")
+    assert _raw(k8s, "/api/v1/namespaces/default/pods/talker/log", "application/json;q=0, text/plain")[0] == 406
+    code, ctype, body = _raw(k8s, "/api/v1/namespaces/default/pods/talker", "application/yaml")
+    assert code == 200 and ctype == "application/yaml" and "name: talker" in body
+
+
+def test_a_missing_service_account_is_refused_by_admission_never_created(k8s: FakeKubernetes,
+                                                                        v1: client.CoreV1Api) -> None:
+    with pytest.raises(ApiException) as info:
+        v1.create_namespaced_pod(NS, pod_body("orphan", ["true"], serviceAccountName="nobody"))
+    assert info.value.status == 403
+    assert status_of(info.value)["message"] == ('pods "orphan" is forbidden: error looking up service account '
+                                                'default/nobody: serviceaccount "nobody" not found')
+    assert k8s.get_pod("orphan") is None
+    k8s.add_service_account("nobody")
+    v1.create_namespaced_pod(NS, pod_body("orphan", ["true"], serviceAccountName="nobody"))
+    assert k8s.wait_for_pod("orphan", "Succeeded")
+
+
+def test_a_missing_namespace_is_refused_not_created(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    with pytest.raises(ApiException) as info:
+        v1.create_namespaced_pod("nowhere", pod_body("p", ["true"]))
+    assert info.value.status == 404
+    assert status_of(info.value)["message"] == 'namespaces "nowhere" not found'
+    assert [n.metadata.name for n in v1.list_namespace().items if n.metadata.name == "nowhere"] == []
+
+
+def test_rbac_is_evaluated_from_roles_and_bindings(k8s: FakeKubernetes) -> None:
+    k8s.create_namespace("steps")
+    k8s.create_namespace("airflow")
+    k8s.add_service_account("worker", namespace="airflow")
+    k8s.apply([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "reader"},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "worker", "namespace": "airflow"}],
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"}},
+    ], namespace="steps")
+    token = k8s.service_account_token("worker", namespace="airflow")
+    assert _raw(k8s, "/api/v1/namespaces/steps/pods", None, token)[0] == 200
+    # The binding is in "steps": nothing in "default".
+    code, _, body = _raw(k8s, "/api/v1/namespaces/default/pods", None, token)
+    assert code == 403 and json.loads(body)["message"] == (
+        'pods is forbidden: User "system:serviceaccount:airflow:worker" cannot list resource "pods" in API group '
+        '"" in the namespace "default"')
+    # A rule for "pods" does not cover the pods/log subresource; nor "get" the "watch" verb.
+    code, _, body = _raw(k8s, "/api/v1/namespaces/steps/pods/x/log", None, token)
+    assert code == 403 and json.loads(body)["message"] == (
+        'pods "x" is forbidden: User "system:serviceaccount:airflow:worker" cannot get resource "pods/log" in API '
+        'group "" in the namespace "steps"')
+    assert _raw(k8s, "/api/v1/namespaces/steps/pods?watch=true", None, token)[0] == 403
+    # An unknown token is not anyone.
+    assert _raw(k8s, "/api/v1/namespaces/steps/pods", None, "not-a-token")[0] == 401

@@ -12,6 +12,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,9 @@ class FakeKubernetes:
         extra_env: Extra environment for every container process (under the container's own env).
         rewrite_paths: Rewrite container paths (volume mounts, termination message path) found in
             command, args, env values and workingDir to their host directories.
-        auto_create_namespaces: Create a namespace on first use instead of answering 404.
+        auto_create_namespaces: Create a namespace on first use instead of answering 404. Off by default,
+            as on a real cluster (the NamespaceLifecycle admission plugin refuses content in a namespace
+            that does not exist: 404 ``namespaces "x" not found``).
         root: Directory for per-pod files (default: a new temp dir, removed at stop).
     """
 
@@ -88,7 +91,7 @@ class FakeKubernetes:
         inherit_env: bool = False,
         extra_env: dict[str, str] | None = None,
         rewrite_paths: bool = True,
-        auto_create_namespaces: bool = True,
+        auto_create_namespaces: bool = False,
         root: str | os.PathLike[str] | None = None,
     ) -> None:
         self.token = token
@@ -314,6 +317,57 @@ class FakeKubernetes:
     def create_namespace(self, name: str) -> JSON:
         return self._call(lambda: self.server.create_namespace(name))
 
+    def add_service_account(self, name: str, *, namespace: str | None = None) -> JSON:
+        ns = namespace or self.namespace
+
+        def do() -> JSON:
+            self.server.create_namespace(ns)
+            return self.server.create_service_account(ns, name)
+
+        return self._call(do)
+
+    def apply(self, documents: list[JSON], *, namespace: str | None = None) -> None:
+        """``kubectl apply -n namespace -f``: ServiceAccounts, Roles, RoleBindings (and Cluster* RBAC).
+
+        The namespace must exist (kubectl would be refused too); a document's own namespace wins.
+        """
+        def do() -> None:
+            for doc in documents:
+                if not doc:
+                    continue
+                kind = doc["kind"]
+                resource = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
+                            "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings"}[kind]
+                obj = copy.deepcopy(doc)
+                meta = obj.setdefault("metadata", {})
+                if kind.startswith("Cluster"):
+                    meta.pop("namespace", None)
+                else:
+                    meta["namespace"] = meta.get("namespace") or namespace or self.namespace
+                    if self.store.peek("namespaces", "", meta["namespace"]) is None:
+                        raise KeyError(f'namespaces "{meta["namespace"]}" not found')
+                key = (meta.get("namespace", ""), meta["name"])
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", fmt_time(now_ns()))
+                if key in self.store.objects[resource]:
+                    self.store.replace(resource, {**obj, "metadata": {
+                        **self.store.objects[resource][key]["metadata"], **meta}})
+                else:
+                    self.store.create(resource, obj)
+
+        self._call(do)
+
+    def service_account_token(self, name: str, *, namespace: str | None = None) -> str:
+        """A bearer token that authenticates as ServiceAccount ``namespace/name`` (RBAC then applies)."""
+        ns = namespace or self.namespace
+        return self._call(lambda: self.server.rbac.issue_token(ns, name))
+
+    def kubeconfig_for_token(self, token: str) -> JSON:
+        """A kubeconfig like :meth:`kubeconfig` that authenticates with ``token``."""
+        config = self.kubeconfig()
+        config["users"] = [{"name": "fake", "user": {"token": token}}]
+        return config
+
     def add_node(self, node: FakeNode) -> None:
         """Add (or replace) a node; pending pods are rescheduled."""
         self._call(lambda: self.kubelet.add_node(node))
@@ -326,7 +380,7 @@ class FakeKubernetes:
             meta = obj["metadata"]
             current = self.store.peek(resource, ns, meta["name"])
             if current is None:
-                self.server._ensure_namespace(ns)
+                self.server.create_namespace(ns)  # a setup hook, not the API: the namespace is made for it
                 return self.server.create_object(resource, ns, obj, {})
             merged = {**obj, "metadata": {**current["metadata"], **meta}}
             return self.store.replace(resource, merged)

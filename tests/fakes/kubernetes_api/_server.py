@@ -34,6 +34,7 @@ from ._meta import (
     invalid,
     json_merge_patch,
     json_patch,
+    negotiate_media_type,
     not_found,
     now_ns,
     parse_field_selector,
@@ -44,6 +45,7 @@ from ._meta import (
     validate_metadata,
     validate_pod,
 )
+from ._rbac import Authorizer
 from ._store import CLOSE, RESET, Store, kind_of
 
 _TRUE = {"1", "t", "T", "true", "True", "TRUE"}
@@ -118,6 +120,7 @@ class ApiServer:
         self.counts: Counter[tuple[str, str, bool]] = Counter()
         self.records: list[RequestRecord] = []
         self.faults: list[Fault] = []
+        self.rbac = Authorizer()
         self.active_watches = 0
         self.app = web.Application(client_max_size=64 * 2**20)
         self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
@@ -170,8 +173,15 @@ class ApiServer:
                 record.kind = locals().get("kind", "unknown")
                 self.counts[(method, record.kind, watch)] += 1
                 self.records.append(record)
-            if self.require_token and request.headers.get("Authorization") != f"Bearer {self.token}":
-                raise ApiError(401, "Unauthorized", "Unauthorized")
+            subject = self.authenticate(request)
+            # Negotiation happens before authorization and before the handler, on every endpoint
+            # (see _meta.negotiate_media_type for the upstream code this copies).
+            media_type = negotiate_media_type(request.headers.get("Accept"))
+            if media_type == "application/vnd.kubernetes.protobuf":
+                # A real apiserver would answer in protobuf; the double cannot encode it, and says so
+                # loudly rather than answering JSON the client did not ask for.
+                raise ApiError(406, "NotAcceptable", "the Kubernetes API test double does not encode protobuf")
+            self.authorize(subject, method, kind, watch, args)
             for fault in self.faults:
                 if fault.matches(method, kind, watch):
                     fault.remaining -= 1
@@ -184,11 +194,39 @@ class ApiServer:
                                          name=args.get("name", ""), retry_after=fault.retry_after,
                                          message=fault.message)
             response = await handler(request, query=query, watch=watch, **args)
+            if media_type == "application/yaml" and isinstance(response, web.Response) \
+                    and response.content_type == "application/json" and response.body:
+                import yaml
+
+                response = web.Response(body=yaml.safe_dump(json.loads(bytes(response.body))).encode(),  # type: ignore[arg-type]
+                                        status=response.status, content_type="application/yaml")
             record.status = response.status
             return response
         except ApiError as err:
             record.status = err.code
             return _error_response(err)
+
+    # ------------------------------------------------------------------------------- authn/z
+
+    def authenticate(self, request: web.Request) -> tuple[str, tuple[str, ...]] | None:
+        """The user and groups a ServiceAccount token stands for; None for the admin token (no RBAC check).
+
+        An unknown token is a 401 when tokens are required, as the apiserver's authenticators answer.
+        """
+        header = request.headers.get("Authorization") or ""
+        token = header[7:] if header.startswith("Bearer ") else None
+        if token is not None and token in self.rbac.tokens:
+            return self.rbac.tokens[token]
+        if token == self.token or not self.require_token:
+            return None
+        raise ApiError(401, "Unauthorized", "Unauthorized")
+
+    def authorize(self, subject: tuple[str, tuple[str, ...]] | None, method: str, kind: str, watch: bool,
+                  args: dict[str, Any]) -> None:
+        """403 unless the RBAC objects allow ``subject`` the request (the admin token is never checked)."""
+        if subject is None:
+            return
+        self.rbac.authorize(self.store, subject, method, kind, watch, args)
 
     # ------------------------------------------------------------------------------ discovery
 
@@ -228,10 +266,36 @@ class ApiServer:
         existing = self.store.peek("namespaces", "", ns)
         if existing is not None:
             return copy.deepcopy(existing)
-        return self.store.create("namespaces", {
+        created = self.store.create("namespaces", {
             "metadata": {"name": ns, "uid": str(uuid.uuid4()), "creationTimestamp": fmt_time(now_ns()),
                          "labels": {"kubernetes.io/metadata.name": ns}},
             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+        # kube-controller-manager's serviceaccounts controller creates "default" in every namespace
+        # (pkg/controller/serviceaccount/serviceaccounts_controller.go); pods that name no account use it.
+        self.create_service_account(ns, "default")
+        return created
+
+    def create_service_account(self, ns: str, name: str) -> JSON:
+        existing = self.store.peek("serviceaccounts", ns, name)
+        if existing is not None:
+            return copy.deepcopy(existing)
+        return self.store.create("serviceaccounts", {
+            "metadata": {"name": name, "namespace": ns, "uid": str(uuid.uuid4()),
+                         "creationTimestamp": fmt_time(now_ns())}})
+
+    def _admit_pod(self, pod: JSON, namespace: str) -> None:
+        """The ServiceAccount admission plugin: the pod's account must exist, it is never created.
+
+        plugin/pkg/admission/serviceaccount/admission.go: ``admission.NewForbidden(a, fmt.Errorf("error
+        looking up service account %s/%s: %w", ...))`` around the lister's NotFound, i.e. a 403 Forbidden
+        ``pods "<name>" is forbidden: error looking up service account ns/sa: serviceaccount "sa" not found``.
+        """
+        spec = pod.get("spec") or {}
+        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        if self.store.peek("serviceaccounts", namespace, sa) is None:
+            name = (pod.get("metadata") or {}).get("name") or ""
+            raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: error looking up service account '
+                           f'{namespace}/{sa}: serviceaccount "{sa}" not found', {"name": name, "kind": "pods"})
 
     async def collection(self, request: web.Request, *, query: dict[str, str], watch: bool, resource: str,
                          namespace: str | None, cluster: bool) -> web.StreamResponse:
@@ -324,6 +388,7 @@ class ApiServer:
         meta["creationTimestamp"] = fmt_time(now_ns())
         obj["kind"], obj["apiVersion"] = kind, "v1"
         if resource == "pods":
+            self._admit_pod(obj, namespace)
             _default_pod(obj)
         elif resource == "secrets":
             _normalise_secret(obj)
