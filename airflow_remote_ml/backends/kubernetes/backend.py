@@ -22,6 +22,7 @@ from airflow_remote_ml.backends.kubernetes.client import (
     NotFound,
     acall_with_retries,
     call_with_retries,
+    check_response,
     default_namespace,
     read_connection_extras,
     resolve_settings,
@@ -69,6 +70,9 @@ T = TypeVar("T")
 JSON = dict[str, Any]
 DELETE_POLICIES = ("on_success", "always", "never")
 LOG_PATH = "/api/v1/namespaces/{namespace}/pods/{name}/log"
+#: What kubectl sends for a log. kube-apiserver negotiates pods/log against its serializers (json, yaml,
+#: protobuf) before it streams the text, so ``text/plain`` alone is a 406 there; ``*/*`` gets text/plain.
+LOG_ACCEPT = "application/json, */*"
 TAIL_LINES = 40
 #: How long a waiting step waits for the shared watch's first list before asking for its pod itself.
 SYNC_WAIT_SECONDS = 10.0
@@ -430,7 +434,7 @@ class KubernetesBackend(Backend):
         def call() -> bytes:
             resp = self.core.api_client.call_api(
                 LOG_PATH, "GET", path_params={"namespace": namespace, "name": name}, query_params=query,
-                header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"], _preload_content=False,
+                header_params={"Accept": LOG_ACCEPT}, auth_settings=["BearerToken"], _preload_content=False,
                 _return_http_data_only=True, _request_timeout=self.config.request_timeout)
             return bytes(resp.data)
 
@@ -568,6 +572,7 @@ class KubernetesBackend(Backend):
         async def call() -> JSON:
             resp = await session.core.read_namespaced_pod(name, namespace, _preload_content=False,
                                                           _request_timeout=self.config.request_timeout)
+            await check_response(resp, f"reading pod {name}")
             try:
                 return json.loads(await resp.read())
             finally:
@@ -643,8 +648,9 @@ class KubernetesBackend(Backend):
         async def call() -> bytes:
             resp = await session.api.call_api(
                 LOG_PATH, "GET", path_params={"namespace": namespace, "name": name}, query_params=query,
-                header_params={"Accept": "text/plain"}, auth_settings=["BearerToken"], _preload_content=False,
+                header_params={"Accept": LOG_ACCEPT}, auth_settings=["BearerToken"], _preload_content=False,
                 _request_timeout=self.config.request_timeout)
+            await check_response(resp, f"reading the log of pod {name}")
             try:
                 return await resp.read()
             finally:
@@ -674,10 +680,12 @@ class KubernetesBackend(Backend):
 
         async def annotate() -> None:
             resp = await session.core.patch_namespaced_pod(name, namespace, patch, _preload_content=False)
+            await check_response(resp, f"marking pod {name} cancelled")
             resp.release()
 
         async def delete() -> None:
             resp = await session.core.delete_namespaced_pod(name, namespace, body=body, _preload_content=False)
+            await check_response(resp, f"deleting pod {name}")
             resp.release()
 
         try:

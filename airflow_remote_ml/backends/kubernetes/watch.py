@@ -39,6 +39,7 @@ from airflow_remote_ml.backends.kubernetes.client import (
     TransientBackendError,
     acall_with_retries,
     async_configuration,
+    check_response,
     map_exception,
     mapped,
 )
@@ -357,6 +358,7 @@ class ClusterSession:
 
     async def _read_json(self, call: Any) -> JSON:
         resp = await call
+        await check_response(resp, f"listing pods in {self.namespace}")
         try:
             return json.loads(await resp.read())
         finally:
@@ -370,6 +372,7 @@ class ClusterSession:
                 self.namespace, label_selector=MANAGED_SELECTOR, watch=True, resource_version=self._rv,
                 allow_watch_bookmarks=True, timeout_seconds=timeout, _preload_content=False,
                 _request_timeout=timeout + 30)
+        await check_response(resp, f"watching pods in {self.namespace}")
         try:
             buffer = bytearray()
             with mapped(f"watching pods in {self.namespace}"):
