@@ -668,3 +668,53 @@ def test_rbac_is_evaluated_from_roles_and_bindings(k8s: FakeKubernetes) -> None:
     assert _raw(k8s, "/api/v1/namespaces/steps/pods?watch=true", None, token)[0] == 403
     # An unknown token is not anyone.
     assert _raw(k8s, "/api/v1/namespaces/steps/pods", None, "not-a-token")[0] == 401
+
+
+PARENT_AND_HOG = (
+    "import subprocess, sys\n"
+    "child = subprocess.run([sys.executable, '-c', \"b = b'x' * (200 * 2**20); import time; time.sleep(60)\"])\n"
+    "print('parent survived, child', child.returncode, flush=True)\n"
+    "sys.exit(3)\n"
+)
+
+
+def test_the_memory_limit_oom_kills_only_the_biggest_process(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    v1.create_namespaced_pod(NS, pod_body("hog", ["python3", "-c", PARENT_AND_HOG],
+                                          container={"resources": {"limits": {"memory": "64Mi"}}}))
+    pod = k8s.wait_for_pod("hog", "Failed")
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    # The child died of SIGKILL; the parent lived on, said so, and chose its own exit code.
+    assert "parent survived, child -9" in k8s.pod_log("hog")
+    assert (term["reason"], term["exitCode"]) == ("OOMKilled", 3)
+
+
+def test_oom_kill_hook_kills_the_biggest_process_not_the_group(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    v1.create_namespaced_pod(NS, pod_body("hog", ["python3", "-c", PARENT_AND_HOG]))
+    k8s.wait_for_pod("hog", "Running")
+    main = k8s.container_pid("hog")
+    deadline = time.monotonic() + 30
+    while "child" not in _children_of(main) and time.monotonic() < deadline:  # wait for the child to be big
+        time.sleep(0.05)
+    killed = k8s.oom_kill("hog")
+    assert killed is not None and killed != main
+    pod = k8s.wait_for_pod("hog", "Failed")
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (term["reason"], term["exitCode"]) == ("OOMKilled", 3)
+    assert "parent survived, child -9" in k8s.pod_log("hog")
+
+
+def _children_of(pid: int | None) -> str:
+    """'child' once a child of ``pid`` holds more than 100 MB resident."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        if ppid == pid and rss > 100_000:
+            return "child"
+    return ""

@@ -69,6 +69,8 @@ class FakeKubernetes:
         auto_create_namespaces: Create a namespace on first use instead of answering 404. Off by default,
             as on a real cluster (the NamespaceLifecycle admission plugin refuses content in a namespace
             that does not exist: 404 ``namespaces "x" not found``).
+        enforce_memory_limits: OOM-kill the biggest process of a container whose processes together use
+            more resident memory than its ``limits.memory`` (the memory cgroup's memory.max).
         root: Directory for per-pod files (default: a new temp dir, removed at stop).
     """
 
@@ -92,6 +94,7 @@ class FakeKubernetes:
         extra_env: dict[str, str] | None = None,
         rewrite_paths: bool = True,
         auto_create_namespaces: bool = False,
+        enforce_memory_limits: bool = True,
         root: str | os.PathLike[str] | None = None,
     ) -> None:
         self.token = token
@@ -104,7 +107,7 @@ class FakeKubernetes:
             "schedule_delay": schedule_delay, "kubelet_delay": kubelet_delay, "pull_seconds": pull_seconds,
             "pull_backoff": pull_backoff, "crashloop_backoff": crashloop_backoff, "map_python": map_python,
             "inherit_env": inherit_env, "extra_env": dict(extra_env or {}), "rewrite_paths": rewrite_paths,
-            "sa_token": token,
+            "sa_token": token, "enforce_memory_limits": enforce_memory_limits,
         }
         self._server_args = {
             "token": token, "require_token": require_token, "auto_create_namespaces": auto_create_namespaces,
@@ -534,15 +537,17 @@ class FakeKubernetes:
     def unblock_scheduling(self) -> None:
         self.block_scheduling(None)
 
-    def oom_kill(self, name: str, container: str | None = None, *, namespace: str | None = None) -> None:
-        """Kill the container as the kernel OOM killer would: terminated reason OOMKilled, exit 137."""
-        def do() -> None:
+    def oom_kill(self, name: str, container: str | None = None, *, namespace: str | None = None) -> int | None:
+        """The container hits its memory limit: the kernel's OOM killer SIGKILLs the biggest process of the
+        container (only that one; the container's main process survives if it was a child that was
+        biggest) and the container is reported ``terminated.reason: OOMKilled`` when it ends. Returns the PID."""
+        def do() -> int | None:
             rt = self._runtime(name, namespace)
             c = rt.find(container) if container else next(iter(rt.containers.values()))
             assert c is not None
-            self.kubelet.oom_kill(rt, c)
+            return self.kubelet.oom_kill(rt, c)
 
-        self._call(do)
+        return self._call(do)
 
     def evict(self, name: str, message: str | None = None, *, namespace: str | None = None) -> None:
         """Node-pressure eviction: phase Failed, reason Evicted, the kubelet's message, Events."""

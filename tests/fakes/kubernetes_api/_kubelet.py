@@ -329,8 +329,10 @@ class Kubelet:
 
     def __init__(self, store: Store, root: Path, *, schedule_delay: float, kubelet_delay: float,
                  pull_seconds: float, pull_backoff: float, crashloop_backoff: float, map_python: bool,
-                 inherit_env: bool, extra_env: dict[str, str], rewrite_paths: bool, sa_token: str) -> None:
+                 inherit_env: bool, extra_env: dict[str, str], rewrite_paths: bool, sa_token: str,
+                 enforce_memory_limits: bool = True) -> None:
         self.store = store
+        self.enforce_memory_limits = enforce_memory_limits
         self.root = root
         self.schedule_delay = schedule_delay
         self.kubelet_delay = kubelet_delay
@@ -1053,6 +1055,9 @@ class Kubelet:
             self._mark_running(rt, c, started)
             if behavior.oom_after is not None:
                 self.spawn(self._oom_later(rt, c, behavior.oom_after))
+            limit = ((c.spec.get("resources") or {}).get("limits") or {}).get("memory")
+            if limit and self.enforce_memory_limits:
+                self.spawn(self._memory_cgroup(rt, c, proc, parse_quantity(limit)))
             assert proc.stdout is not None and proc.stderr is not None
             await asyncio.gather(_pump(proc.stdout, c), _pump(proc.stderr, c))
             rc = await proc.wait()
@@ -1118,14 +1123,47 @@ class Kubelet:
         base[PATH_MAP_ENV] = json.dumps({p: str(h) for p, h in mounts})
         return base
 
+    async def _memory_cgroup(self, rt: PodRuntime, c: ContainerRun, proc: Any, limit: float) -> None:
+        """memory.max of the container's cgroup: the OOM killer runs while its processes use more.
+
+        The kernel charges every page of every process of the cgroup; the double sums their resident
+        memory every 100 ms (a real kill happens at the allocation that crosses the limit, a few ms earlier).
+        """
+        while proc.returncode is None and c.proc is proc:
+            used = sum(max(_oom_points(pid), 0) for pid in _process_tree(proc.pid)) * 1024
+            if used > limit:
+                self.oom_kill(rt, c)
+            await asyncio.sleep(0.1)
+
     async def _oom_later(self, rt: PodRuntime, c: ContainerRun, seconds: float) -> None:
         await asyncio.sleep(seconds)
         if c.running:
             self.oom_kill(rt, c)
 
-    def oom_kill(self, rt: PodRuntime, c: ContainerRun) -> None:
+    def oom_kill(self, rt: PodRuntime, c: ContainerRun) -> int | None:
+        """The memory cgroup of the container ran out: kill its biggest process, as the kernel does.
+
+        When a cgroup exceeds memory.max and reclaim fails, the kernel's OOM killer (mm/oom_kill.c:
+        ``select_bad_process`` over the cgroup's tasks, ``oom_badness`` = resident pages + swap + page
+        tables) kills the ONE task with the highest score with SIGKILL -- not the whole cgroup, unless
+        memory.oom.group is set, which the kubelet does not do for containers (cgroup-v2 docs: "an OOM
+        routine is invoked to select and kill the bulkiest task in the cgroup"). If that task is a child
+        of the container's main process, the main process survives and exits when it likes.
+        containerd records the cgroup's oom event (TaskOOM) and the CRI then reports the container's
+        ``terminated.reason`` as ``OOMKilled`` whatever the exit code (pkg/cri/server/events.go).
+
+        Returns the PID killed (None for a simulated container, which just ends with 137).
+        """
         c.oom = True
-        self._signal(c, signal.SIGKILL)
+        if c.sim is not None and not c.sim.done():
+            c.sim.set_result(128 + int(signal.SIGKILL))
+            return None
+        if c.proc is None or c.proc.returncode is not None:
+            return None
+        victim = _biggest_process(_process_tree(c.proc.pid))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(victim, signal.SIGKILL)
+        return victim
 
     def _signal(self, c: ContainerRun, sig: signal.Signals) -> None:
         if c.sim is not None and not c.sim.done():
@@ -1234,6 +1272,49 @@ class Kubelet:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and every process descending from it (the container's "cgroup"), whatever their session."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        # The command name is in parentheses and may hold spaces: the fields after the last ")" are fixed.
+        fields = stat[stat.rfind(")") + 2:].split()
+        parents[int(entry)] = int(fields[1])
+    tree = [root]
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.extend(children)
+        frontier.extend(children)
+    return tree
+
+
+def _oom_points(pid: int) -> int:
+    """``oom_badness`` without oom_score_adj: resident pages + swap entries + page-table pages."""
+    points = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmSwap", "VmPTE"):
+                    points += int(value.split()[0])  # kB
+    except (OSError, ValueError, IndexError):
+        return -1
+    return points
+
+
+def _biggest_process(pids: list[int]) -> int:
+    # select_bad_process keeps the last task with the highest score on a tie; any deterministic pick will do.
+    return max(pids, key=lambda pid: (_oom_points(pid), pid))
 
 
 def _resolve(fut: asyncio.Future[int], value: int) -> None:
