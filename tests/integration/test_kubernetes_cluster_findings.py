@@ -150,3 +150,62 @@ def test_deferred_pod_read_error_is_never_pod_gone(k8s, backend, root, code):
     pod = k8s.get_pod(handle.job_id)
     assert pod is not None and not pod["metadata"].get("deletionTimestamp")  # nothing was done blindly
     backend.cancel(handle)
+
+
+# -- 3. OOMKilled reaches the user -------------------------------------------------------------------------
+
+
+def test_oom_kill_of_the_steps_child_is_reported_as_oomkilled_not_exit_137(k8s, backend, root):
+    # As on the cluster: a 64Mi limit, a step that allocates 200 MB. The kernel kills the step (the
+    # runtime's child), the runtime survives and records the generic "exited with code 137".
+    req = request(root, command=["python3", "-c", "b = b'x' * (200 * 2**20); import time; time.sleep(60)"],
+                  resources={"memory": "64Mi"})
+    handle = backend.submit(req)
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    status = outcome.status
+    assert (status.state, status.reason, status.exit_code) == (RunState.FAILED, "OOMKilled", 137)
+    assert "64Mi" in status.message
+    manifest = backend.read_manifest(req.manifest_uri)
+    assert manifest is not None and manifest["error"] == "the step exited with code 137"  # the runtime lived
+
+
+@pytest.mark.parametrize(("setup", "reason"), [
+    ("evict", "Evicted"),
+    ("pull", "ErrImagePull"),
+    ("never", "ErrImageNeverPull"),
+    ("secret", "CreateContainerConfigError"),
+])
+def test_each_platform_failure_sets_its_reason(k8s, root, setup, reason):
+    b = make_backend(k8s, root, startup_timeout=3)
+    spec: dict[str, Any] = {"command": SLEEP}
+    if setup == "pull":
+        k8s.register_image("registry.example/nope:1", pull_error="rpc error: code = NotFound desc = not found")
+        spec["image"] = "registry.example/nope:1"
+    elif setup == "never":
+        spec["backend_options"] = {"kubernetes": {"image_pull_policy": "Never"}}
+        spec["image"] = "not-on-the-node:1"
+    elif setup == "secret":
+        spec["secrets"] = {"TOKEN": "absent-secret/token"}
+    try:
+        handle = b.submit(request(root, **spec))
+        if setup == "evict":
+            k8s.wait_for_pod(handle.job_id, lambda p: "started" in k8s.pod_log(handle.job_id) if p else False)
+            k8s.evict(handle.job_id)
+        outcome = wait_for_completion(b, handle, deadline=time.monotonic() + 60)
+    finally:
+        b.close()
+    assert outcome.status.state is RunState.FAILED
+    assert outcome.status.reason.startswith(reason), outcome.status
+
+
+def test_unschedulable_sets_its_reason(root):
+    with FakeKubernetes() as fake:
+        fake.register_volume_claim(CLAIM, root)
+        fake.block_scheduling()
+        b = make_backend(fake, root, startup_timeout=1)
+        try:
+            handle = b.submit(request(root, command=["true"]))
+            outcome = wait_for_completion(b, handle, deadline=time.monotonic() + 60)
+        finally:
+            b.close()
+    assert (outcome.status.state, outcome.status.reason) == (RunState.FAILED, "Unschedulable")
