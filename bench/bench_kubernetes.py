@@ -98,7 +98,7 @@ def ours_worker(k8s: FakeKubernetes, root: str, handle: Any, noticed: dict[str, 
         backend = KubernetesBackend.from_config(our_config(k8s, root))
         try:
             outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 900)
-            noticed[handle.job_id] = time.monotonic()
+            noticed[handle.data["pod"]] = time.monotonic()
             assert outcome.status.is_successful, outcome.status
         finally:
             backend.close()
@@ -109,7 +109,7 @@ async def ours_deferred(k8s: FakeKubernetes, root: str, handle: Any, noticed: di
     backend = KubernetesBackend.from_config(our_config(k8s, root))  # as RemoteStepTrigger.run() builds it
     try:
         outcome = await await_completion(backend, handle, deadline=time.monotonic() + 900)
-        noticed[handle.job_id] = time.monotonic()
+        noticed[handle.data["pod"]] = time.monotonic()
         assert outcome.status.is_successful, outcome.status
     finally:
         await backend.aclose()
@@ -202,9 +202,9 @@ def main() -> None:
         # 1. One waiting step, each way of waiting.
         noticed: dict[str, float] = {}
         handle = our_pod(k8s, root, "w")
-        wait_running(k8s, [handle.job_id])
+        wait_running(k8s, [handle.data["pod"]])
         rows.append(row("ours, worker (per-pod watch)", 1,
-                        *measure_threads(k8s, [handle.job_id], [ours_worker(k8s, root, handle, noticed)],
+                        *measure_threads(k8s, [handle.data["pod"]], [ours_worker(k8s, root, handle, noticed)],
                                          args.window, noticed)))
         name = kpo_pod(k8s, "w")
         wait_running(k8s, [name])
@@ -213,7 +213,7 @@ def main() -> None:
 
         # 2. Steps waiting in one event loop (a triggerer).
         for n in [1, *counts]:
-            handles = {h.job_id: h for h in (our_pod(k8s, root, f"d{n}-{i}") for i in range(n))}
+            handles = {h.data["pod"]: h for h in (our_pod(k8s, root, f"d{n}-{i}") for i in range(n))}
             wait_running(k8s, list(handles))
             rows.append(row("ours, deferred (shared watch)", n,
                             *measure_loop(k8s, list(handles), lambda j: ours_deferred(k8s, root, handles[j], noticed),  # noqa: B023

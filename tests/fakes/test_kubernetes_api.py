@@ -718,3 +718,27 @@ def _children_of(pid: int | None) -> str:
         if ppid == pid and rss > 100_000:
             return "child"
     return ""
+
+
+def test_a_pending_pod_starts_once_its_missing_secret_is_created(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    # As the kubelet does: CreateContainerConfigError is retried on every sync, the pod stays Pending and
+    # starts as soon as the Secret exists (issue 10: the step ran six seconds after the Secret appeared).
+    env = [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "later", "key": "t"}}}]
+    v1.create_namespaced_pod(NS, pod_body("waiter", ["python3", "-c", "import os; print(os.environ['T'])"],
+                                          container={"env": env}))
+    pod = k8s.wait_for_pod("waiter", lambda p: bool(p) and "CreateContainerConfigError" in json.dumps(p["status"]))
+    assert pod["status"]["phase"] == "Pending"
+    k8s.add_secret("later", {"t": "now-it-runs"})
+    k8s.wait_for_pod("waiter", "Succeeded")
+    assert k8s.pod_log("waiter") == "now-it-runs\n"
+
+
+def test_an_unschedulable_pod_stays_pending_until_the_cluster_can_take_it(k8s: FakeKubernetes,
+                                                                          v1: client.CoreV1Api) -> None:
+    k8s.block_scheduling()
+    v1.create_namespaced_pod(NS, pod_body("later", ["true"]))
+    pod = k8s.wait_for_pod("later", lambda p: bool(p and p["status"].get("conditions")))
+    assert pod["status"]["phase"] == "Pending"
+    assert pod["status"]["conditions"][0]["reason"] == "Unschedulable"
+    k8s.unblock_scheduling()
+    k8s.wait_for_pod("later", "Succeeded")

@@ -97,7 +97,7 @@ def test_a_deferred_step_streams_its_log_through_the_negotiated_endpoint(k8s, ba
 
 def test_deferred_log_read_refused_is_an_error_not_log_text(k8s, backend, root):
     handle = backend.submit(request(root, command=TALK))
-    k8s.wait_for_pod(handle.job_id, "Succeeded")
+    k8s.wait_for_pod(handle.data["pod"], "Succeeded")
     k8s.fail_next(403, method="GET", kind="pods/{name}/log")
 
     async def main() -> Any:
@@ -114,7 +114,7 @@ def test_deferred_log_read_refused_is_an_error_not_log_text(k8s, backend, root):
 
 def test_deferred_log_read_429_is_retried_after_retry_after(k8s, backend, root):
     handle = backend.submit(request(root, command=TALK))
-    k8s.wait_for_pod(handle.job_id, "Succeeded")
+    k8s.wait_for_pod(handle.data["pod"], "Succeeded")
     k8s.fail_next(429, method="GET", kind="pods/{name}/log", retry_after=1)
 
     async def main() -> Any:
@@ -132,7 +132,7 @@ def test_deferred_log_read_429_is_retried_after_retry_after(k8s, backend, root):
 @pytest.mark.parametrize("code", [403, 500, 503])
 def test_deferred_pod_read_error_is_never_pod_gone(k8s, backend, root, code):
     handle = backend.submit(request(root, command=SLEEP))
-    k8s.wait_for_pod(handle.job_id, "Running")
+    k8s.wait_for_pod(handle.data["pod"], "Running")
     b = make_backend(k8s, root, api_retries=0)
     k8s.fail_next(code, count=5, method="GET", kind="pods/{name}")
 
@@ -147,7 +147,7 @@ def test_deferred_pod_read_error_is_never_pod_gone(k8s, backend, root, code):
         asyncio.run(main())
     assert info.value.status_code == code
     k8s.clear_faults()
-    pod = k8s.get_pod(handle.job_id)
+    pod = k8s.get_pod(handle.data["pod"])
     assert pod is not None and not pod["metadata"].get("deletionTimestamp")  # nothing was done blindly
     backend.cancel(handle)
 
@@ -189,8 +189,8 @@ def test_each_platform_failure_sets_its_reason(k8s, root, setup, reason):
     try:
         handle = b.submit(request(root, **spec))
         if setup == "evict":
-            k8s.wait_for_pod(handle.job_id, lambda p: "started" in k8s.pod_log(handle.job_id) if p else False)
-            k8s.evict(handle.job_id)
+            k8s.wait_for_pod(handle.data["pod"], lambda p: "started" in k8s.pod_log(handle.data["pod"]) if p else False)
+            k8s.evict(handle.data["pod"])
         outcome = wait_for_completion(b, handle, deadline=time.monotonic() + 60)
     finally:
         b.close()
@@ -209,3 +209,126 @@ def test_unschedulable_sets_its_reason(root):
         finally:
             b.close()
     assert (outcome.status.state, outcome.status.reason) == (RunState.FAILED, "Unschedulable")
+
+
+# -- 4. a pod that never started does not outlive its task ---------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["on_success", "never"])
+def test_a_pod_that_never_started_is_deleted_when_its_task_gives_up(k8s, root, policy):
+    b = make_backend(k8s, root, delete_policy=policy)
+    try:
+        req = request(root, command=["python3", "-c", "print('ran anyway')"],
+                      secrets={"TOKEN": "late-secret/token"})
+        handle = b.submit(req)
+        outcome = wait_for_completion(b, handle, deadline=time.monotonic() + 60)
+        assert outcome.status.reason == "CreateContainerConfigError"
+        b.mark_finished(handle)
+        b.cleanup(handle, outcome.status)
+    finally:
+        b.close()
+    k8s.wait_for_pod(handle.data["pod"], "Deleted")
+    # On the cluster, creating the Secret now made the old pod run the step after its task had failed.
+    k8s.add_secret("late-secret", {"token": "t"})
+    assert b.find(req.identity) is None and k8s.list_pods() == []
+
+
+def test_cancel_deletes_a_pending_pod_whose_status_already_reads_failed(k8s, backend, root):
+    handle = backend.submit(request(root, command=["true"], image="not-here:1",
+                                    backend_options={"kubernetes": {"image_pull_policy": "Never"}}))
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    assert outcome.status.reason == "ErrImageNeverPull"
+    backend.cancel(handle)  # the lifecycle cancels on every failure after submit
+    k8s.wait_for_pod(handle.data["pod"], "Deleted")
+
+
+def test_a_failed_pod_that_ran_is_kept_for_debugging(k8s, backend, root):
+    handle = backend.submit(request(root, command=["false"]))
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    backend.cancel(handle)
+    backend.mark_finished(handle)
+    backend.cleanup(handle, outcome.status)
+    assert k8s.get_pod(handle.data["pod"]) is not None
+
+
+# -- 6. messages ---------------------------------------------------------------------------------------------
+
+
+def test_a_missing_step_service_account_says_it_does_not_exist(k8s, root):
+    b = make_backend(k8s, root, service_account_name="remote-ml-steps")
+    try:
+        with pytest.raises(BackendAPIError) as info:
+            b.submit(request(root, command=["true"]))
+    finally:
+        b.close()
+    text = str(info.value)
+    assert info.value.status_code == 403 and not isinstance(info.value, TransientBackendError)
+    assert 'serviceaccount "remote-ml-steps" not found' in text and "does not exist" in text
+    assert "needs the Role" not in text
+    assert k8s.list_pods() == []
+    assert k8s.get_pod  # and it was not created for us:
+    assert k8s._call(lambda: k8s.store.peek("serviceaccounts", "default", "remote-ml-steps")) is None
+
+
+def test_a_missing_namespace_is_refused_not_created(k8s, root):
+    b = make_backend(k8s, root, namespace="ml-steps")
+    try:
+        with pytest.raises(BackendAPIError) as info:
+            b.submit(request(root, command=["true"]))
+    finally:
+        b.close()
+    assert info.value.status_code == 404 and 'namespaces "ml-steps" not found' in str(info.value)
+    assert k8s._call(lambda: k8s.store.peek("namespaces", "", "ml-steps")) is None
+
+
+def test_the_exit_code_error_names_the_namespace(k8s, backend, root):
+    handle = backend.submit(request(root, command=["python3", "-c", "import sys; sys.exit(3)"]))
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    assert outcome.status.exit_code == 3
+    error = failure_error(backend, handle, outcome.status, outcome.tail)
+    assert f"default/{handle.data['pod']}" in str(error)
+
+
+def test_the_schedulers_reason_is_logged_when_it_changes(root, caplog):
+    with FakeKubernetes() as fake:
+        fake.register_volume_claim(CLAIM, root)
+        fake.block_scheduling("0/2 nodes are available: 2 Insufficient nvidia.com/gpu.")
+        b = make_backend(fake, root)
+        lines: list[str] = []
+        try:
+            handle = b.submit(request(root, command=["true"]))
+            fake.wait_for_pod(handle.data["pod"], lambda p: bool(p and p["status"].get("conditions")))
+            caplog.set_level(logging.INFO, logger="airflow_remote_ml.backends.kubernetes")
+            status = b.wait(handle, 0.5)
+            assert status.state is RunState.QUEUED
+            fake.block_scheduling("0/3 nodes are available: 3 node(s) had untolerated taint {gpu: true}.")
+            fake.wait_for_pod(handle.data["pod"], lambda p: bool(p) and "taint" in json_dump(p))
+            b.wait(handle, 0.5)
+            fake.unblock_scheduling()
+            outcome = wait_for_completion(b, handle, on_line=lines.append, deadline=time.monotonic() + 60)
+        finally:
+            b.close()
+    assert outcome.status.is_successful
+    said = [r.getMessage() for r in caplog.records if "is pending: waiting for a node" in r.getMessage()]
+    assert len(said) == 2, said
+    assert "Insufficient nvidia.com/gpu" in said[0] and "untolerated taint" in said[1]
+
+
+def json_dump(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj)
+
+
+# -- 7. smaller --------------------------------------------------------------------------------------------
+
+
+def test_a_successful_step_deletes_its_pod_once(k8s, backend, root):
+    handle = backend.submit(request(root, command=["true"]))
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 60)
+    assert outcome.status.is_successful
+    backend.fetch_result(handle)
+    backend.mark_finished(handle)
+    backend.cleanup(handle, outcome.status)
+    k8s.wait_for_pod(handle.data["pod"], "Deleted")
+    assert k8s.count(method="DELETE") == 1

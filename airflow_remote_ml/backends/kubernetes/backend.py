@@ -42,6 +42,7 @@ from airflow_remote_ml.backends.kubernetes.states import (
     ANNOTATION_CANCELLED,
     LABEL_FINISHED,
     container_status,
+    never_ran,
     parse_time,
     status_after_deletion,
     status_from_pod,
@@ -192,6 +193,8 @@ class KubernetesBackend(Backend):
         self._pods: dict[tuple[str, str], JSON] = {}
         self._rv: dict[tuple[str, str], str] = {}
         self._cancelled: set[tuple[str, str]] = set()
+        self._deleted: set[tuple[str, str]] = set()
+        self._pending_said: dict[tuple[str, str], str] = {}
         self._held: dict[tuple[int, str], ClusterSession] = {}
         self.session_stats = SessionStats()
 
@@ -245,7 +248,8 @@ class KubernetesBackend(Backend):
         if self.config.job_url_template:
             url = self.config.job_url_template.format(namespace=meta.get("namespace"), name=meta.get("name"),
                                                       uid=meta.get("uid"))
-        return RunHandle(backend=self.name, job_id=str(meta.get("name")), url=url, data={
+        # "namespace/name", as kubectl names a pod: every message that quotes the job says where it ran.
+        return RunHandle(backend=self.name, job_id=f"{meta.get('namespace')}/{meta.get('name')}", url=url, data={
             "namespace": meta.get("namespace"),
             "pod": meta.get("name"),
             "uid": meta.get("uid"),
@@ -265,9 +269,25 @@ class KubernetesBackend(Backend):
         self._pods[key] = pod  # type: ignore[index]
 
     def _status(self, handle: RunHandle, pod: Mapping[str, Any]) -> RunStatus:
-        return status_from_pod(pod, container=handle.data.get("container") or self.config.container_name,
-                               now=time.time(), startup_timeout=self.config.startup_timeout,
-                               cancelled=self._key(handle) in self._cancelled)
+        status = status_from_pod(pod, container=handle.data.get("container") or self.config.container_name,
+                                 now=time.time(), startup_timeout=self.config.startup_timeout,
+                                 cancelled=self._key(handle) in self._cancelled)
+        self._say_why_pending(handle, status)
+        return status
+
+    def _say_why_pending(self, handle: RunHandle, status: RunStatus) -> None:
+        """Log what a Pending pod waits for (the scheduler's or the kubelet's words) each time it changes.
+
+        A pod can wait for many minutes (a node pool scaling up, an image pulling); the task log says why
+        instead of staying silent between "Submitted" and the final error.
+        """
+        key = self._key(handle)
+        if status.state is not RunState.QUEUED:
+            self._pending_said.pop(key, None)
+            return
+        if status.message and self._pending_said.get(key) != status.message:
+            self._pending_said[key] = status.message
+            log.info("kubernetes: pod %s/%s is pending: %s", key[0], key[1], status.message)
 
     def _status_gone(self, handle: RunHandle, last: Mapping[str, Any] | None,
                      manifest: Mapping[str, Any] | None = None) -> RunStatus:
@@ -470,13 +490,18 @@ class KubernetesBackend(Backend):
     # -- cancel, marks, cleanup -------------------------------------------------------------------------------
 
     def cancel(self, handle: RunHandle) -> None:
-        """Mark the pod cancelled (durably, an annotation) and delete it with the grace period."""
+        """Mark the pod cancelled (durably, an annotation) and delete it with the grace period.
+
+        A pod that never started is deleted even when its status already reads as failed (ErrImageNeverPull,
+        CreateContainerConfigError...): it is still Pending on the cluster and would run, unowned, once its
+        cause is fixed.
+        """
         key = self._key(handle)
         pod = self._read_pod(handle)
         if pod is None:
             return
-        if status_from_pod(pod, container=handle.data.get("container") or "step", now=time.time(),
-                           startup_timeout=float("inf")).is_terminal:
+        if not never_ran(pod) and status_from_pod(pod, container=handle.data.get("container") or "step",
+                                                  now=time.time(), startup_timeout=float("inf")).is_terminal:
             return  # already over: its own outcome stands
         self._cancelled.add(key)
         namespace, name = key
@@ -495,20 +520,34 @@ class KubernetesBackend(Backend):
         try:
             self._json(f"deleting pod {name}", self.core.delete_namespaced_pod, name, namespace, body=body)
         except NotFound:
-            return
+            pass
+        self._deleted.add((namespace, name))
 
-    def _removes(self, status: RunStatus) -> bool:
+    def _removes(self, status: RunStatus, pod: Mapping[str, Any] | None) -> bool:
+        """Whether the pod goes: by the policy, and always when it never ran (nothing in it to debug)."""
+        if pod is not None and never_ran(pod):
+            return True
         policy = self.config.delete_policy
         return policy == "always" or (policy == "on_success" and status.is_successful)
 
+    def _final_pod(self, handle: RunHandle) -> JSON | None:
+        """The pod's last state: the watch's when it already reads Succeeded/Failed (it cannot change), else a GET."""
+        pod = self._pods.get(self._key(handle))
+        if pod is not None and (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            return pod
+        return self._read_pod(handle)
+
     def mark_finished(self, handle: RunHandle) -> None:
         """Label the pod finished (so no later try reattaches); one the policy deletes is deleted instead."""
-        pod = self._read_pod(handle)
+        key = self._key(handle)
+        if key in self._deleted:
+            return
+        pod = self._final_pod(handle)
         if pod is None:
             return
-        namespace, name = self._key(handle)
+        namespace, name = key
         status = self._status(handle, pod)
-        if status.is_terminal and self._removes(status):
+        if status.is_terminal and self._removes(status, pod):
             self._delete(namespace, name, None)
             return
         try:
@@ -518,8 +557,15 @@ class KubernetesBackend(Backend):
             return
 
     def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
-        namespace, name = self._key(handle)
-        if not self._removes(status):
+        """Delete the pod as the policy says; a pod that never started is deleted whatever it says.
+
+        A pod that mark_finished already deleted is not deleted again (one DELETE per step).
+        """
+        key = self._key(handle)
+        if key in self._deleted:
+            return
+        namespace, name = key
+        if not self._removes(status, self._pods.get(key)):
             if not status.is_successful:
                 log.info("kubernetes: keeping pod %s/%s for debugging (delete_policy=%s)", namespace, name,
                          self.config.delete_policy)
@@ -671,8 +717,9 @@ class KubernetesBackend(Backend):
         key = self._key(handle)
         namespace, name = key
         pod = await self._aread_pod(session, handle)
-        if pod is None or status_from_pod(pod, container=handle.data.get("container") or "step", now=time.time(),
-                                          startup_timeout=float("inf")).is_terminal:
+        if pod is None or (not never_ran(pod) and status_from_pod(
+                pod, container=handle.data.get("container") or "step", now=time.time(),
+                startup_timeout=float("inf")).is_terminal):
             return
         self._cancelled.add(key)
         patch = {"metadata": {"annotations": {ANNOTATION_CANCELLED: f"{time.time():.3f}"}}}

@@ -89,6 +89,12 @@ def condition(pod: Mapping[str, Any], kind: str) -> JSON:
     return {}
 
 
+def never_ran(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod is still Pending: no container of it has run (restartPolicy Never makes a pod whose
+    container started Running, then Succeeded or Failed). Such a pod starts as soon as its cause is fixed."""
+    return ((pod.get("status") or {}).get("phase") or "Pending") == "Pending"
+
+
 def termination_manifest(message: str | None) -> JSON | None:
     """The runtime's manifest from a termination message, or None (a log tail, empty, or not ours)."""
     if not message or not message.lstrip().startswith("{"):
