@@ -332,3 +332,21 @@ def test_a_successful_step_deletes_its_pod_once(k8s, backend, root):
     backend.cleanup(handle, outcome.status)
     k8s.wait_for_pod(handle.data["pod"], "Deleted")
     assert k8s.count(method="DELETE") == 1
+
+
+def test_the_shared_session_is_closed_when_the_trigger_loop_ends_while_it_lingers(k8s, root):
+    from airflow_remote_ml.backends.kubernetes import watch as shared_watch
+
+    b = make_backend(k8s, root, session_linger=600)  # the loop ends long before the linger would
+    handle = b.submit(request(root, command=["true"]))
+
+    async def main() -> Any:
+        await await_completion(b, handle, deadline=time.monotonic() + 60)
+        sessions = shared_watch.sessions()
+        await b.aclose()  # releases the session; it lingers for the next trigger
+        assert not sessions[0].closed
+        return sessions[0]
+
+    session = asyncio.run(main())
+    b.close()
+    assert session.closed and session.api.rest_client.pool_manager.closed

@@ -324,6 +324,16 @@ class ClusterSession:
                     await asyncio.sleep(delay)
         finally:
             self.synced.clear()
+            if not self._closed:
+                # The event loop is ending (asyncio.run cancels every task left) while the session lingers:
+                # close the aiohttp session now, or it is reported "Unclosed client session/connector".
+                self._closed = True
+                _forget(self)
+                if self._close_timer is not None:
+                    self._close_timer.cancel()
+                if self.api is not None:
+                    with contextlib.suppress(Exception):
+                        await self.api.close()
 
     async def _relist(self) -> None:
         items: dict[str, JSON] = {}
