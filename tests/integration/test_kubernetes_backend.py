@@ -65,6 +65,15 @@ def request(root: str, task: str = "step", **spec: Any) -> StepRequest:
     return StepRequest.create(StepSpec.build(**spec), identity, ArtifactStore(root))
 
 
+async def until(condition: Any, timeout: float = 30.0) -> None:
+    """Wait for ``condition()`` to hold (polled; a generous bound, never a fixed sleep before an assert)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        await asyncio.sleep(0.01)
+
+
 def run(backend: KubernetesBackend, req: StepRequest, timeout: float = 60):
     backend.validate(req)
     handle = backend.submit(req)
@@ -135,8 +144,8 @@ def test_oom_killed_names_the_memory_limit(k8s, backend, root):
 def test_eviction_fails_with_the_kubelet_message_and_log_tail(k8s, backend, root):
     req = request(root, command=SLEEP)
     handle = backend.submit(req)
-    k8s.wait_for_pod(handle.data["pod"], "Running")
-    time.sleep(0.3)
+    # Evict once the step has printed (not after a fixed sleep: on a loaded machine it may not have yet).
+    k8s.wait_for_pod(handle.data["pod"], lambda p: bool(p) and "started" in k8s.pod_log(handle.data["pod"]))
     k8s.evict(handle.data["pod"])
     outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 30)
     assert outcome.status.state is RunState.FAILED
@@ -307,7 +316,10 @@ def test_sync_wait_notices_the_end_at_once(k8s, backend, root):
     done: list[float] = []
 
     def finish() -> None:
-        time.sleep(0.5)
+        # Once the wait's watch is open (an event, not a fixed sleep), end the container.
+        deadline = time.monotonic() + 30
+        while k8s.active_watches < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         done.append(time.monotonic())
         k8s.finish_container(handle.data["pod"])
 
@@ -359,7 +371,8 @@ def test_many_waiting_steps_share_one_watch(k8s, root):
                 await b.aclose()
 
         tasks = [asyncio.create_task(one(h)) for h in handles]
-        await asyncio.sleep(2)
+        # Wait until every step waits on the shared watch (an event, not a fixed sleep), then count.
+        await until(lambda: sum(len(s._waiters) for s in shared_watch.sessions()) == len(handles))
         assert k8s.count(kind="pods", watch=True) == 1
         for h in handles:
             await asyncio.to_thread(k8s.finish_container, h.data["pod"])
@@ -381,11 +394,13 @@ def test_shared_watch_resyncs_after_a_drop_and_a_410(k8s, root):
 
     async def main() -> Any:
         waiter = asyncio.create_task(await_completion(b, handle, deadline=time.monotonic() + 60))
-        await asyncio.sleep(1)
+        await until(lambda: b.session_stats.watches >= 1 and k8s.active_watches >= 1)
         await asyncio.to_thread(k8s.add_secret, "unrelated", {"k": "v"})
         await asyncio.to_thread(k8s.compact)
         await asyncio.to_thread(k8s.drop_watches, abrupt=True)
-        await asyncio.sleep(1.5)
+        # Resynced: the resumed watch got 410, the session listed again and watches anew.
+        await until(lambda: b.session_stats.expired == 1 and b.session_stats.lists == 2
+                    and b.session_stats.watches >= 3 and k8s.active_watches >= 1)
         await asyncio.to_thread(k8s.finish_container, handle.data["pod"])
         outcome = await waiter
         await b.aclose()
@@ -407,7 +422,7 @@ def test_async_cancel_and_lost_through_the_shared_watch(k8s, backend, root):
     async def main() -> tuple[Any, Any]:
         a = asyncio.create_task(await_completion(backend, cancelled, deadline=time.monotonic() + 60))
         b = asyncio.create_task(await_completion(backend, lost, deadline=time.monotonic() + 60))
-        await asyncio.sleep(0.5)
+        await until(lambda: sum(len(s._waiters) for s in shared_watch.sessions()) == 2)
         await backend.acancel(cancelled)
         await asyncio.to_thread(k8s.delete_pod, lost.data["pod"], grace_seconds=0)
         result = await a, await b
@@ -426,7 +441,7 @@ def test_sessions_close_when_the_loop_ends(k8s, backend, root):
         await await_completion(backend, handle, deadline=time.monotonic() + 30)
         count = len(shared_watch.sessions())
         await backend.aclose()
-        await asyncio.sleep(0.3)  # past session_linger
+        await until(lambda: not shared_watch.sessions())  # closed session_linger after its release
         return count + 10 * len(shared_watch.sessions())
 
     assert asyncio.run(main()) == 1
