@@ -350,3 +350,24 @@ def test_the_shared_session_is_closed_when_the_trigger_loop_ends_while_it_linger
     session = asyncio.run(main())
     b.close()
     assert session.closed and session.api.rest_client.pool_manager.closed
+
+
+# -- 9. performance: requests per sync step ---------------------------------------------------------------
+
+
+def test_a_sync_step_costs_at_most_six_api_requests(k8s, backend, root):
+    # Issue 10 measured 11 on a real cluster (create 1, get 2, list 1, watch 2, log 3, delete 2).
+    req = request(root, command=["python3", "-c", "print('hi')"])
+    k8s.reset_counts()
+    handle = backend.submit(req)
+    lines: list[str] = []
+    outcome = wait_for_completion(backend, handle, on_line=lines.append, deadline=time.monotonic() + 60)
+    assert outcome.status.is_successful and "hi" in lines
+    backend.fetch_result(handle)
+    backend.mark_finished(handle)
+    backend.cleanup(handle, outcome.status)
+    k8s.wait_for_pod(handle.data["pod"], "Deleted")
+    kinds = [(r.method, r.kind, r.watch) for r in k8s.requests]
+    assert len(kinds) <= 6, kinds
+    assert kinds.count(("POST", "pods", False)) == 1 and kinds.count(("DELETE", "pods/{name}", False)) == 1
+    assert kinds.count(("GET", "pods", True)) == 1  # one watch, resumed from the create's resourceVersion

@@ -17,7 +17,6 @@ from airflow_remote_ml.backends.kubernetes import logs as logcursor
 from airflow_remote_ml.backends.kubernetes.client import (
     AlreadyExists,
     ConnectionSettings,
-    Expired,
     Invalid,
     NotFound,
     acall_with_retries,
@@ -28,6 +27,7 @@ from airflow_remote_ml.backends.kubernetes.client import (
     resolve_settings,
     sync_configuration,
 )
+from airflow_remote_ml.backends.kubernetes.follow import FINAL_PHASES, LogFollower, PodFollower
 from airflow_remote_ml.backends.kubernetes.pod import (
     ANNOTATION_IDENTITY,
     ANNOTATION_MANIFEST,
@@ -54,7 +54,6 @@ from airflow_remote_ml.backends.kubernetes.watch import (
     SessionStats,
     acquire_session,
     resource_version,
-    watch_pod_events,
 )
 from airflow_remote_ml.core.artifacts import read_json
 from airflow_remote_ml.core.backend import Backend, BackendConfig, StepRequest, result_from_manifest
@@ -157,6 +156,14 @@ class KubernetesConfig(BackendConfig):
                 "disable_verify_ssl": self.disable_verify_ssl, "disable_tcp_keepalive": self.disable_tcp_keepalive}
 
 
+def _entries_since(entries: list[tuple[int, str]], since: str | None) -> list[tuple[int, str]]:
+    """The entries a read with ``sinceTime=since`` would return (the kubelet compares each line's stamp)."""
+    if not since:
+        return entries
+    floor = int(parse_time(since) or 0) * 1_000_000_000
+    return [e for e in entries if e[0] >= floor]
+
+
 class KubernetesBackend(Backend):
     name: ClassVar[str] = "kubernetes"
     config_class = KubernetesConfig
@@ -195,6 +202,9 @@ class KubernetesBackend(Backend):
         self._cancelled: set[tuple[str, str]] = set()
         self._deleted: set[tuple[str, str]] = set()
         self._pending_said: dict[tuple[str, str], str] = {}
+        # The worker side's one watch and one log stream per pod (see :mod:`.follow`).
+        self._followers: dict[tuple[str, str], PodFollower] = {}
+        self._logs: dict[tuple[str, str], LogFollower] = {}
         self._held: dict[tuple[int, str], ClusterSession] = {}
         self.session_stats = SessionStats()
 
@@ -350,7 +360,8 @@ class KubernetesBackend(Backend):
             raise ConfigError("pod", f"the API server refused the pod: {exc}", "fix the setting it names "
                               "(profile, backend_options, pod_template/pod_override)") from None
         self._remember(pod)
-        self._rv.pop((namespace, name), None)
+        # Watch from the created object's own resourceVersion: no list needed to follow it.
+        self._rv[(namespace, name)] = resource_version(pod) or ""
         log.info("kubernetes: created pod %s/%s for %s", namespace, name, request.identity.key)
         return self._handle(pod)
 
@@ -363,6 +374,9 @@ class KubernetesBackend(Backend):
             return None
         newest = max(pods, key=lambda p: parse_time((p.get("metadata") or {}).get("creationTimestamp")) or 0)
         self._remember(newest)
+        meta = newest.get("metadata") or {}
+        self._rv[(str(meta.get("namespace")), str(meta.get("name")))] = \
+            (body.get("metadata") or {}).get("resourceVersion") or ""
         return self._handle(newest)
 
     # -- status and waiting -----------------------------------------------------------------------------------
@@ -373,14 +387,10 @@ class KubernetesBackend(Backend):
             pod = self._json(f"reading pod {name}", self.core.read_namespaced_pod, name, namespace)
         except NotFound:
             return None
-        return pod if self._same_pod(handle, pod) else None
-
-    def poll(self, handle: RunHandle) -> RunStatus:
-        pod = self._read_pod(handle)
-        if pod is None:
-            return self._status_gone(handle, self._pods.get(self._key(handle)))
+        if not self._same_pod(handle, pod):
+            return None
         self._remember(pod)
-        return self._status(handle, pod)
+        return pod
 
     def _relist_one(self, handle: RunHandle) -> tuple[JSON | None, str]:
         """The pod and a resourceVersion to watch it from, in one request."""
@@ -390,55 +400,77 @@ class KubernetesBackend(Backend):
         items = [p for p in body.get("items") or [] if self._same_pod(handle, p)]
         return (items[0] if items else None), (body.get("metadata") or {}).get("resourceVersion") or ""
 
-    def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
-        """Watch the pod (field selector on its name) until it ends or ``timeout`` seconds pass."""
+    def _follower(self, handle: RunHandle) -> PodFollower | None:
+        """The live watch of the pod, started on first use; None when the pod is gone.
+
+        It watches from the resourceVersion the create (or find's list) answered with, so following a pod
+        just submitted costs the watch alone; only a pod this object never saw is listed first.
+        """
         key = self._key(handle)
-        namespace, name = key
+        current = self._followers.get(key)
+        if current is not None and not current.ended:
+            return current
+        if current is not None and current.gone:
+            return current
+        if current is not None and current.error is not None and not isinstance(current.error,
+                                                                                TransientBackendError):
+            raise current.error
+        pod, rv = self._pods.get(key), (current.rv if current is not None else self._rv.get(key))
+        if current is not None and current.pod is not None:
+            pod = current.pod
+        if pod is None or not rv:
+            pod, rv = self._relist_one(handle)
+            if pod is None:
+                return None
+            self._remember(pod)
+        follower = PodFollower(self.core, key[0], key[1], handle.data.get("uid"), pod, rv,
+                               lambda: self._relist_one(handle), self.config.watch_timeout)
+        self._followers[key] = follower
+        if (pod.get("status") or {}).get("phase") in FINAL_PHASES:
+            follower.ended = True  # already over: nothing to watch
+            return follower
+        return follower.start()
+
+    def _followed_status(self, handle: RunHandle, follower: PodFollower) -> RunStatus:
+        key = self._key(handle)
+        with follower.cond:
+            pod, gone = follower.pod, follower.gone
+        self._pods[key] = pod
+        if gone:
+            return self._status_gone(handle, pod)
+        return self._status(handle, pod)
+
+    def poll(self, handle: RunHandle) -> RunStatus:
+        """The pod's status as its watch last told (a list first when this object has not seen the pod)."""
+        follower = self._follower(handle)
+        if follower is None:
+            return self._status_gone(handle, self._pods.get(self._key(handle)))
+        return self._followed_status(handle, follower)
+
+    def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """Until the pod ends or ``timeout`` seconds pass, on the pod's one watch (no request of its own)."""
         deadline = time.monotonic() + timeout
-        pod = self._pods.get(key)
-        rv = self._rv.get(key)
         while True:
-            if rv is None or pod is None:
-                pod, rv = self._relist_one(handle)
-                if pod is None:
-                    return self._status_gone(handle, self._pods.get(key))
-                self._remember(pod)
-                self._rv[key] = rv
-            status = self._status(handle, pod)
+            follower = self._follower(handle)
+            if follower is None:
+                return self._status_gone(handle, self._pods.get(self._key(handle)))
+            version = follower.version
+            status = self._followed_status(handle, follower)
             remaining = deadline - time.monotonic()
             if status.is_terminal or remaining <= 0:
                 return status
-            try:
-                events = watch_pod_events(self.core, namespace, name, rv, remaining)
-                try:
-                    for kind, obj in events:
-                        rv = resource_version(obj) or rv
-                        self._rv[key] = rv
-                        if kind == "BOOKMARK" or not self._same_pod(handle, obj):
-                            continue
-                        if kind == "DELETED":
-                            self._pods[key] = obj
-                            self._rv.pop(key, None)
-                            return self._status_gone(handle, obj)
-                        pod = obj
-                        self._remember(obj)
-                        status = self._status(handle, obj)
-                        if status.is_terminal or time.monotonic() >= deadline:
-                            return status
-                finally:
-                    events.close()
-            except Expired:
-                rv = None  # too old: list again and watch from there
-            except TransientBackendError as exc:
-                log.info("kubernetes: the watch of pod %s broke (%s); resuming", name, exc)
-                time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-            if time.monotonic() >= deadline and pod is not None:
-                return self._status(handle, pod)
+            if follower.ended:
+                if follower.error is not None:
+                    # The core's wait loop backs off and calls again; the next follower resumes the watch.
+                    raise follower.error
+                continue
+            follower.wait_change(version, remaining)
 
     # -- logs -------------------------------------------------------------------------------------------------
 
     @staticmethod
-    def _log_query(handle: RunHandle, cursor: Any, tail: int | None = None) -> list[tuple[str, str]]:
+    def _log_query(handle: RunHandle, cursor: Any, tail: int | None = None,
+                   follow: bool = False) -> list[tuple[str, str]]:
         query = [("container", handle.data.get("container") or "step"), ("timestamps", "true")]
         since = logcursor.since_of(cursor)
         if since:
@@ -446,6 +478,8 @@ class KubernetesBackend(Backend):
             query.append(("sinceTime", since))
         if tail is not None:
             query.append(("tailLines", str(tail)))
+        if follow:
+            query.append(("follow", "true"))
         return query
 
     def _raw_log(self, handle: RunHandle, query: list[tuple[str, str]]) -> bytes | None:
@@ -467,6 +501,19 @@ class KubernetesBackend(Backend):
                 return None
             raise
 
+    def _log_stream(self, handle: RunHandle, cursor: Any) -> LogFollower:
+        namespace, name = self._key(handle)
+        query = self._log_query(handle, cursor, follow=True)
+
+        def open_stream() -> Any:
+            # No read timeout: a step may print nothing for an hour. stop() shuts the socket down.
+            return self.core.api_client.call_api(
+                LOG_PATH, "GET", path_params={"namespace": namespace, "name": name}, query_params=query,
+                header_params={"Accept": LOG_ACCEPT}, auth_settings=["BearerToken"], _preload_content=False,
+                _return_http_data_only=True, _request_timeout=(self.config.request_timeout, None))
+
+        return LogFollower(open_stream, name, logcursor.since_of(cursor)).start()
+
     def _log_complete(self, handle: RunHandle) -> bool:
         pod = self._pods.get(self._key(handle))
         if pod is None:
@@ -474,13 +521,49 @@ class KubernetesBackend(Backend):
         term = (container_status(pod, handle.data.get("container") or "step").get("state") or {}).get("terminated")
         return bool(term) or self._status(handle, pod).is_terminal
 
+    def _container_state(self, handle: RunHandle) -> JSON:
+        pod = self._pods.get(self._key(handle)) or {}
+        return container_status(pod, handle.data.get("container") or "step").get("state") or {}
+
     def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
+        """New log lines after ``cursor``.
+
+        While the pod's watch is followed, the log is one ``follow=true`` stream opened once the container
+        has started (before that there is no log to ask for); otherwise, or when that stream broke, one
+        read per call from the cursor's ``sinceTime``.
+        """
+        key = self._key(handle)
+        follower = self._followers.get(key)
+        stream = self._logs.get(key)
+        if follower is not None and (stream is None or not stream.broken):
+            state = self._container_state(handle)
+            if stream is None and not state.get("running") and not state.get("terminated"):
+                return LogChunk([], cursor)  # not started: the watch will say when it has
+            since = logcursor.since_of(cursor)
+            if stream is None:
+                if state.get("terminated"):
+                    stream = None  # over already: one plain read returns it all
+                else:
+                    stream = self._logs[key] = self._log_stream(handle, cursor)
+            if stream is not None and (stream.since or "") <= (since or ""):
+                terminated = bool(state.get("terminated")) or follower.gone or \
+                    self._status(handle, follower.pod).is_terminal
+                if stream.ended and not terminated:
+                    stream.premature = True  # ended before the container did, or only just before we heard
+                if terminated and not stream.join(self.config.request_timeout):
+                    stream.stop()  # the kubelet should have ended it; read the rest the classic way
+                if not stream.broken and not (terminated and stream.premature):
+                    entries = logcursor.parse_entries(stream.snapshot(), complete=stream.ended)
+                    return logcursor.next_chunk(_entries_since(entries, since), cursor)
         raw = self._raw_log(handle, self._log_query(handle, cursor))
         if raw is None:
             return LogChunk([], cursor)
         return logcursor.next_chunk(logcursor.parse_entries(raw, complete=self._log_complete(handle)), cursor)
 
     def log_tail(self, handle: RunHandle, lines: int = TAIL_LINES) -> list[str]:
+        stream = self._logs.get(self._key(handle))
+        if stream is not None and stream.ended and not stream.since and not stream.premature:
+            return [text for _, text in logcursor.parse_entries(stream.snapshot(), complete=True)][-lines:]
         try:
             raw = self._raw_log(handle, self._log_query(handle, None, tail=lines))
         except Exception:  # the tail is a courtesy in an error message; never mask the real error
@@ -590,6 +673,12 @@ class KubernetesBackend(Backend):
         return super().fetch_result(handle)
 
     def close(self) -> None:
+        for follower in list(self._followers.values()):
+            follower.stop()
+        for stream in list(self._logs.values()):
+            stream.stop()
+        self._followers.clear()
+        self._logs.clear()
         if self._core is not None and self._owns_core:
             self._core.api_client.close()
             self._core = None

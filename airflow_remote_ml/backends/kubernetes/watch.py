@@ -96,12 +96,13 @@ def resource_version(obj: JSON) -> str | None:
 # -- the sync per-pod watch (worker) ---------------------------------------------------------------------
 
 
-def watch_pod_events(core: Any, namespace: str, name: str, since: str,
-                     timeout: float) -> Generator[tuple[str, JSON], None, None]:
+def watch_pod_events(core: Any, namespace: str, name: str, since: str, timeout: float,
+                     on_response: Any = None) -> Generator[tuple[str, JSON], None, None]:
     """Events of pod ``name`` after resourceVersion ``since``, for at most ``timeout`` seconds.
 
     Ends when the server closes the stream (its ``timeoutSeconds``); raises :class:`Expired` when
-    ``since`` is too old, :class:`TransientBackendError` when the stream breaks.
+    ``since`` is too old, :class:`TransientBackendError` when the stream breaks. ``on_response`` gets
+    the open response (so another thread can shut it down).
     """
     server_timeout = max(1, int(timeout + 0.999))
     with mapped(f"watching pod {name}"):
@@ -109,6 +110,8 @@ def watch_pod_events(core: Any, namespace: str, name: str, since: str,
             namespace, field_selector=f"metadata.name={name}", watch=True, resource_version=since,
             allow_watch_bookmarks=True, timeout_seconds=server_timeout, _preload_content=False,
             _request_timeout=(10, server_timeout + 15))
+    if on_response is not None:
+        on_response(resp)
     try:
         buffer = bytearray()
         with mapped(f"watching pod {name}"):
