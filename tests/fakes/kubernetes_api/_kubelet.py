@@ -37,6 +37,8 @@ MAX_TERMINATION_MESSAGE = 4096  # kubecontainer.MaxContainerTerminationMessageLe
 FALLBACK_LOG_LINES = 80  # kubecontainer.MaxContainerTerminationMessageLogLines
 FALLBACK_LOG_BYTES = 2048  # kubecontainer.MaxContainerTerminationMessageLogLength
 DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
+#: Marks every process of a container (inherited by its children): the double's stand-in for the cgroup.
+CONTAINER_ENV = "FAKE_KUBERNETES_CONTAINER"
 DEFAULT_EVICTION_MESSAGE = (
     "The node was low on resource: memory. Threshold quantity: 100Mi, available: 42Mi. Container {container} "
     "was using 1843Mi, request is 0, has larger consumption of memory. "
@@ -1059,8 +1061,13 @@ class Kubelet:
             if limit and self.enforce_memory_limits:
                 self.spawn(self._memory_cgroup(rt, c, proc, parse_quantity(limit)))
             assert proc.stdout is not None and proc.stderr is not None
-            await asyncio.gather(_pump(proc.stdout, c), _pump(proc.stderr, c))
+            pumps = asyncio.gather(_pump(proc.stdout, c), _pump(proc.stderr, c))
             rc = await proc.wait()
+            # The main process is the container's PID 1: when it exits the kernel SIGKILLs every other
+            # process of its PID namespace (pid_namespaces(7)), so nothing it started outlives the container
+            # -- not even a child in a session of its own, which still holds the log pipes.
+            self._kill_all(c, proc.pid)
+            await pumps
             code = 128 - rc if rc < 0 else rc
             c.proc = None
         finished = now_ns()
@@ -1120,6 +1127,7 @@ class Kubelet:
         base.update({k: self._rewrite(v, mounts) for k, v in behavior.env.items()})
         base.update({k: self._rewrite(v, mounts) for k, v in env.items()})
         base[TERMINATION_ENV] = str(term_host)
+        base[CONTAINER_ENV] = c.container_id
         base[PATH_MAP_ENV] = json.dumps({p: str(h) for p, h in mounts})
         return base
 
@@ -1130,7 +1138,7 @@ class Kubelet:
         memory every 100 ms (a real kill happens at the allocation that crosses the limit, a few ms earlier).
         """
         while proc.returncode is None and c.proc is proc:
-            used = sum(max(_oom_points(pid), 0) for pid in _process_tree(proc.pid)) * 1024
+            used = sum(max(_oom_points(pid), 0) for pid in _container_processes(c.container_id, proc.pid)) * 1024
             if used > limit:
                 self.oom_kill(rt, c)
             await asyncio.sleep(0.1)
@@ -1160,17 +1168,28 @@ class Kubelet:
             return None
         if c.proc is None or c.proc.returncode is not None:
             return None
-        victim = _biggest_process(_process_tree(c.proc.pid))
+        victim = _biggest_process(_container_processes(c.container_id, c.proc.pid))
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(victim, signal.SIGKILL)
         return victim
 
     def _signal(self, c: ContainerRun, sig: signal.Signals) -> None:
+        """Stop a container the way containerd does: SIGTERM to its main process only (PID 1 of the
+        container, which may forward it), SIGKILL to every process of the container (``runc kill --all``)."""
         if c.sim is not None and not c.sim.done():
             c.sim.set_result(128 + int(sig))
         if c.proc is not None and c.proc.returncode is None:
+            if sig == signal.SIGKILL:
+                self._kill_all(c, c.proc.pid)
+            else:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(c.proc.pid, sig)
+
+    @staticmethod
+    def _kill_all(c: ContainerRun, main: int) -> None:
+        for pid in _container_processes(c.container_id, main):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(c.proc.pid, sig)
+                os.kill(pid, signal.SIGKILL)
 
     async def kill(self, rt: PodRuntime, grace: float) -> None:
         """Stop every container: SIGTERM, SIGKILL after ``grace``; abandon waiting stages."""
@@ -1274,28 +1293,22 @@ class Kubelet:
             await asyncio.wait(list(self._tasks), timeout=5)
 
 
-def _process_tree(root: int) -> list[int]:
-    """``root`` and every process descending from it (the container's "cgroup"), whatever their session."""
-    parents: dict[int, int] = {}
+def _container_processes(container_id: str, main: int) -> list[int]:
+    """The processes of a container (its "cgroup"): the main one and every process carrying the container's
+    marker variable, which the double puts in the main process's environment and children inherit -- so an
+    orphan re-parented away, or a child in a session of its own, still counts, as it would in the cgroup."""
+    marker = f"{CONTAINER_ENV}={container_id}".encode() + b"\0"
+    pids = [main]
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+        if not entry.isdigit() or int(entry) == main:
             continue
         try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker in fh.read() + b"\0":
+                    pids.append(int(entry))
         except OSError:
             continue
-        # The command name is in parentheses and may hold spaces: the fields after the last ")" are fixed.
-        fields = stat[stat.rfind(")") + 2:].split()
-        parents[int(entry)] = int(fields[1])
-    tree = [root]
-    frontier = [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent]
-        tree.extend(children)
-        frontier.extend(children)
-    return tree
+    return pids
 
 
 def _oom_points(pid: int) -> int:
