@@ -742,3 +742,43 @@ def test_an_unschedulable_pod_stays_pending_until_the_cluster_can_take_it(k8s: F
     assert pod["status"]["conditions"][0]["reason"] == "Unschedulable"
     k8s.unblock_scheduling()
     k8s.wait_for_pod("later", "Succeeded")
+
+
+# ------------------------------------------------------------------------ fault knobs (fault contract)
+
+
+def test_a_late_answer_takes_effect_before_it_arrives(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    import urllib3
+
+    k8s.answer_late(3, method="POST", kind="pods")
+    with pytest.raises(urllib3.exceptions.ReadTimeoutError):
+        v1.create_namespaced_pod(NS, pod_body("slow", ["true"]), _request_timeout=1)
+    assert k8s.get_pod("slow") is not None  # it exists although the client never heard so
+    with pytest.raises(ApiException) as info:
+        v1.create_namespaced_pod(NS, pod_body("slow", ["true"]))
+    assert info.value.status == 409
+    assert [p["metadata"]["name"] for p in k8s.created_pods] == ["slow"]
+
+
+def test_a_lost_answer_takes_effect_and_closes_the_connection(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    import urllib3
+
+    k8s.lose_answer(method="POST", kind="pods")
+    with pytest.raises(urllib3.exceptions.HTTPError):
+        v1.create_namespaced_pod(NS, pod_body("lost", ["true"]))
+    assert k8s.get_pod("lost") is not None
+
+
+def test_an_outage_answers_503_to_everything_then_ends(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    k8s.outage(1.0)
+    with pytest.raises(ApiException) as info:
+        v1.list_namespaced_pod(NS)
+    assert info.value.status == 503 and status_of(info.value)["reason"] == "ServiceUnavailable"
+    deadline = time.monotonic() + 30
+    while True:  # it ends on its own (polled, not slept over)
+        try:
+            v1.list_namespaced_pod(NS)
+            break
+        except ApiException:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

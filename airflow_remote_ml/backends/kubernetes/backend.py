@@ -171,6 +171,13 @@ class KubernetesBackend(Backend):
     # wait() and await_change() return the moment the pod ends; the policy only paces log reads.
     poll_policy = PollPolicy(first_delay=1.0, factor=1.5, cap=10.0)
     has_job_page = False
+    # A pod's name is the step identity's (deterministic): a second create of the same identity is a 409
+    # AlreadyExists, which submit() answers by attaching to the pod that exists. So a retried submit cannot
+    # make a second pod.
+    idempotent_submit: ClassVar[bool] = True
+    # kube-apiserver's default --request-timeout is 60 s: a create it has not committed by then is abandoned,
+    # one it committed is visible to list (find) at once.
+    create_settle_seconds: ClassVar[float] = 60.0
     config: KubernetesConfig
 
     def __init__(self, config: KubernetesConfig, core_v1: Any = None) -> None:

@@ -507,7 +507,38 @@ class FakeKubernetes:
         self._call(lambda: self.server.faults.append(fault))
 
     def clear_faults(self) -> None:
-        self._call(self.server.faults.clear)
+        def do() -> None:
+            self.server.faults.clear()
+            self.server.late_answers.clear()
+            self.server.outage_until = 0.0
+
+        self._call(do)
+
+    def answer_late(self, seconds: float, count: int = 1, *, method: str | None = "POST",
+                    kind: str | None = "pods") -> None:
+        """The next ``count`` matching requests take effect at once but are answered ``seconds`` later
+        (a create behind slow admission webhooks or a loaded etcd: the object exists before the answer)."""
+        fault = Fault(200, count, method, kind, None, None, str(seconds))
+        self._call(lambda: self.server.late_answers.append(fault))
+
+    def lose_answer(self, count: int = 1, *, method: str | None = "POST", kind: str | None = "pods") -> None:
+        """The next ``count`` matching requests take effect, then the connection closes with no answer."""
+        fault = Fault(0, count, method, kind)
+        self._call(lambda: self.server.late_answers.append(fault))
+
+    def outage(self, seconds: float) -> None:
+        """Every request gets 503 ServiceUnavailable for ``seconds`` from now; open watches and log
+        streams are cut (the connections to the apiserver break)."""
+        def do() -> None:
+            self.server.outage_until = time.monotonic() + seconds
+            self.store.drop_watches(abrupt=True)
+
+        self._call(do)
+
+    @property
+    def created_pods(self) -> list[JSON]:
+        """Every pod ever created through the API, as created (deleted ones included), oldest first."""
+        return self._call(lambda: copy.deepcopy(self.server.created_pods))
 
     def drop_watches(self, *, abrupt: bool = False) -> int:
         """End every open watch stream (cleanly, or by resetting the connection); returns how many."""

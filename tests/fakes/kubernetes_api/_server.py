@@ -120,6 +120,11 @@ class ApiServer:
         self.counts: Counter[tuple[str, str, bool]] = Counter()
         self.records: list[RequestRecord] = []
         self.faults: list[Fault] = []
+        #: Requests that take effect but answer late (status 200, ``message`` = seconds) or never (status 0).
+        self.late_answers: list[Fault] = []
+        self.outage_until = 0.0
+        #: Every pod ever created (a copy as created): what the fault contract counts as "jobs".
+        self.created_pods: list[JSON] = []
         self.rbac = Authorizer()
         self.active_watches = 0
         self.app = web.Application(client_max_size=64 * 2**20)
@@ -181,6 +186,9 @@ class ApiServer:
                 # A real apiserver would answer in protobuf; the double cannot encode it, and says so
                 # loudly rather than answering JSON the client did not ask for.
                 raise ApiError(406, "NotAcceptable", "the Kubernetes API test double does not encode protobuf")
+            if time.monotonic() < self.outage_until:
+                # The apiserver is down behind its load balancer: 503 for every request until it is back.
+                raise ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
             self.authorize(subject, method, kind, watch, args)
             for fault in self.faults:
                 if fault.matches(method, kind, watch):
@@ -193,7 +201,19 @@ class ApiServer:
                     raise injected_error(fault.status, resource=args.get("resource", "pods"),
                                          name=args.get("name", ""), retry_after=fault.retry_after,
                                          message=fault.message)
+            late = next((f for f in self.late_answers if f.matches(method, kind, watch)), None)
+            if late is not None:
+                late.remaining -= 1
             response = await handler(request, query=query, watch=watch, **args)
+            if late is not None:
+                # The request took effect (the handler ran: the object is stored and visible); only the
+                # answer is late -- slower than the client's timeout -- or never comes at all.
+                if late.status == 0:
+                    record.status = 0
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise web.HTTPInternalServerError()
+                await asyncio.sleep(float(late.message or 0))
             if media_type == "application/yaml" and isinstance(response, web.Response) \
                     and response.content_type == "application/json" and response.body:
                 import yaml
@@ -402,6 +422,7 @@ class ApiServer:
             return obj
         stored = self.store.create(resource, obj)
         if resource == "pods":
+            self.created_pods.append(copy.deepcopy(stored))
             self.kubelet.on_created(stored)
         return stored
 
@@ -689,6 +710,10 @@ class ApiServer:
                     transport = request.transport
                     if transport is None or transport.is_closing():
                         break
+                if time.monotonic() < self.outage_until:  # the apiserver went away: the stream breaks
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
                 pending = [e for e in logs[index:] if since_ns is None or e[0] >= since_ns]
                 index = len(logs)
             await response.write_eof()
