@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import kubernetes  # noqa: F401 - a missing SDK must surface as BackendUnavailableError when the package loads
 
-from airflow_remote_ml.backends.kubernetes.backend import KubernetesBackend, KubernetesConfig
+from airflow_remote_ml.backends.kubernetes.backend import KubernetesBackend
+from airflow_remote_ml.backends.kubernetes.config import KubernetesConfig
 
 __all__ = ["KubernetesBackend", "KubernetesConfig"]
