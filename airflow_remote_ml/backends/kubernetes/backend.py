@@ -292,12 +292,15 @@ class KubernetesBackend(Backend):
         pods = [p for p in body.get("items") or [] if not (p.get("metadata") or {}).get("deletionTimestamp")]
         if not pods:
             return None
-        newest = max(pods, key=lambda p: parse_time((p.get("metadata") or {}).get("creationTimestamp")) or 0)
-        self._remember(newest)
-        meta = newest.get("metadata") or {}
+        # The deterministic name allows one such pod at a time; should several carry the label anyway (made
+        # by hand or by another version), every caller adopts the same one: the oldest, ties broken by name.
+        oldest = min(pods, key=lambda p: (parse_time((p.get("metadata") or {}).get("creationTimestamp")) or 0,
+                                          (p.get("metadata") or {}).get("name") or ""))
+        self._remember(oldest)
+        meta = oldest.get("metadata") or {}
         self._rv[(str(meta.get("namespace")), str(meta.get("name")))] = \
             (body.get("metadata") or {}).get("resourceVersion") or ""
-        return self._handle(newest)
+        return self._handle(oldest)
 
     # -- status and waiting -----------------------------------------------------------------------------------
 
