@@ -782,3 +782,32 @@ def test_an_outage_answers_503_to_everything_then_ends(k8s: FakeKubernetes, v1: 
         except ApiException:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("rule", "verb", "resource", "name", "allowed"), [
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}, "get", "pods", "p", True),
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}, "get", "pods/log", "p", False),
+    ({"apiGroups": [""], "resources": ["*/log"], "verbs": ["get"]}, "get", "pods/log", "p", True),
+    ({"apiGroups": [""], "resources": ["*"], "verbs": ["*"]}, "watch", "pods/log", "p", True),
+    ({"apiGroups": [""], "resources": ["pods/*"], "verbs": ["get"]}, "get", "pods/log", "p", False),
+    ({"apiGroups": ["apps"], "resources": ["pods"], "verbs": ["get"]}, "get", "pods", "p", False),
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": ["a"]}, "get", "pods", "b", False),
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": ["a"]}, "get", "pods", "a", True),
+])
+def test_rbac_rule_matching_follows_evaluation_helpers(rule: dict[str, Any], verb: str, resource: str, name: str,
+                                                       allowed: bool) -> None:
+    from tests.fakes.kubernetes_api._rbac import Attributes, rule_allows
+
+    attrs = Attributes("system:serviceaccount:a:b", (), verb, resource, "ns", name)
+    assert rule_allows(rule, attrs) is allowed
+
+
+@pytest.mark.parametrize(("accept", "chosen"), [
+    (None, "application/json"), ("", "application/json"), ("*/*", "application/json"),
+    ("application/yaml", "application/yaml"), ("text/plain, application/json;q=0.5", "application/json"),
+    ("application/json;stream=watch", "application/json"), ("application/*", "application/json"),
+])
+def test_media_type_negotiation(accept: str | None, chosen: str) -> None:
+    from tests.fakes.kubernetes_api._meta import negotiate_media_type
+
+    assert negotiate_media_type(accept) == chosen
