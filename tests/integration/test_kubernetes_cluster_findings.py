@@ -371,3 +371,23 @@ def test_a_sync_step_costs_at_most_six_api_requests(k8s, backend, root):
     assert len(kinds) <= 6, kinds
     assert kinds.count(("POST", "pods", False)) == 1 and kinds.count(("DELETE", "pods/{name}", False)) == 1
     assert kinds.count(("GET", "pods", True)) == 1  # one watch, resumed from the create's resourceVersion
+
+
+def test_close_ends_the_workers_watch_and_log_stream(k8s, root):
+    b = make_backend(k8s, root)
+    handle = b.submit(request(root, command=SLEEP))
+    k8s.wait_for_pod(handle.data["pod"], lambda p: bool(p) and "started" in k8s.pod_log(handle.data["pod"]))
+    assert b.wait(handle, 0.2).state is RunState.RUNNING
+    deadline = time.monotonic() + 30
+    while "started" not in b.read_logs(handle, None).lines:  # from the log stream, once it has sent it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert k8s.active_watches == 1 and k8s.count(method="GET", kind="pods/{name}/log") == 1
+    b.close()
+    deadline = time.monotonic() + 30
+    while k8s.active_watches or any(t.name.startswith("remote-ml-") for t in __import__("threading").enumerate()):
+        assert time.monotonic() < deadline, "the watch or log stream outlived close()"
+        time.sleep(0.01)
+    backend = make_backend(k8s, root)
+    backend.cancel(handle)
+    backend.close()
