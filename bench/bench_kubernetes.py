@@ -20,6 +20,10 @@ Measures:
 2. N steps waiting in one event loop (default 50 and 500): total API requests per minute while they wait,
    and the delay until each noticed its pod's end (median, max).
 
+3. with ``--per-step N``: the API requests one no-op step makes end to end (submit, wait, result, mark,
+   cleanup), sync and deferred, by request kind (issue 10's target: at most 6 per sync step).
+
+    .venv/bin/python bench/bench_kubernetes.py --per-step 10         # request counts per step only
     .venv/bin/python bench/bench_kubernetes.py                       # about 3 minutes
     .venv/bin/python bench/bench_kubernetes.py --window 30 --steps 50,500
 """
@@ -37,6 +41,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -98,7 +103,7 @@ def ours_worker(k8s: FakeKubernetes, root: str, handle: Any, noticed: dict[str, 
         backend = KubernetesBackend.from_config(our_config(k8s, root))
         try:
             outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 900)
-            noticed[handle.job_id] = time.monotonic()
+            noticed[handle.data["pod"]] = time.monotonic()
             assert outcome.status.is_successful, outcome.status
         finally:
             backend.close()
@@ -109,7 +114,7 @@ async def ours_deferred(k8s: FakeKubernetes, root: str, handle: Any, noticed: di
     backend = KubernetesBackend.from_config(our_config(k8s, root))  # as RemoteStepTrigger.run() builds it
     try:
         outcome = await await_completion(backend, handle, deadline=time.monotonic() + 900)
-        noticed[handle.job_id] = time.monotonic()
+        noticed[handle.data["pod"]] = time.monotonic()
         assert outcome.status.is_successful, outcome.status
     finally:
         await backend.aclose()
@@ -140,6 +145,61 @@ async def kpo_deferred(k8s: FakeKubernetes, name: str, noticed: dict[str, float]
     event = await trigger.run().__anext__()
     noticed[name] = time.monotonic()
     assert event.payload["status"] == "success", event.payload
+
+
+# -- API requests per step ------------------------------------------------------------------------------------
+
+
+def step_requests(k8s: FakeKubernetes, root: str, steps: int, deferred: bool) -> tuple[Counter[str], float]:
+    """Run ``steps`` no-op steps (a real ``python3 -c pass`` process under the runtime) end to end as the
+    operator does -- submit, wait (worker or trigger), fetch_result, mark_finished, cleanup -- and count the
+    API requests the double answered, by request kind. Returns (requests per step by kind, median seconds)."""
+    counts: Counter[str] = Counter()
+    took: list[float] = []
+    for i in range(steps):
+        backend = KubernetesBackend.from_config({**our_config(k8s, root), "session_linger": 0.0})
+        spec = StepSpec.build(image="python:3.11-slim", command=["python3", "-c", "pass"])
+        identity = StepIdentity("bench", f"noop-{i}", f"run-{uuid.uuid4().hex[:10]}")
+        request = StepRequest.create(spec, identity, ArtifactStore(root))
+        k8s.reset_counts()
+        started = time.monotonic()
+        try:
+            handle = backend.submit(request)
+            if deferred:
+                async def wait(h: Any = handle, b: KubernetesBackend = backend) -> Any:
+                    try:
+                        return await await_completion(b, h, deadline=time.monotonic() + 120)
+                    finally:
+                        await b.aclose()
+
+                outcome = asyncio.run(wait())
+            else:
+                outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 120)
+            assert outcome.status.is_successful, outcome.status
+            backend.fetch_result(handle)
+            backend.mark_finished(handle)
+            backend.cleanup(handle, outcome.status)
+        finally:
+            backend.close()
+        took.append(time.monotonic() - started)
+        k8s.wait_for_pod(handle.data["pod"], "Deleted")
+        for record in k8s.requests:
+            kind = record.kind.replace("pods/{name}/log", "log").replace("pods/{name}", "pod")
+            counts[f"{record.method} {kind}{' watch' if record.watch else ''}"] += 1
+    return Counter({k: v / steps for k, v in counts.items()}), statistics.median(took)
+
+
+def print_step_requests(k8s: FakeKubernetes, root: str, steps: int) -> None:
+    print()
+    print(f"API requests per no-op step ({steps} steps each, submit -> wait -> fetch_result -> mark_finished -> "
+          "cleanup), counted by the API test double:")
+    print()
+    print("| path | requests per step | by kind | median s per step |")
+    print("|---|---:|---|---:|")
+    for label, deferred in (("sync (worker)", False), ("deferred (triggerer)", True)):
+        per_kind, median = step_requests(k8s, root, steps, deferred)
+        detail = ", ".join(f"{k} {v:g}" for k, v in sorted(per_kind.items()))
+        print(f"| {label} | {sum(per_kind.values()):g} | {detail} | {median:.2f} |")
 
 
 # -- measurements --------------------------------------------------------------------------------------------
@@ -185,6 +245,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--window", type=float, default=20.0, help="seconds of waiting that are counted")
     parser.add_argument("--steps", default="50,500", help="comma-separated numbers of steps waiting at once")
+    parser.add_argument("--per-step", type=int, default=0, metavar="N",
+                        help="only count the API requests of N no-op steps run end to end, sync and deferred")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.disable(logging.WARNING)  # the provider logs every poll of every pod at INFO
@@ -198,13 +260,18 @@ def main() -> None:
         root = os.path.join(tmp, "artifacts")
         k8s.register_volume_claim(CLAIM, root)
         k8s.register_image("bench/*", ImageBehavior(simulate=True, duration=None, output="working\n"))
+        if args.per_step:
+            print_step_requests(k8s, root, args.per_step)
+            print()
+            print(f"command: .venv/bin/python bench/bench_kubernetes.py --per-step {args.per_step}")
+            return
 
         # 1. One waiting step, each way of waiting.
         noticed: dict[str, float] = {}
         handle = our_pod(k8s, root, "w")
-        wait_running(k8s, [handle.job_id])
+        wait_running(k8s, [handle.data["pod"]])
         rows.append(row("ours, worker (per-pod watch)", 1,
-                        *measure_threads(k8s, [handle.job_id], [ours_worker(k8s, root, handle, noticed)],
+                        *measure_threads(k8s, [handle.data["pod"]], [ours_worker(k8s, root, handle, noticed)],
                                          args.window, noticed)))
         name = kpo_pod(k8s, "w")
         wait_running(k8s, [name])
@@ -213,7 +280,7 @@ def main() -> None:
 
         # 2. Steps waiting in one event loop (a triggerer).
         for n in [1, *counts]:
-            handles = {h.job_id: h for h in (our_pod(k8s, root, f"d{n}-{i}") for i in range(n))}
+            handles = {h.data["pod"]: h for h in (our_pod(k8s, root, f"d{n}-{i}") for i in range(n))}
             wait_running(k8s, list(handles))
             rows.append(row("ours, deferred (shared watch)", n,
                             *measure_loop(k8s, list(handles), lambda j: ours_deferred(k8s, root, handles[j], noticed),  # noqa: B023

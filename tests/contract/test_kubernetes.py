@@ -4,15 +4,21 @@ The real ``kubernetes`` client (and ``kubernetes_asyncio`` for the async wait) t
 :class:`tests.fakes.kubernetes_api.FakeKubernetes`, whose kubelet runs each pod's command as a local
 process. The artifact root is a PersistentVolumeClaim registered to the test's tmp dir and mounted at
 that same path, exactly as a shared artifact volume is deployed.
+
+``service`` and ``fault_backend`` are the fault contract's fixtures (see ``tests/contract/faults.py``):
+:class:`KubernetesFaults` stages each fault with a knob of the double.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend
+from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
 from tests.contract.suite import BackendContract
 from tests.fakes.kubernetes_api import FakeKubernetes
 
@@ -25,25 +31,150 @@ def k8s() -> Iterator[FakeKubernetes]:
         yield fake
 
 
+@pytest.fixture
+def artifact_root(tmp_path, k8s) -> str:
+    root = tmp_path / "artifacts"
+    k8s.register_volume_claim(CLAIM, root)
+    return str(root)
+
+
+def _config(k8s: FakeKubernetes, artifact_root: str, **extra: Any) -> dict[str, Any]:
+    return {"kubeconfig_path": str(k8s.kubeconfig_path),
+            "artifact_volume": {"claim_name": CLAIM, "mount_path": artifact_root},
+            "delete_grace_seconds": 2, "session_linger": 0.1, **extra}
+
+
+@pytest.fixture
+def backend(k8s, artifact_root) -> Iterator[KubernetesBackend]:
+    backend = KubernetesBackend.from_config(_config(k8s, artifact_root))
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def image() -> str:
+    return "python:3.11-slim"
+
+
+class KubernetesFaults:
+    """The fault contract's ``FaultyService`` for the kubernetes backend: knobs of the API test double."""
+
+    supports = frozenset({"slow_create", "lost_create", "outage", "rate_limit", "deleted", "oom"})
+
+    def __init__(self, k8s: FakeKubernetes) -> None:
+        self.k8s = k8s
+
+    def jobs(self, identity: StepIdentity) -> list[tuple[str, bool]]:
+        """Every pod ever created with the identity's step-id label (by the double's own record, deleted
+        ones included), oldest first, and whether it is still alive (exists and is not Succeeded/Failed)."""
+        out = []
+        for created in self.k8s.created_pods:
+            meta = created["metadata"]
+            if (meta.get("labels") or {}).get(LABEL_STEP_ID) != identity.digest:
+                continue
+            now = self.k8s.get_pod(meta["name"], namespace=meta["namespace"])
+            alive = now is not None and now["metadata"]["uid"] == meta["uid"] and \
+                now["status"].get("phase") not in ("Succeeded", "Failed")
+            out.append((f"{meta['namespace']}/{meta['name']}", alive))
+        return out
+
+    def slow_create(self, seconds: float) -> None:
+        self.k8s.answer_late(seconds, method="POST", kind="pods")
+
+    def lose_create_response(self) -> None:
+        self.k8s.lose_answer(method="POST", kind="pods")
+
+    def outage(self, seconds: float) -> None:
+        self.k8s.outage(seconds)
+
+    def rate_limit(self, count: int, retry_after: float) -> None:
+        self.k8s.fail_next(429, count=count, retry_after=max(1, math.ceil(retry_after)))
+
+    def delete_job(self, job_id: str) -> None:
+        namespace, _, name = job_id.rpartition("/")
+        self.k8s.delete_pod(name, grace_seconds=0, namespace=namespace or None)
+
+    def oom_spec(self) -> dict[str, Any]:
+        # The double enforces limits.memory as the memory cgroup does: the 200 MB step is OOM-killed.
+        return {"image": "python:3.11-slim", "resources": {"memory": "64Mi"},
+                "command": ["python3", "-c", "b = b'x' * (200 * 2**20); import time; time.sleep(60)"]}
+
+
+@pytest.fixture
+def service(k8s) -> Iterator[KubernetesFaults]:
+    yield KubernetesFaults(k8s)
+    k8s.clear_faults()
+
+
+@pytest.fixture
+def fault_backend(k8s, artifact_root) -> Iterator[KubernetesBackend]:
+    """The backend with a 1 s client request timeout, so ``slow_create(3)`` outlasts it."""
+    backend = KubernetesBackend.from_config(_config(k8s, artifact_root, request_timeout=1.0))
+    yield backend
+    backend.close()
+
+
 @pytest.mark.timeout(180)
 class TestKubernetesBackend(BackendContract):
-    @pytest.fixture
-    def artifact_root(self, tmp_path, k8s) -> str:
-        root = tmp_path / "artifacts"
-        k8s.register_volume_claim(CLAIM, root)
-        return str(root)
+    pass
 
-    @pytest.fixture
-    def backend(self, k8s, artifact_root) -> Iterator[KubernetesBackend]:
-        backend = KubernetesBackend.from_config({
-            "kubeconfig_path": str(k8s.kubeconfig_path),
-            "artifact_volume": {"claim_name": CLAIM, "mount_path": artifact_root},
-            "delete_grace_seconds": 2,
-            "session_linger": 0.1,
-        })
-        yield backend
-        backend.close()
 
-    @pytest.fixture
-    def image(self) -> str:
-        return "python:3.11-slim"
+# -- the adapter's faults, driven through the backend (until the shared fault suite runs them all) ----------
+
+
+def _request(artifact_root: str, **spec: Any) -> Any:
+    import uuid
+
+    from airflow_remote_ml.core import ArtifactStore, StepRequest, StepSpec
+
+    spec.setdefault("image", "python:3.11-slim")
+    spec.setdefault("command", ["python3", "-c", "print('done')"])
+    identity = StepIdentity("k8s-faults", "step", f"run-{uuid.uuid4().hex[:10]}")
+    return StepRequest.create(StepSpec.build(**spec), identity, ArtifactStore(artifact_root))
+
+
+def _finish(backend: KubernetesBackend, handle: Any) -> Any:
+    import time
+
+    from airflow_remote_ml.core.wait import wait_for_completion
+
+    return wait_for_completion(backend, handle, deadline=time.monotonic() + 90)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fault", ["slow_create", "lost_create"])
+def test_an_ambiguous_create_makes_exactly_one_pod(service, fault_backend, artifact_root, fault):
+    req = _request(artifact_root)
+    if fault == "slow_create":
+        service.slow_create(3)
+    else:
+        service.lose_create_response()
+    handle = fault_backend.submit(req)  # the retried create is a 409 AlreadyExists: it attaches
+    assert _finish(fault_backend, handle).status.is_successful
+    assert [job for job, _ in service.jobs(req.identity)] == [handle.job_id]
+    assert KubernetesBackend.idempotent_submit
+
+
+@pytest.mark.timeout(120)
+def test_rate_limit_and_outage_are_survived(service, fault_backend, artifact_root):
+    req = _request(artifact_root, command=["python3", "-c", "import time; time.sleep(2); print('done')"])
+    service.rate_limit(2, 1)
+    handle = fault_backend.submit(req)
+    service.outage(3)
+    outcome = _finish(fault_backend, handle)
+    assert outcome.status.is_successful, outcome.status
+    assert service.jobs(req.identity) == [(handle.job_id, False)]
+
+
+@pytest.mark.timeout(120)
+def test_a_deleted_job_is_lost_and_an_oom_is_oomkilled(service, fault_backend, artifact_root):
+    from airflow_remote_ml.core import RunState
+
+    req = _request(artifact_root, command=["python3", "-c", "import time; time.sleep(300)"])
+    handle = fault_backend.submit(req)
+    service.delete_job(handle.job_id)
+    assert _finish(fault_backend, handle).status.state is RunState.LOST
+    assert service.jobs(req.identity) == [(handle.job_id, False)]
+    oom = _request(artifact_root, **service.oom_spec())
+    status = _finish(fault_backend, fault_backend.submit(oom)).status
+    assert (status.state, status.reason, status.exit_code) == (RunState.FAILED, "OOMKilled", 137)

@@ -568,3 +568,246 @@ def test_abrupt_watch_drop_resets_the_connection(k8s: FakeKubernetes, v1: client
 
     with pytest.raises(urllib3.exceptions.ProtocolError):
         resp.read()
+
+
+# ------------------------------------------------------------- negotiation, admission, RBAC (issue 10)
+
+
+def _raw(k8s: FakeKubernetes, path: str, accept: str | None, token: str | None = None) -> tuple[int, str, str]:
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(k8s.url + path)
+    req.add_header("Authorization", f"Bearer {token or k8s.token}")
+    if accept is not None:
+        req.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("Content-Type", ""), err.read().decode()
+
+
+NOT_ACCEPTABLE = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                  "message": "only the following media types are accepted: application/json, application/yaml, "
+                             "application/vnd.kubernetes.protobuf", "reason": "NotAcceptable", "code": 406}
+
+
+@pytest.mark.parametrize("path", [
+    "/api/v1/namespaces/default/pods",
+    "/api/v1/namespaces/default/pods/talker",
+    "/api/v1/namespaces/default/pods/talker/log",
+    "/api/v1/namespaces/default/pods?watch=true&timeoutSeconds=1",
+    "/api/v1/namespaces",
+])
+def test_every_endpoint_negotiates_the_media_type_before_answering(k8s: FakeKubernetes, v1: client.CoreV1Api,
+                                                                    path: str) -> None:
+    v1.create_namespaced_pod(NS, pod_body("talker", ["python3", "-c", "print('hello')"]))
+    k8s.wait_for_pod("talker", "Succeeded")
+    code, ctype, body = _raw(k8s, path, "text/plain")
+    assert (code, ctype) == (406, "application/json")
+    assert json.loads(body) == NOT_ACCEPTABLE
+
+
+def test_pod_log_is_text_plain_for_the_accept_kubectl_sends(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    v1.create_namespaced_pod(NS, pod_body("talker", ["python3", "-c", "print('hello')"]))
+    k8s.wait_for_pod("talker", "Succeeded")
+    for accept in ("application/json, */*", "*/*", "application/json", None, "text/plain;q=1, */*;q=0.5"):
+        code, ctype, body = _raw(k8s, "/api/v1/namespaces/default/pods/talker/log", accept)
+        assert (code, body) == (200, "hello\n"), accept
+        assert ctype.startswith("text/plain")
+    assert _raw(k8s, "/api/v1/namespaces/default/pods/talker/log", "application/json;q=0, text/plain")[0] == 406
+    code, ctype, body = _raw(k8s, "/api/v1/namespaces/default/pods/talker", "application/yaml")
+    assert code == 200 and ctype == "application/yaml" and "name: talker" in body
+
+
+def test_a_missing_service_account_is_refused_by_admission_never_created(k8s: FakeKubernetes,
+                                                                        v1: client.CoreV1Api) -> None:
+    with pytest.raises(ApiException) as info:
+        v1.create_namespaced_pod(NS, pod_body("orphan", ["true"], serviceAccountName="nobody"))
+    assert info.value.status == 403
+    assert status_of(info.value)["message"] == ('pods "orphan" is forbidden: error looking up service account '
+                                                'default/nobody: serviceaccount "nobody" not found')
+    assert k8s.get_pod("orphan") is None
+    k8s.add_service_account("nobody")
+    v1.create_namespaced_pod(NS, pod_body("orphan", ["true"], serviceAccountName="nobody"))
+    assert k8s.wait_for_pod("orphan", "Succeeded")
+
+
+def test_a_missing_namespace_is_refused_not_created(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    with pytest.raises(ApiException) as info:
+        v1.create_namespaced_pod("nowhere", pod_body("p", ["true"]))
+    assert info.value.status == 404
+    assert status_of(info.value)["message"] == 'namespaces "nowhere" not found'
+    assert [n.metadata.name for n in v1.list_namespace().items if n.metadata.name == "nowhere"] == []
+
+
+def test_rbac_is_evaluated_from_roles_and_bindings(k8s: FakeKubernetes) -> None:
+    k8s.create_namespace("steps")
+    k8s.create_namespace("airflow")
+    k8s.add_service_account("worker", namespace="airflow")
+    k8s.apply([
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "reader"},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "worker", "namespace": "airflow"}],
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"}},
+    ], namespace="steps")
+    token = k8s.service_account_token("worker", namespace="airflow")
+    assert _raw(k8s, "/api/v1/namespaces/steps/pods", None, token)[0] == 200
+    # The binding is in "steps": nothing in "default".
+    code, _, body = _raw(k8s, "/api/v1/namespaces/default/pods", None, token)
+    assert code == 403 and json.loads(body)["message"] == (
+        'pods is forbidden: User "system:serviceaccount:airflow:worker" cannot list resource "pods" in API group '
+        '"" in the namespace "default"')
+    # A rule for "pods" does not cover the pods/log subresource; nor "get" the "watch" verb.
+    code, _, body = _raw(k8s, "/api/v1/namespaces/steps/pods/x/log", None, token)
+    assert code == 403 and json.loads(body)["message"] == (
+        'pods "x" is forbidden: User "system:serviceaccount:airflow:worker" cannot get resource "pods/log" in API '
+        'group "" in the namespace "steps"')
+    assert _raw(k8s, "/api/v1/namespaces/steps/pods?watch=true", None, token)[0] == 403
+    # An unknown token is not anyone.
+    assert _raw(k8s, "/api/v1/namespaces/steps/pods", None, "not-a-token")[0] == 401
+
+
+PARENT_AND_HOG = (
+    "import subprocess, sys\n"
+    "child = subprocess.run([sys.executable, '-c', \"b = b'x' * (200 * 2**20); import time; time.sleep(60)\"])\n"
+    "print('parent survived, child', child.returncode, flush=True)\n"
+    "sys.exit(3)\n"
+)
+
+
+def test_the_memory_limit_oom_kills_only_the_biggest_process(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    v1.create_namespaced_pod(NS, pod_body("hog", ["python3", "-c", PARENT_AND_HOG],
+                                          container={"resources": {"limits": {"memory": "64Mi"}}}))
+    pod = k8s.wait_for_pod("hog", "Failed")
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    # The child died of SIGKILL; the parent lived on, said so, and chose its own exit code.
+    assert "parent survived, child -9" in k8s.pod_log("hog")
+    assert (term["reason"], term["exitCode"]) == ("OOMKilled", 3)
+
+
+def test_oom_kill_hook_kills_the_biggest_process_not_the_group(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    v1.create_namespaced_pod(NS, pod_body("hog", ["python3", "-c", PARENT_AND_HOG]))
+    k8s.wait_for_pod("hog", "Running")
+    main = k8s.container_pid("hog")
+    deadline = time.monotonic() + 30
+    while "child" not in _children_of(main) and time.monotonic() < deadline:  # wait for the child to be big
+        time.sleep(0.05)
+    killed = k8s.oom_kill("hog")
+    assert killed is not None and killed != main
+    pod = k8s.wait_for_pod("hog", "Failed")
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (term["reason"], term["exitCode"]) == ("OOMKilled", 3)
+    assert "parent survived, child -9" in k8s.pod_log("hog")
+
+
+def _children_of(pid: int | None) -> str:
+    """'child' once a child of ``pid`` holds more than 100 MB resident."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            status = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        rss = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+        if ppid == pid and rss > 100_000:
+            return "child"
+    return ""
+
+
+def test_a_pending_pod_starts_once_its_missing_secret_is_created(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    # As the kubelet does: CreateContainerConfigError is retried on every sync, the pod stays Pending and
+    # starts as soon as the Secret exists (issue 10: the step ran six seconds after the Secret appeared).
+    env = [{"name": "T", "valueFrom": {"secretKeyRef": {"name": "later", "key": "t"}}}]
+    v1.create_namespaced_pod(NS, pod_body("waiter", ["python3", "-c", "import os; print(os.environ['T'])"],
+                                          container={"env": env}))
+    pod = k8s.wait_for_pod("waiter", lambda p: bool(p) and "CreateContainerConfigError" in json.dumps(p["status"]))
+    assert pod["status"]["phase"] == "Pending"
+    k8s.add_secret("later", {"t": "now-it-runs"})
+    k8s.wait_for_pod("waiter", "Succeeded")
+    assert k8s.pod_log("waiter") == "now-it-runs\n"
+
+
+def test_an_unschedulable_pod_stays_pending_until_the_cluster_can_take_it(k8s: FakeKubernetes,
+                                                                          v1: client.CoreV1Api) -> None:
+    k8s.block_scheduling()
+    v1.create_namespaced_pod(NS, pod_body("later", ["true"]))
+    pod = k8s.wait_for_pod("later", lambda p: bool(p and p["status"].get("conditions")))
+    assert pod["status"]["phase"] == "Pending"
+    assert pod["status"]["conditions"][0]["reason"] == "Unschedulable"
+    k8s.unblock_scheduling()
+    k8s.wait_for_pod("later", "Succeeded")
+
+
+# ------------------------------------------------------------------------ fault knobs (fault contract)
+
+
+def test_a_late_answer_takes_effect_before_it_arrives(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    import urllib3
+
+    k8s.answer_late(3, method="POST", kind="pods")
+    with pytest.raises(urllib3.exceptions.ReadTimeoutError):
+        v1.create_namespaced_pod(NS, pod_body("slow", ["true"]), _request_timeout=1)
+    assert k8s.get_pod("slow") is not None  # it exists although the client never heard so
+    with pytest.raises(ApiException) as info:
+        v1.create_namespaced_pod(NS, pod_body("slow", ["true"]))
+    assert info.value.status == 409
+    assert [p["metadata"]["name"] for p in k8s.created_pods] == ["slow"]
+
+
+def test_a_lost_answer_takes_effect_and_closes_the_connection(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    import urllib3
+
+    k8s.lose_answer(method="POST", kind="pods")
+    with pytest.raises(urllib3.exceptions.HTTPError):
+        v1.create_namespaced_pod(NS, pod_body("lost", ["true"]))
+    assert k8s.get_pod("lost") is not None
+
+
+def test_an_outage_answers_503_to_everything_then_ends(k8s: FakeKubernetes, v1: client.CoreV1Api) -> None:
+    k8s.outage(1.0)
+    with pytest.raises(ApiException) as info:
+        v1.list_namespaced_pod(NS)
+    assert info.value.status == 503 and status_of(info.value)["reason"] == "ServiceUnavailable"
+    deadline = time.monotonic() + 30
+    while True:  # it ends on its own (polled, not slept over)
+        try:
+            v1.list_namespaced_pod(NS)
+            break
+        except ApiException:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("rule", "verb", "resource", "name", "allowed"), [
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}, "get", "pods", "p", True),
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}, "get", "pods/log", "p", False),
+    ({"apiGroups": [""], "resources": ["*/log"], "verbs": ["get"]}, "get", "pods/log", "p", True),
+    ({"apiGroups": [""], "resources": ["*"], "verbs": ["*"]}, "watch", "pods/log", "p", True),
+    ({"apiGroups": [""], "resources": ["pods/*"], "verbs": ["get"]}, "get", "pods/log", "p", False),
+    ({"apiGroups": ["apps"], "resources": ["pods"], "verbs": ["get"]}, "get", "pods", "p", False),
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": ["a"]}, "get", "pods", "b", False),
+    ({"apiGroups": [""], "resources": ["pods"], "verbs": ["get"], "resourceNames": ["a"]}, "get", "pods", "a", True),
+])
+def test_rbac_rule_matching_follows_evaluation_helpers(rule: dict[str, Any], verb: str, resource: str, name: str,
+                                                       allowed: bool) -> None:
+    from tests.fakes.kubernetes_api._rbac import Attributes, rule_allows
+
+    attrs = Attributes("system:serviceaccount:a:b", (), verb, resource, "ns", name)
+    assert rule_allows(rule, attrs) is allowed
+
+
+@pytest.mark.parametrize(("accept", "chosen"), [
+    (None, "application/json"), ("", "application/json"), ("*/*", "application/json"),
+    ("application/yaml", "application/yaml"), ("text/plain, application/json;q=0.5", "application/json"),
+    ("application/json;stream=watch", "application/json"), ("application/*", "application/json"),
+])
+def test_media_type_negotiation(accept: str | None, chosen: str) -> None:
+    from tests.fakes.kubernetes_api._meta import negotiate_media_type
+
+    assert negotiate_media_type(accept) == chosen

@@ -65,6 +65,15 @@ def request(root: str, task: str = "step", **spec: Any) -> StepRequest:
     return StepRequest.create(StepSpec.build(**spec), identity, ArtifactStore(root))
 
 
+async def until(condition: Any, timeout: float = 30.0) -> None:
+    """Wait for ``condition()`` to hold (polled; a generous bound, never a fixed sleep before an assert)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        await asyncio.sleep(0.01)
+
+
 def run(backend: KubernetesBackend, req: StepRequest, timeout: float = 60):
     backend.validate(req)
     handle = backend.submit(req)
@@ -112,7 +121,7 @@ def test_gpu_profile_lands_on_the_tainted_pool(root):
         b = make_backend(fake, root, profiles=profiles)
         try:
             handle, outcome, _ = run(b, request(root, command=["true"], resources={"profile": "gpu"}))
-            pod = fake.get_pod(handle.job_id)
+            pod = fake.get_pod(handle.data["pod"])
         finally:
             b.close()
     assert outcome.status.is_successful, outcome
@@ -124,8 +133,8 @@ def test_oom_killed_names_the_memory_limit(k8s, backend, root):
     req = request(root, command=SLEEP, resources={"memory": "256Mi"})
     backend.validate(req)
     handle = backend.submit(req)
-    k8s.wait_for_pod(handle.job_id, "Running")
-    k8s.oom_kill(handle.job_id)
+    k8s.wait_for_pod(handle.data["pod"], "Running")
+    k8s.oom_kill(handle.data["pod"])
     outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 30)
     assert outcome.status.state is RunState.FAILED
     assert outcome.status.message.startswith("OOMKilled") and "256Mi" in outcome.status.message
@@ -135,9 +144,9 @@ def test_oom_killed_names_the_memory_limit(k8s, backend, root):
 def test_eviction_fails_with_the_kubelet_message_and_log_tail(k8s, backend, root):
     req = request(root, command=SLEEP)
     handle = backend.submit(req)
-    k8s.wait_for_pod(handle.job_id, "Running")
-    time.sleep(0.3)
-    k8s.evict(handle.job_id)
+    # Evict once the step has printed (not after a fixed sleep: on a loaded machine it may not have yet).
+    k8s.wait_for_pod(handle.data["pod"], lambda p: bool(p) and "started" in k8s.pod_log(handle.data["pod"]))
+    k8s.evict(handle.data["pod"])
     outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 30)
     assert outcome.status.state is RunState.FAILED
     assert outcome.status.message.startswith("Evicted: The node was low on resource: memory")
@@ -160,8 +169,8 @@ def test_deadline_exceeded_when_the_step_outlives_its_hard_deadline(k8s, backend
 
 def test_pod_deleted_by_someone_else_is_lost_not_waited_for(k8s, backend, root):
     handle = backend.submit(request(root, command=SLEEP))
-    k8s.wait_for_pod(handle.job_id, "Running")
-    k8s.delete_pod(handle.job_id, grace_seconds=0)
+    k8s.wait_for_pod(handle.data["pod"], "Running")
+    k8s.delete_pod(handle.data["pod"], grace_seconds=0)
     outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 30)
     assert outcome.status.state is RunState.LOST
     assert "deleted" in outcome.status.message
@@ -181,7 +190,7 @@ def test_secret_reaches_the_step_through_secret_key_ref(k8s, backend, root):
                            ".write(os.environ['DB_PASSWORD'])"])
     handle, outcome, _ = run(backend, req)
     assert outcome.status.is_successful, outcome
-    pod_env = k8s.get_pod(handle.job_id)["spec"]["containers"][0]["env"]
+    pod_env = k8s.get_pod(handle.data["pod"])["spec"]["containers"][0]["env"]
     assert {"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "db-creds", "key": "password"}}} in pod_env
     assert Path(backend.fetch_result(handle).outputs["out"]).read_text() == "s3cr3t"
 
@@ -209,9 +218,9 @@ def test_failure_reason_comes_from_the_runtime_manifest(k8s, backend, root):
 
 def test_cancel_deletes_with_grace_and_reports_cancelled_from_another_instance(k8s, backend, root):
     handle = backend.submit(request(root, command=SLEEP))
-    k8s.wait_for_pod(handle.job_id, "Running")
+    k8s.wait_for_pod(handle.data["pod"], "Running")
     backend.cancel(handle)
-    pod = k8s.get_pod(handle.job_id)
+    pod = k8s.get_pod(handle.data["pod"])
     assert pod is None or ANNOTATION_CANCELLED in pod["metadata"]["annotations"]
     assert pod is None or pod["metadata"]["deletionGracePeriodSeconds"] == 1
     other = make_backend(k8s, root)
@@ -220,7 +229,7 @@ def test_cancel_deletes_with_grace_and_reports_cancelled_from_another_instance(k
         assert status.state in (RunState.CANCELLED, RunState.LOST)
     finally:
         other.close()
-    k8s.wait_for_pod(handle.job_id, "Deleted")
+    k8s.wait_for_pod(handle.data["pod"], "Deleted")
     assert backend.poll(handle).state is RunState.CANCELLED
 
 
@@ -231,7 +240,7 @@ def test_finished_pod_is_never_reattached(k8s, root):
         handle, outcome, _ = run(b, req)
         assert b.find(req.identity) is not None
         b.mark_finished(handle)
-        assert k8s.get_pod(handle.job_id)["metadata"]["labels"][LABEL_FINISHED] == "true"
+        assert k8s.get_pod(handle.data["pod"])["metadata"]["labels"][LABEL_FINISHED] == "true"
         assert b.find(req.identity) is None
     finally:
         b.close()
@@ -244,8 +253,8 @@ def test_delete_policy_on_success_keeps_failed_pods(k8s, backend, root):
     backend.cleanup(ok, outcome_ok.status)
     backend.mark_finished(bad)
     backend.cleanup(bad, outcome_bad.status)
-    k8s.wait_for_pod(ok.job_id, "Deleted")
-    kept = k8s.get_pod(bad.job_id)
+    k8s.wait_for_pod(ok.data["pod"], "Deleted")
+    kept = k8s.get_pod(bad.data["pod"])
     assert kept is not None and kept["metadata"]["labels"][LABEL_FINISHED] == "true"
 
 
@@ -257,8 +266,8 @@ def test_submit_after_a_crash_attaches_to_the_existing_pod(k8s, backend, root):
         second = again.submit(req)  # a retry that never learnt of the first create
     finally:
         again.close()
-    assert second.job_id == first.job_id and second.data["uid"] == first.data["uid"]
-    assert len([p for p in k8s.list_pods() if p["metadata"]["name"] == first.job_id]) == 1
+    assert second.data["pod"] == first.data["pod"] and second.data["uid"] == first.data["uid"]
+    assert len([p for p in k8s.list_pods() if p["metadata"]["name"] == first.data["pod"]]) == 1
     backend.cancel(first)
 
 
@@ -272,7 +281,7 @@ def test_create_retries_429_honouring_retry_after_and_503(k8s, backend, root):
     handle = backend.submit(request(root, command=["true"]))
     assert time.monotonic() - started >= 1.0
     assert k8s.count(method="POST", kind="pods") == 3
-    assert k8s.get_pod(handle.job_id) is not None
+    assert k8s.get_pod(handle.data["pod"]) is not None
 
 
 def test_retries_give_up_with_a_transient_error(k8s, root):
@@ -288,28 +297,32 @@ def test_retries_give_up_with_a_transient_error(k8s, root):
 
 def test_sync_wait_resumes_after_dropped_watches_and_410(k8s, backend, root):
     handle = backend.submit(request(root, command=["python3", "-c", "import time; time.sleep(2)"]))
-    k8s.wait_for_pod(handle.job_id, "Running")
+    k8s.wait_for_pod(handle.data["pod"], "Running")
     status = backend.wait(handle, 0.3)  # watch established, resourceVersion remembered
     assert status.state is RunState.RUNNING
     k8s.add_secret("unrelated", {"k": "v"})  # the cluster moves on...
+    k8s.reset_counts()
     k8s.compact()  # ...and the remembered resourceVersion is now too old: 410, then a fresh list
     k8s.drop_watches(abrupt=True)
     outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 30)
     assert outcome.status.is_successful
-    assert k8s.count(method="GET", kind="pods", watch=False) >= 2  # listed again after the 410
+    assert k8s.count(method="GET", kind="pods", watch=False) >= 1  # listed again after the 410
 
 
 def test_sync_wait_notices_the_end_at_once(k8s, backend, root):
     k8s.register_image("sim/step:*", ImageBehavior(simulate=True, duration=None))
     handle = backend.submit(request(root, image="sim/step:1", command=["ignored"]))
-    k8s.wait_for_pod(handle.job_id, "Running")
+    k8s.wait_for_pod(handle.data["pod"], "Running")
     backend.wait(handle, 0.2)
     done: list[float] = []
 
     def finish() -> None:
-        time.sleep(0.5)
+        # Once the wait's watch is open (an event, not a fixed sleep), end the container.
+        deadline = time.monotonic() + 30
+        while k8s.active_watches < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         done.append(time.monotonic())
-        k8s.finish_container(handle.job_id)
+        k8s.finish_container(handle.data["pod"])
 
     import threading
 
@@ -325,7 +338,7 @@ def test_sync_wait_notices_the_end_at_once(k8s, backend, root):
 def test_logs_resume_without_duplicates_or_loss(k8s, backend, root):
     code = "import time\nfor i in range(30):\n    print(f'line {i}', flush=True)\n    time.sleep(0.05)"
     handle = backend.submit(request(root, command=["python3", "-c", code]))
-    k8s.wait_for_pod(handle.job_id, "Running")
+    k8s.wait_for_pod(handle.data["pod"], "Running")
     seen: list[str] = []
     cursor = None
     deadline = time.monotonic() + 30
@@ -347,7 +360,7 @@ def test_many_waiting_steps_share_one_watch(k8s, root):
     submitter = make_backend(k8s, root)
     handles = [submitter.submit(request(root, task=f"s{i}", image="sim/step:1", command=["x"])) for i in range(20)]
     for h in handles:
-        k8s.wait_for_pod(h.job_id, "Running")
+        k8s.wait_for_pod(h.data["pod"], "Running")
     k8s.reset_counts()
 
     async def main() -> list[Any]:
@@ -359,10 +372,11 @@ def test_many_waiting_steps_share_one_watch(k8s, root):
                 await b.aclose()
 
         tasks = [asyncio.create_task(one(h)) for h in handles]
-        await asyncio.sleep(2)
+        # Wait until every step waits on the shared watch (an event, not a fixed sleep), then count.
+        await until(lambda: sum(len(s._waiters) for s in shared_watch.sessions()) == len(handles))
         assert k8s.count(kind="pods", watch=True) == 1
         for h in handles:
-            await asyncio.to_thread(k8s.finish_container, h.job_id)
+            await asyncio.to_thread(k8s.finish_container, h.data["pod"])
         return await asyncio.gather(*tasks)
 
     outcomes = asyncio.run(main())
@@ -377,16 +391,18 @@ def test_shared_watch_resyncs_after_a_drop_and_a_410(k8s, root):
     k8s.register_image("sim/step:*", ImageBehavior(simulate=True, duration=None))
     b = make_backend(k8s, root)
     handle = b.submit(request(root, image="sim/step:1", command=["x"]))
-    k8s.wait_for_pod(handle.job_id, "Running")
+    k8s.wait_for_pod(handle.data["pod"], "Running")
 
     async def main() -> Any:
         waiter = asyncio.create_task(await_completion(b, handle, deadline=time.monotonic() + 60))
-        await asyncio.sleep(1)
+        await until(lambda: b.session_stats.watches >= 1 and k8s.active_watches >= 1)
         await asyncio.to_thread(k8s.add_secret, "unrelated", {"k": "v"})
         await asyncio.to_thread(k8s.compact)
         await asyncio.to_thread(k8s.drop_watches, abrupt=True)
-        await asyncio.sleep(1.5)
-        await asyncio.to_thread(k8s.finish_container, handle.job_id)
+        # Resynced: the resumed watch got 410, the session listed again and watches anew.
+        await until(lambda: b.session_stats.expired == 1 and b.session_stats.lists == 2
+                    and b.session_stats.watches >= 3 and k8s.active_watches >= 1)
+        await asyncio.to_thread(k8s.finish_container, handle.data["pod"])
         outcome = await waiter
         await b.aclose()
         return outcome
@@ -401,15 +417,15 @@ def test_shared_watch_resyncs_after_a_drop_and_a_410(k8s, root):
 def test_async_cancel_and_lost_through_the_shared_watch(k8s, backend, root):
     cancelled = backend.submit(request(root, task="c", command=SLEEP))
     lost = backend.submit(request(root, task="l", command=SLEEP))
-    k8s.wait_for_pod(cancelled.job_id, "Running")
-    k8s.wait_for_pod(lost.job_id, "Running")
+    k8s.wait_for_pod(cancelled.data["pod"], "Running")
+    k8s.wait_for_pod(lost.data["pod"], "Running")
 
     async def main() -> tuple[Any, Any]:
         a = asyncio.create_task(await_completion(backend, cancelled, deadline=time.monotonic() + 60))
         b = asyncio.create_task(await_completion(backend, lost, deadline=time.monotonic() + 60))
-        await asyncio.sleep(0.5)
+        await until(lambda: sum(len(s._waiters) for s in shared_watch.sessions()) == 2)
         await backend.acancel(cancelled)
-        await asyncio.to_thread(k8s.delete_pod, lost.job_id, grace_seconds=0)
+        await asyncio.to_thread(k8s.delete_pod, lost.data["pod"], grace_seconds=0)
         result = await a, await b
         await backend.aclose()
         return result
@@ -426,7 +442,7 @@ def test_sessions_close_when_the_loop_ends(k8s, backend, root):
         await await_completion(backend, handle, deadline=time.monotonic() + 30)
         count = len(shared_watch.sessions())
         await backend.aclose()
-        await asyncio.sleep(0.3)  # past session_linger
+        await until(lambda: not shared_watch.sessions())  # closed session_linger after its release
         return count + 10 * len(shared_watch.sessions())
 
     assert asyncio.run(main()) == 1
@@ -465,7 +481,7 @@ def test_the_role_grants_exactly_the_verbs_the_backend_uses(k8s, backend, root):
     finally:
         kept.close()
     slow = backend.submit(request(root, task="slow", command=SLEEP))
-    k8s.wait_for_pod(slow.job_id, "Running")
+    k8s.wait_for_pod(slow.data["pod"], "Running")
 
     async def deferred() -> None:
         await backend.await_change(slow, 0.5)

@@ -322,3 +322,16 @@ def test_retries_stop_at_non_transient_errors_and_when_exhausted() -> None:
     with pytest.raises(TransientBackendError):
         call_with_retries("x", down, attempts=2, sleep=sleeps.append)
     assert sleeps == [0.5, 1.0]
+
+
+def test_the_service_account_admission_refusal_says_the_account_does_not_exist() -> None:
+    class Refused(Exception):
+        status = 403
+        reason = "Forbidden"
+        headers: dict[str, str] = {}
+        body = json.dumps({"kind": "Status", "reason": "Forbidden", "code": 403, "message":
+                           'pods "p" is forbidden: error looking up service account ml/steps: '
+                           'serviceaccount "steps" not found'})
+
+    error = map_api_exception(Refused(), "creating pod p")
+    assert error.status_code == 403 and "does not exist" in str(error) and "Role" not in str(error)

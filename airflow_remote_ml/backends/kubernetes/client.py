@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 BACKEND = "kubernetes"
-RBAC_HINT = "the service account needs the Role in backends/kubernetes/rbac.yaml"
+RBAC_HINT = ("the identity Airflow uses (the worker's/triggerer's service account or the connection's user) needs "
+             "the Role airflow-remote-ml of backends/kubernetes/rbac.yaml, bound in the step namespace")
 #: Backoff between retries of one API call.
 RETRY_POLICY = PollPolicy(first_delay=0.5, factor=2.0, cap=10.0)
 
@@ -89,12 +90,46 @@ def map_api_exception(exc: Any, action: str) -> BackendAPIError:
         return Expired(BACKEND, message, 410)
     if code in (409, 429) or (code is not None and code >= 500):
         return TransientBackendError(BACKEND, message, code, retry_after)
+    if code == 403 and "error looking up service account" in message:
+        # The ServiceAccount admission plugin, not RBAC: the pod names an account the namespace lacks.
+        return BackendAPIError(BACKEND, f"{message}; the step's service account does not exist in that namespace: "
+                               "create it (kubectl create serviceaccount NAME -n NAMESPACE, or apply "
+                               "backends/kubernetes/rbac.yaml) or fix service_account_name", code)
     if code in (401, 403):
         hint = "check the connection's credentials" if code == 401 else RBAC_HINT
         return BackendAPIError(BACKEND, f"{message}; {hint}", code)
     if code == 422 or (code == 400 and reason == "Invalid"):
         return Invalid(BACKEND, message, code)
     return BackendAPIError(BACKEND, message, code)
+
+
+class HTTPStatusError(Exception):
+    """A non-2xx answer read from a raw response, shaped like an ``ApiException`` for :func:`map_api_exception`."""
+
+    def __init__(self, status: int, reason: str, body: bytes, headers: Mapping[str, str]) -> None:
+        super().__init__(f"HTTP {status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.body = body
+        self.headers = headers
+
+
+async def check_response(resp: Any, action: str) -> None:
+    """Raise our error for a non-2xx ``kubernetes_asyncio`` response read with ``_preload_content=False``.
+
+    With ``_preload_content=False`` that client returns the aiohttp response as it is and never raises
+    (its rest.py checks the status only when it preloads), so a 403, 429, 5xx or 406 would otherwise be
+    read as a body. The sync ``kubernetes`` client raises ``ApiException`` in both modes.
+    """
+    status = int(getattr(resp, "status", 200) or 0)
+    if 200 <= status <= 299:
+        return
+    try:
+        body = await resp.read()
+    finally:
+        resp.release()
+    raise map_api_exception(HTTPStatusError(status, str(getattr(resp, "reason", "") or ""), body,
+                                            dict(getattr(resp, "headers", {}) or {})), action)
 
 
 def map_exception(exc: BaseException, action: str) -> BackendAPIError | None:

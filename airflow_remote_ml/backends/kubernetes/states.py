@@ -89,6 +89,12 @@ def condition(pod: Mapping[str, Any], kind: str) -> JSON:
     return {}
 
 
+def never_ran(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod is still Pending: no container of it has run (restartPolicy Never makes a pod whose
+    container started Running, then Succeeded or Failed). Such a pod starts as soon as its cause is fixed."""
+    return ((pod.get("status") or {}).get("phase") or "Pending") == "Pending"
+
+
 def termination_manifest(message: str | None) -> JSON | None:
     """The runtime's manifest from a termination message, or None (a log tail, empty, or not ours)."""
     if not message or not message.lstrip().startswith("{"):
@@ -216,29 +222,36 @@ def _failed(pod: Mapping[str, Any], phase: str, cstatus: Mapping[str, Any], mani
     term = (cstatus.get("state") or {}).get("terminated") or {}
     code = term.get("exitCode") if term else None
     if reason == "Evicted":
-        return RunStatus(RunState.FAILED, f"{phase}/Evicted", f"Evicted: {message}".rstrip(": "), code)
+        return RunStatus(RunState.FAILED, f"{phase}/Evicted", f"Evicted: {message}".rstrip(": "), code,
+                         reason="Evicted")
     if reason == "DeadlineExceeded":
         deadline = (pod.get("spec") or {}).get("activeDeadlineSeconds")
         limit = f" of {deadline}s" if deadline else ""
         return RunStatus(RunState.FAILED, f"{phase}/DeadlineExceeded",
                          f"DeadlineExceeded: the pod ran longer than its activeDeadlineSeconds{limit} "
-                         "(the step's timeout plus the deadline grace) and was stopped", code)
+                         "(the step's timeout plus the deadline grace) and was stopped", code,
+                         reason="DeadlineExceeded")
     if term.get("reason") == "OOMKilled":
         memory = (((_container_spec(pod, cstatus.get("name")) or {}).get("resources") or {})
                   .get("limits") or {}).get("memory")
         shown = f" of {memory}" if memory else ""
+        # The kubelet's terminated.reason: the kernel killed a process of the container's cgroup for
+        # memory. The runtime may have survived (it was the step's child that died) and recorded a generic
+        # "exit code 137": this reason is the one that must lead the task's error.
         return RunStatus(RunState.FAILED, f"{phase}/OOMKilled",
                          f"OOMKilled: the step used more than its memory limit{shown}; raise resources.memory "
-                         "or use a high-memory profile", code)
+                         "or use a high-memory profile", code, reason="OOMKilled")
     if term:
-        return RunStatus(RunState.FAILED, f"{phase}/{term.get('reason') or 'Error'}",
-                         _exit_message(code, term.get("reason") or "", manifest), code)
+        treason = term.get("reason") or ""
+        # "Error"/"Completed" say nothing the exit code does not; StartError, ContainerStatusUnknown... do.
+        return RunStatus(RunState.FAILED, f"{phase}/{treason or 'Error'}", _exit_message(code, treason, manifest),
+                         code, reason="" if treason in ("", "Error", "Completed") else treason)
     waiting = (cstatus.get("state") or {}).get("waiting") or {}
     if waiting.get("reason"):
         return RunStatus(RunState.FAILED, f"{phase}/{waiting['reason']}",
-                         f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "))
+                         f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "), reason=waiting["reason"])
     detail = ": ".join(x for x in (reason, message) if x) or "the pod failed before the step's container ran"
-    return RunStatus(RunState.FAILED, phase + (f"/{reason}" if reason else ""), detail)
+    return RunStatus(RunState.FAILED, phase + (f"/{reason}" if reason else ""), detail, reason=reason)
 
 
 def _container_spec(pod: Mapping[str, Any], name: str | None) -> JSON | None:
@@ -257,13 +270,13 @@ def _pending(pod: Mapping[str, Any], phase: str, cstatus: Mapping[str, Any], now
     wmessage = waiting.get("message") or ""
     if reason in FATAL_WAITING:
         return RunStatus(RunState.FAILED, f"{phase}/{reason}",
-                         f"{reason}: {wmessage or FATAL_WAITING[reason]}")
+                         f"{reason}: {wmessage or FATAL_WAITING[reason]}", reason=reason)
     if reason in PULL_WAITING:
         transient = any(p in wmessage.lower() for p in TRANSIENT_PULL_PATTERNS)
         if not transient or overdue:
             return RunStatus(RunState.FAILED, f"{phase}/{reason}",
                              f"{reason}: {wmessage or 'the image cannot be pulled'}; check the image name and tag, "
-                             "and that imagePullSecrets give access to the registry")
+                             "and that imagePullSecrets give access to the registry", reason=reason)
         return RunStatus(RunState.QUEUED, f"{phase}/{reason}", f"{reason}: {wmessage} (retrying)")
     scheduled = condition(pod, "PodScheduled")
     if scheduled.get("status") == "False":
@@ -272,14 +285,14 @@ def _pending(pod: Mapping[str, Any], phase: str, cstatus: Mapping[str, Any], now
             return RunStatus(RunState.FAILED, f"{phase}/{scheduled.get('reason') or 'Unschedulable'}",
                              f"Unschedulable: no node took the pod within startup_timeout={startup_timeout:g}s: "
                              f"{why}; check the profile's nodeSelector/tolerations and that the node pool can "
-                             "scale up", None)
+                             "scale up", None, reason=scheduled.get("reason") or "Unschedulable")
         return RunStatus(RunState.QUEUED, f"{phase}/{scheduled.get('reason') or 'Unschedulable'}",
                          f"waiting for a node: {why}")
     if overdue:
         what = reason or ("scheduling" if not scheduled else "the kubelet")
         return RunStatus(RunState.FAILED, f"{phase}/{reason or 'Pending'}",
                          f"the pod did not start within startup_timeout={startup_timeout:g}s (still waiting for "
-                         f"{what}{': ' + wmessage if wmessage else ''})")
+                         f"{what}{': ' + wmessage if wmessage else ''})", reason=reason or "StartupTimeout")
     if reason and reason not in STARTING_WAITING:
         log.warning("kubernetes: unknown waiting reason %r of pod %s; waiting", reason, meta.get("name"))
     return RunStatus(RunState.QUEUED, f"{phase}/{reason}" if reason else phase,

@@ -39,6 +39,7 @@ from airflow_remote_ml.backends.kubernetes.client import (
     TransientBackendError,
     acall_with_retries,
     async_configuration,
+    check_response,
     map_exception,
     mapped,
 )
@@ -95,12 +96,13 @@ def resource_version(obj: JSON) -> str | None:
 # -- the sync per-pod watch (worker) ---------------------------------------------------------------------
 
 
-def watch_pod_events(core: Any, namespace: str, name: str, since: str,
-                     timeout: float) -> Generator[tuple[str, JSON], None, None]:
+def watch_pod_events(core: Any, namespace: str, name: str, since: str, timeout: float,
+                     on_response: Any = None) -> Generator[tuple[str, JSON], None, None]:
     """Events of pod ``name`` after resourceVersion ``since``, for at most ``timeout`` seconds.
 
     Ends when the server closes the stream (its ``timeoutSeconds``); raises :class:`Expired` when
-    ``since`` is too old, :class:`TransientBackendError` when the stream breaks.
+    ``since`` is too old, :class:`TransientBackendError` when the stream breaks. ``on_response`` gets
+    the open response (so another thread can shut it down).
     """
     server_timeout = max(1, int(timeout + 0.999))
     with mapped(f"watching pod {name}"):
@@ -108,6 +110,8 @@ def watch_pod_events(core: Any, namespace: str, name: str, since: str,
             namespace, field_selector=f"metadata.name={name}", watch=True, resource_version=since,
             allow_watch_bookmarks=True, timeout_seconds=server_timeout, _preload_content=False,
             _request_timeout=(10, server_timeout + 15))
+    if on_response is not None:
+        on_response(resp)
     try:
         buffer = bytearray()
         with mapped(f"watching pod {name}"):
@@ -323,6 +327,16 @@ class ClusterSession:
                     await asyncio.sleep(delay)
         finally:
             self.synced.clear()
+            if not self._closed:
+                # The event loop is ending (asyncio.run cancels every task left) while the session lingers:
+                # close the aiohttp session now, or it is reported "Unclosed client session/connector".
+                self._closed = True
+                _forget(self)
+                if self._close_timer is not None:
+                    self._close_timer.cancel()
+                if self.api is not None:
+                    with contextlib.suppress(Exception):
+                        await self.api.close()
 
     async def _relist(self) -> None:
         items: dict[str, JSON] = {}
@@ -357,6 +371,7 @@ class ClusterSession:
 
     async def _read_json(self, call: Any) -> JSON:
         resp = await call
+        await check_response(resp, f"listing pods in {self.namespace}")
         try:
             return json.loads(await resp.read())
         finally:
@@ -370,6 +385,7 @@ class ClusterSession:
                 self.namespace, label_selector=MANAGED_SELECTOR, watch=True, resource_version=self._rv,
                 allow_watch_bookmarks=True, timeout_seconds=timeout, _preload_content=False,
                 _request_timeout=timeout + 30)
+        await check_response(resp, f"watching pods in {self.namespace}")
         try:
             buffer = bytearray()
             with mapped(f"watching pods in {self.namespace}"):

@@ -12,6 +12,7 @@ import socket
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -65,7 +66,11 @@ class FakeKubernetes:
         extra_env: Extra environment for every container process (under the container's own env).
         rewrite_paths: Rewrite container paths (volume mounts, termination message path) found in
             command, args, env values and workingDir to their host directories.
-        auto_create_namespaces: Create a namespace on first use instead of answering 404.
+        auto_create_namespaces: Create a namespace on first use instead of answering 404. Off by default,
+            as on a real cluster (the NamespaceLifecycle admission plugin refuses content in a namespace
+            that does not exist: 404 ``namespaces "x" not found``).
+        enforce_memory_limits: OOM-kill the biggest process of a container whose processes together use
+            more resident memory than its ``limits.memory`` (the memory cgroup's memory.max).
         root: Directory for per-pod files (default: a new temp dir, removed at stop).
     """
 
@@ -88,7 +93,8 @@ class FakeKubernetes:
         inherit_env: bool = False,
         extra_env: dict[str, str] | None = None,
         rewrite_paths: bool = True,
-        auto_create_namespaces: bool = True,
+        auto_create_namespaces: bool = False,
+        enforce_memory_limits: bool = True,
         root: str | os.PathLike[str] | None = None,
     ) -> None:
         self.token = token
@@ -101,7 +107,7 @@ class FakeKubernetes:
             "schedule_delay": schedule_delay, "kubelet_delay": kubelet_delay, "pull_seconds": pull_seconds,
             "pull_backoff": pull_backoff, "crashloop_backoff": crashloop_backoff, "map_python": map_python,
             "inherit_env": inherit_env, "extra_env": dict(extra_env or {}), "rewrite_paths": rewrite_paths,
-            "sa_token": token,
+            "sa_token": token, "enforce_memory_limits": enforce_memory_limits,
         }
         self._server_args = {
             "token": token, "require_token": require_token, "auto_create_namespaces": auto_create_namespaces,
@@ -314,6 +320,57 @@ class FakeKubernetes:
     def create_namespace(self, name: str) -> JSON:
         return self._call(lambda: self.server.create_namespace(name))
 
+    def add_service_account(self, name: str, *, namespace: str | None = None) -> JSON:
+        ns = namespace or self.namespace
+
+        def do() -> JSON:
+            self.server.create_namespace(ns)
+            return self.server.create_service_account(ns, name)
+
+        return self._call(do)
+
+    def apply(self, documents: list[JSON], *, namespace: str | None = None) -> None:
+        """``kubectl apply -n namespace -f``: ServiceAccounts, Roles, RoleBindings (and Cluster* RBAC).
+
+        The namespace must exist (kubectl would be refused too); a document's own namespace wins.
+        """
+        def do() -> None:
+            for doc in documents:
+                if not doc:
+                    continue
+                kind = doc["kind"]
+                resource = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings",
+                            "ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings"}[kind]
+                obj = copy.deepcopy(doc)
+                meta = obj.setdefault("metadata", {})
+                if kind.startswith("Cluster"):
+                    meta.pop("namespace", None)
+                else:
+                    meta["namespace"] = meta.get("namespace") or namespace or self.namespace
+                    if self.store.peek("namespaces", "", meta["namespace"]) is None:
+                        raise KeyError(f'namespaces "{meta["namespace"]}" not found')
+                key = (meta.get("namespace", ""), meta["name"])
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp", fmt_time(now_ns()))
+                if key in self.store.objects[resource]:
+                    self.store.replace(resource, {**obj, "metadata": {
+                        **self.store.objects[resource][key]["metadata"], **meta}})
+                else:
+                    self.store.create(resource, obj)
+
+        self._call(do)
+
+    def service_account_token(self, name: str, *, namespace: str | None = None) -> str:
+        """A bearer token that authenticates as ServiceAccount ``namespace/name`` (RBAC then applies)."""
+        ns = namespace or self.namespace
+        return self._call(lambda: self.server.rbac.issue_token(ns, name))
+
+    def kubeconfig_for_token(self, token: str) -> JSON:
+        """A kubeconfig like :meth:`kubeconfig` that authenticates with ``token``."""
+        config = self.kubeconfig()
+        config["users"] = [{"name": "fake", "user": {"token": token}}]
+        return config
+
     def add_node(self, node: FakeNode) -> None:
         """Add (or replace) a node; pending pods are rescheduled."""
         self._call(lambda: self.kubelet.add_node(node))
@@ -326,7 +383,7 @@ class FakeKubernetes:
             meta = obj["metadata"]
             current = self.store.peek(resource, ns, meta["name"])
             if current is None:
-                self.server._ensure_namespace(ns)
+                self.server.create_namespace(ns)  # a setup hook, not the API: the namespace is made for it
                 return self.server.create_object(resource, ns, obj, {})
             merged = {**obj, "metadata": {**current["metadata"], **meta}}
             return self.store.replace(resource, merged)
@@ -450,7 +507,38 @@ class FakeKubernetes:
         self._call(lambda: self.server.faults.append(fault))
 
     def clear_faults(self) -> None:
-        self._call(self.server.faults.clear)
+        def do() -> None:
+            self.server.faults.clear()
+            self.server.late_answers.clear()
+            self.server.outage_until = 0.0
+
+        self._call(do)
+
+    def answer_late(self, seconds: float, count: int = 1, *, method: str | None = "POST",
+                    kind: str | None = "pods") -> None:
+        """The next ``count`` matching requests take effect at once but are answered ``seconds`` later
+        (a create behind slow admission webhooks or a loaded etcd: the object exists before the answer)."""
+        fault = Fault(200, count, method, kind, None, None, str(seconds))
+        self._call(lambda: self.server.late_answers.append(fault))
+
+    def lose_answer(self, count: int = 1, *, method: str | None = "POST", kind: str | None = "pods") -> None:
+        """The next ``count`` matching requests take effect, then the connection closes with no answer."""
+        fault = Fault(0, count, method, kind)
+        self._call(lambda: self.server.late_answers.append(fault))
+
+    def outage(self, seconds: float) -> None:
+        """Every request gets 503 ServiceUnavailable for ``seconds`` from now; open watches and log
+        streams are cut (the connections to the apiserver break)."""
+        def do() -> None:
+            self.server.outage_until = time.monotonic() + seconds
+            self.store.drop_watches(abrupt=True)
+
+        self._call(do)
+
+    @property
+    def created_pods(self) -> list[JSON]:
+        """Every pod ever created through the API, as created (deleted ones included), oldest first."""
+        return self._call(lambda: copy.deepcopy(self.server.created_pods))
 
     def drop_watches(self, *, abrupt: bool = False) -> int:
         """End every open watch stream (cleanly, or by resetting the connection); returns how many."""
@@ -480,15 +568,17 @@ class FakeKubernetes:
     def unblock_scheduling(self) -> None:
         self.block_scheduling(None)
 
-    def oom_kill(self, name: str, container: str | None = None, *, namespace: str | None = None) -> None:
-        """Kill the container as the kernel OOM killer would: terminated reason OOMKilled, exit 137."""
-        def do() -> None:
+    def oom_kill(self, name: str, container: str | None = None, *, namespace: str | None = None) -> int | None:
+        """The container hits its memory limit: the kernel's OOM killer SIGKILLs the biggest process of the
+        container (only that one; the container's main process survives if it was a child that was
+        biggest) and the container is reported ``terminated.reason: OOMKilled`` when it ends. Returns the PID."""
+        def do() -> int | None:
             rt = self._runtime(name, namespace)
             c = rt.find(container) if container else next(iter(rt.containers.values()))
             assert c is not None
-            self.kubelet.oom_kill(rt, c)
+            return self.kubelet.oom_kill(rt, c)
 
-        self._call(do)
+        return self._call(do)
 
     def evict(self, name: str, message: str | None = None, *, namespace: str | None = None) -> None:
         """Node-pressure eviction: phase Failed, reason Evicted, the kubelet's message, Events."""

@@ -37,6 +37,8 @@ MAX_TERMINATION_MESSAGE = 4096  # kubecontainer.MaxContainerTerminationMessageLe
 FALLBACK_LOG_LINES = 80  # kubecontainer.MaxContainerTerminationMessageLogLines
 FALLBACK_LOG_BYTES = 2048  # kubecontainer.MaxContainerTerminationMessageLogLength
 DEADLINE_MESSAGE = "Pod was active on the node longer than the specified deadline"
+#: Marks every process of a container (inherited by its children): the double's stand-in for the cgroup.
+CONTAINER_ENV = "FAKE_KUBERNETES_CONTAINER"
 DEFAULT_EVICTION_MESSAGE = (
     "The node was low on resource: memory. Threshold quantity: 100Mi, available: 42Mi. Container {container} "
     "was using 1843Mi, request is 0, has larger consumption of memory. "
@@ -329,8 +331,10 @@ class Kubelet:
 
     def __init__(self, store: Store, root: Path, *, schedule_delay: float, kubelet_delay: float,
                  pull_seconds: float, pull_backoff: float, crashloop_backoff: float, map_python: bool,
-                 inherit_env: bool, extra_env: dict[str, str], rewrite_paths: bool, sa_token: str) -> None:
+                 inherit_env: bool, extra_env: dict[str, str], rewrite_paths: bool, sa_token: str,
+                 enforce_memory_limits: bool = True) -> None:
         self.store = store
+        self.enforce_memory_limits = enforce_memory_limits
         self.root = root
         self.schedule_delay = schedule_delay
         self.kubelet_delay = kubelet_delay
@@ -1053,9 +1057,17 @@ class Kubelet:
             self._mark_running(rt, c, started)
             if behavior.oom_after is not None:
                 self.spawn(self._oom_later(rt, c, behavior.oom_after))
+            limit = ((c.spec.get("resources") or {}).get("limits") or {}).get("memory")
+            if limit and self.enforce_memory_limits:
+                self.spawn(self._memory_cgroup(rt, c, proc, parse_quantity(limit)))
             assert proc.stdout is not None and proc.stderr is not None
-            await asyncio.gather(_pump(proc.stdout, c), _pump(proc.stderr, c))
+            pumps = asyncio.gather(_pump(proc.stdout, c), _pump(proc.stderr, c))
             rc = await proc.wait()
+            # The main process is the container's PID 1: when it exits the kernel SIGKILLs every other
+            # process of its PID namespace (pid_namespaces(7)), so nothing it started outlives the container
+            # -- not even a child in a session of its own, which still holds the log pipes.
+            self._kill_all(c, proc.pid)
+            await pumps
             code = 128 - rc if rc < 0 else rc
             c.proc = None
         finished = now_ns()
@@ -1115,24 +1127,69 @@ class Kubelet:
         base.update({k: self._rewrite(v, mounts) for k, v in behavior.env.items()})
         base.update({k: self._rewrite(v, mounts) for k, v in env.items()})
         base[TERMINATION_ENV] = str(term_host)
+        base[CONTAINER_ENV] = c.container_id
         base[PATH_MAP_ENV] = json.dumps({p: str(h) for p, h in mounts})
         return base
+
+    async def _memory_cgroup(self, rt: PodRuntime, c: ContainerRun, proc: Any, limit: float) -> None:
+        """memory.max of the container's cgroup: the OOM killer runs while its processes use more.
+
+        The kernel charges every page of every process of the cgroup; the double sums their resident
+        memory every 100 ms (a real kill happens at the allocation that crosses the limit, a few ms earlier).
+        """
+        while proc.returncode is None and c.proc is proc:
+            used = sum(max(_oom_points(pid), 0) for pid in _container_processes(c.container_id, proc.pid)) * 1024
+            if used > limit:
+                self.oom_kill(rt, c)
+            await asyncio.sleep(0.1)
 
     async def _oom_later(self, rt: PodRuntime, c: ContainerRun, seconds: float) -> None:
         await asyncio.sleep(seconds)
         if c.running:
             self.oom_kill(rt, c)
 
-    def oom_kill(self, rt: PodRuntime, c: ContainerRun) -> None:
+    def oom_kill(self, rt: PodRuntime, c: ContainerRun) -> int | None:
+        """The memory cgroup of the container ran out: kill its biggest process, as the kernel does.
+
+        When a cgroup exceeds memory.max and reclaim fails, the kernel's OOM killer (mm/oom_kill.c:
+        ``select_bad_process`` over the cgroup's tasks, ``oom_badness`` = resident pages + swap + page
+        tables) kills the ONE task with the highest score with SIGKILL -- not the whole cgroup, unless
+        memory.oom.group is set, which the kubelet does not do for containers (cgroup-v2 docs: "an OOM
+        routine is invoked to select and kill the bulkiest task in the cgroup"). If that task is a child
+        of the container's main process, the main process survives and exits when it likes.
+        containerd records the cgroup's oom event (TaskOOM) and the CRI then reports the container's
+        ``terminated.reason`` as ``OOMKilled`` whatever the exit code (pkg/cri/server/events.go).
+
+        Returns the PID killed (None for a simulated container, which just ends with 137).
+        """
         c.oom = True
-        self._signal(c, signal.SIGKILL)
+        if c.sim is not None and not c.sim.done():
+            c.sim.set_result(128 + int(signal.SIGKILL))
+            return None
+        if c.proc is None or c.proc.returncode is not None:
+            return None
+        victim = _biggest_process(_container_processes(c.container_id, c.proc.pid))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(victim, signal.SIGKILL)
+        return victim
 
     def _signal(self, c: ContainerRun, sig: signal.Signals) -> None:
+        """Stop a container the way containerd does: SIGTERM to its main process only (PID 1 of the
+        container, which may forward it), SIGKILL to every process of the container (``runc kill --all``)."""
         if c.sim is not None and not c.sim.done():
             c.sim.set_result(128 + int(sig))
         if c.proc is not None and c.proc.returncode is None:
+            if sig == signal.SIGKILL:
+                self._kill_all(c, c.proc.pid)
+            else:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(c.proc.pid, sig)
+
+    @staticmethod
+    def _kill_all(c: ContainerRun, main: int) -> None:
+        for pid in _container_processes(c.container_id, main):
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(c.proc.pid, sig)
+                os.kill(pid, signal.SIGKILL)
 
     async def kill(self, rt: PodRuntime, grace: float) -> None:
         """Stop every container: SIGTERM, SIGKILL after ``grace``; abandon waiting stages."""
@@ -1234,6 +1291,43 @@ class Kubelet:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+
+
+def _container_processes(container_id: str, main: int) -> list[int]:
+    """The processes of a container (its "cgroup"): the main one and every process carrying the container's
+    marker variable, which the double puts in the main process's environment and children inherit -- so an
+    orphan re-parented away, or a child in a session of its own, still counts, as it would in the cgroup."""
+    marker = f"{CONTAINER_ENV}={container_id}".encode() + b"\0"
+    pids = [main]
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == main:
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as fh:
+                if marker in fh.read() + b"\0":
+                    pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _oom_points(pid: int) -> int:
+    """``oom_badness`` without oom_score_adj: resident pages + swap entries + page-table pages."""
+    points = 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmSwap", "VmPTE"):
+                    points += int(value.split()[0])  # kB
+    except (OSError, ValueError, IndexError):
+        return -1
+    return points
+
+
+def _biggest_process(pids: list[int]) -> int:
+    # select_bad_process keeps the last task with the highest score on a tie; any deterministic pick will do.
+    return max(pids, key=lambda pid: (_oom_points(pid), pid))
 
 
 def _resolve(fut: asyncio.Future[int], value: int) -> None:

@@ -25,8 +25,12 @@ KINDS: dict[str, str] = {
     "secrets": "Secret",
     "configmaps": "ConfigMap",
     "persistentvolumeclaims": "PersistentVolumeClaim",
+    "serviceaccounts": "ServiceAccount",
 }
 CLUSTER_KINDS: dict[str, str] = {"namespaces": "Namespace", "nodes": "Node"}
+#: rbac.authorization.k8s.io/v1 objects: stored for the RBAC authorizer (tests load them with ``apply``).
+RBAC_KINDS: dict[str, str] = {"roles": "Role", "rolebindings": "RoleBinding", "clusterroles": "ClusterRole",
+                              "clusterrolebindings": "ClusterRoleBinding"}
 
 
 class ApiError(Exception):
@@ -150,6 +154,55 @@ def injected_error(code: int, *, resource: str = "pods", name: str = "", retry_a
         err.headers["Retry-After"] = str(retry_after)
         err.details = {**(err.details or {}), "retryAfterSeconds": retry_after}
     return err
+
+
+# --------------------------------------------------------------------------------- media types
+
+#: What kube-apiserver's serializers offer for core/v1 (json, yaml, protobuf), in its order. Every endpoint
+#: negotiates against this list BEFORE the handler runs -- pods/log included, which then writes text/plain:
+#: staging/src/k8s.io/apiserver/pkg/endpoints/handlers/negotiation/negotiate.go (NegotiateOutputMediaType)
+#: answers a 406 from errors.go (errNotAcceptable: "only the following media types are accepted: ...",
+#: reason NotAcceptable). So ``Accept: text/plain`` on pods/log is a 406 on a real cluster (seen on v1.36),
+#: while kubectl's ``application/json, */*`` gets the log as text/plain.
+SERVED_MEDIA_TYPES = ("application/json", "application/yaml", "application/vnd.kubernetes.protobuf")
+
+
+def not_acceptable() -> ApiError:
+    return ApiError(406, "NotAcceptable",
+                    f"only the following media types are accepted: {', '.join(SERVED_MEDIA_TYPES)}")
+
+
+def negotiate_media_type(accept: str | None) -> str:
+    """The media type to answer with for an ``Accept`` header, or a 406 :class:`ApiError`.
+
+    No header (or an empty one) means anything, as in munnerz/goautoneg which the apiserver uses; ranges
+    are tried by descending ``q`` (a ``q=0`` range excludes), ``*/*`` and ``application/*`` pick JSON, and
+    parameters such as ``;stream=watch`` or ``;as=Table`` are ignored by the double.
+    """
+    if accept is None or not accept.strip():
+        return SERVED_MEDIA_TYPES[0]
+    ranges: list[tuple[float, int, str]] = []
+    for index, part in enumerate(accept.split(",")):
+        fields = [f.strip() for f in part.split(";")]
+        media = fields[0].lower()
+        if not media:
+            continue
+        q = 1.0
+        for param in fields[1:]:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0:
+            ranges.append((-q, index, media))
+    for _, _, media in sorted(ranges):
+        if media in ("*/*", "application/*"):
+            return SERVED_MEDIA_TYPES[0]
+        if media in SERVED_MEDIA_TYPES:
+            return media
+    raise not_acceptable()
 
 
 # --------------------------------------------------------------------------------------------- time

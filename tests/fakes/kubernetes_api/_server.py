@@ -34,6 +34,7 @@ from ._meta import (
     invalid,
     json_merge_patch,
     json_patch,
+    negotiate_media_type,
     not_found,
     now_ns,
     parse_field_selector,
@@ -44,6 +45,7 @@ from ._meta import (
     validate_metadata,
     validate_pod,
 )
+from ._rbac import Authorizer
 from ._store import CLOSE, RESET, Store, kind_of
 
 _TRUE = {"1", "t", "T", "true", "True", "TRUE"}
@@ -118,6 +120,12 @@ class ApiServer:
         self.counts: Counter[tuple[str, str, bool]] = Counter()
         self.records: list[RequestRecord] = []
         self.faults: list[Fault] = []
+        #: Requests that take effect but answer late (status 200, ``message`` = seconds) or never (status 0).
+        self.late_answers: list[Fault] = []
+        self.outage_until = 0.0
+        #: Every pod ever created (a copy as created): what the fault contract counts as "jobs".
+        self.created_pods: list[JSON] = []
+        self.rbac = Authorizer()
         self.active_watches = 0
         self.app = web.Application(client_max_size=64 * 2**20)
         self.app.router.add_route("*", "/{tail:.*}", self.dispatch)
@@ -170,8 +178,18 @@ class ApiServer:
                 record.kind = locals().get("kind", "unknown")
                 self.counts[(method, record.kind, watch)] += 1
                 self.records.append(record)
-            if self.require_token and request.headers.get("Authorization") != f"Bearer {self.token}":
-                raise ApiError(401, "Unauthorized", "Unauthorized")
+            subject = self.authenticate(request)
+            # Negotiation happens before authorization and before the handler, on every endpoint
+            # (see _meta.negotiate_media_type for the upstream code this copies).
+            media_type = negotiate_media_type(request.headers.get("Accept"))
+            if media_type == "application/vnd.kubernetes.protobuf":
+                # A real apiserver would answer in protobuf; the double cannot encode it, and says so
+                # loudly rather than answering JSON the client did not ask for.
+                raise ApiError(406, "NotAcceptable", "the Kubernetes API test double does not encode protobuf")
+            if time.monotonic() < self.outage_until:
+                # The apiserver is down behind its load balancer: 503 for every request until it is back.
+                raise ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request")
+            self.authorize(subject, method, kind, watch, args)
             for fault in self.faults:
                 if fault.matches(method, kind, watch):
                     fault.remaining -= 1
@@ -183,12 +201,52 @@ class ApiServer:
                     raise injected_error(fault.status, resource=args.get("resource", "pods"),
                                          name=args.get("name", ""), retry_after=fault.retry_after,
                                          message=fault.message)
+            late = next((f for f in self.late_answers if f.matches(method, kind, watch)), None)
+            if late is not None:
+                late.remaining -= 1
             response = await handler(request, query=query, watch=watch, **args)
+            if late is not None:
+                # The request took effect (the handler ran: the object is stored and visible); only the
+                # answer is late -- slower than the client's timeout -- or never comes at all.
+                if late.status == 0:
+                    record.status = 0
+                    if request.transport is not None:
+                        request.transport.abort()
+                    raise web.HTTPInternalServerError()
+                await asyncio.sleep(float(late.message or 0))
+            if media_type == "application/yaml" and isinstance(response, web.Response) \
+                    and response.content_type == "application/json" and response.body:
+                import yaml
+
+                response = web.Response(body=yaml.safe_dump(json.loads(bytes(response.body))).encode(),  # type: ignore[arg-type]
+                                        status=response.status, content_type="application/yaml")
             record.status = response.status
             return response
         except ApiError as err:
             record.status = err.code
             return _error_response(err)
+
+    # ------------------------------------------------------------------------------- authn/z
+
+    def authenticate(self, request: web.Request) -> tuple[str, tuple[str, ...]] | None:
+        """The user and groups a ServiceAccount token stands for; None for the admin token (no RBAC check).
+
+        An unknown token is a 401 when tokens are required, as the apiserver's authenticators answer.
+        """
+        header = request.headers.get("Authorization") or ""
+        token = header[7:] if header.startswith("Bearer ") else None
+        if token is not None and token in self.rbac.tokens:
+            return self.rbac.tokens[token]
+        if token == self.token or not self.require_token:
+            return None
+        raise ApiError(401, "Unauthorized", "Unauthorized")
+
+    def authorize(self, subject: tuple[str, tuple[str, ...]] | None, method: str, kind: str, watch: bool,
+                  args: dict[str, Any]) -> None:
+        """403 unless the RBAC objects allow ``subject`` the request (the admin token is never checked)."""
+        if subject is None:
+            return
+        self.rbac.authorize(self.store, subject, method, kind, watch, args)
 
     # ------------------------------------------------------------------------------ discovery
 
@@ -228,10 +286,36 @@ class ApiServer:
         existing = self.store.peek("namespaces", "", ns)
         if existing is not None:
             return copy.deepcopy(existing)
-        return self.store.create("namespaces", {
+        created = self.store.create("namespaces", {
             "metadata": {"name": ns, "uid": str(uuid.uuid4()), "creationTimestamp": fmt_time(now_ns()),
                          "labels": {"kubernetes.io/metadata.name": ns}},
             "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+        # kube-controller-manager's serviceaccounts controller creates "default" in every namespace
+        # (pkg/controller/serviceaccount/serviceaccounts_controller.go); pods that name no account use it.
+        self.create_service_account(ns, "default")
+        return created
+
+    def create_service_account(self, ns: str, name: str) -> JSON:
+        existing = self.store.peek("serviceaccounts", ns, name)
+        if existing is not None:
+            return copy.deepcopy(existing)
+        return self.store.create("serviceaccounts", {
+            "metadata": {"name": name, "namespace": ns, "uid": str(uuid.uuid4()),
+                         "creationTimestamp": fmt_time(now_ns())}})
+
+    def _admit_pod(self, pod: JSON, namespace: str) -> None:
+        """The ServiceAccount admission plugin: the pod's account must exist, it is never created.
+
+        plugin/pkg/admission/serviceaccount/admission.go: ``admission.NewForbidden(a, fmt.Errorf("error
+        looking up service account %s/%s: %w", ...))`` around the lister's NotFound, i.e. a 403 Forbidden
+        ``pods "<name>" is forbidden: error looking up service account ns/sa: serviceaccount "sa" not found``.
+        """
+        spec = pod.get("spec") or {}
+        sa = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        if self.store.peek("serviceaccounts", namespace, sa) is None:
+            name = (pod.get("metadata") or {}).get("name") or ""
+            raise ApiError(403, "Forbidden", f'pods "{name}" is forbidden: error looking up service account '
+                           f'{namespace}/{sa}: serviceaccount "{sa}" not found', {"name": name, "kind": "pods"})
 
     async def collection(self, request: web.Request, *, query: dict[str, str], watch: bool, resource: str,
                          namespace: str | None, cluster: bool) -> web.StreamResponse:
@@ -324,6 +408,7 @@ class ApiServer:
         meta["creationTimestamp"] = fmt_time(now_ns())
         obj["kind"], obj["apiVersion"] = kind, "v1"
         if resource == "pods":
+            self._admit_pod(obj, namespace)
             _default_pod(obj)
         elif resource == "secrets":
             _normalise_secret(obj)
@@ -337,6 +422,7 @@ class ApiServer:
             return obj
         stored = self.store.create(resource, obj)
         if resource == "pods":
+            self.created_pods.append(copy.deepcopy(stored))
             self.kubelet.on_created(stored)
         return stored
 
@@ -624,6 +710,10 @@ class ApiServer:
                     transport = request.transport
                     if transport is None or transport.is_closing():
                         break
+                if time.monotonic() < self.outage_until:  # the apiserver went away: the stream breaks
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
                 pending = [e for e in logs[index:] if since_ns is None or e[0] >= since_ns]
                 index = len(logs)
             await response.write_eof()

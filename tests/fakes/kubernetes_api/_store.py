@@ -19,6 +19,7 @@ from ._meta import (
     CLUSTER_KINDS,
     JSON,
     KINDS,
+    RBAC_KINDS,
     FieldReq,
     Requirement,
     expired,
@@ -28,7 +29,7 @@ from ._meta import (
 
 
 def kind_of(resource: str) -> str:
-    return KINDS.get(resource) or CLUSTER_KINDS[resource]
+    return KINDS.get(resource) or CLUSTER_KINDS.get(resource) or RBAC_KINDS[resource]
 
 
 @dataclass
@@ -109,7 +110,8 @@ class Store:
 
     def __init__(self, history_limit: int = 100_000, first_rv: int = 1000) -> None:
         self.rv = first_rv
-        self.objects: dict[str, dict[tuple[str, str], JSON]] = {r: {} for r in (*KINDS, *CLUSTER_KINDS)}
+        self.objects: dict[str, dict[tuple[str, str], JSON]] = {
+            r: {} for r in (*KINDS, *CLUSTER_KINDS, *RBAC_KINDS)}
         self.history: deque[Change] = deque()
         self.history_limit = history_limit
         # A watch or continue token older than this is answered with 410, like a compacted etcd.
