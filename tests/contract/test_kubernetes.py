@@ -19,6 +19,7 @@ import pytest
 
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend
 from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
+from tests.contract.faults import FaultContract
 from tests.contract.suite import BackendContract
 from tests.fakes.kubernetes_api import FakeKubernetes
 
@@ -178,3 +179,16 @@ def test_a_deleted_job_is_lost_and_an_oom_is_oomkilled(service, fault_backend, a
     oom = _request(artifact_root, **service.oom_spec())
     status = _finish(fault_backend, fault_backend.submit(oom)).status
     assert (status.state, status.reason, status.exit_code) == (RunState.FAILED, "OOMKilled", 137)
+
+
+@pytest.mark.timeout(300)
+class TestKubernetesFaultContract(FaultContract):
+    """The shared fault contract (tests/contract/faults.py) on the Kubernetes API double."""
+
+    # The double's kubelet runs each container as local processes and kills them all when the pod is
+    # deleted (as containerd does), so a step that ignores SIGTERM is still stopped after the grace period.
+    supports = KubernetesFaults.supports | {"crash", "kill", "defer", "trigger_restart", "ignores_sigterm"}
+
+    @pytest.fixture
+    def image(self) -> str:
+        return "python:3.11-slim"

@@ -120,10 +120,12 @@ CASES = [
      RunState.FAILED, "UnexpectedAdmissionError: no gpu"),
     ("unknown phase (node lost)", pod("Unknown"), 1, RunState.RUNNING, "stopped reporting"),
     ("unrecognised phase keeps waiting", pod("Hibernating"), 1, RunState.RUNNING, "unknown pod phase"),
+    # Graceful deletion: the container still runs until it exits or the grace period's SIGKILL, so the
+    # cancel is not confirmed yet (a step that traps SIGTERM would otherwise outlive a "cancelled" pod).
     ("cancelled by Airflow, terminating", pod("Running", running=True,
                                              annotations={ANNOTATION_CANCELLED: str(T0 + 60)},
-                                             deletion=("2024-05-01T12:01:30Z", 30)), 1, RunState.CANCELLED,
-     "cancelled by Airflow"),
+                                             deletion=("2024-05-01T12:01:30Z", 30)), 1, RunState.RUNNING,
+     "cancelled by Airflow; waiting for the container to stop"),
     ("cancelled, killed step exited 0 after the cancel: never success",
      pod("Succeeded", terminated=term(0, "Completed", finished="2024-05-01T12:01:05Z"),
          annotations={ANNOTATION_CANCELLED: str(T0 + 60)}), 1, RunState.CANCELLED, "cancelled"),
@@ -160,7 +162,9 @@ def test_exit_code_and_remote_state_are_kept() -> None:
 
 def test_cancelled_in_this_process_without_the_annotation_yet() -> None:
     status = status_from_pod(pod("Running", running=True), now=T0 + 5, cancelled=True)
-    assert status.state is RunState.CANCELLED
+    assert status.state is RunState.RUNNING and status.remote_state == "Terminating"
+    stopped = status_from_pod(pod("Running", terminated=term(143, "Error")), now=T0 + 6, cancelled=True)
+    assert stopped.state is RunState.CANCELLED
 
 
 def test_unknown_phase_is_logged(caplog: pytest.LogCaptureFixture) -> None:

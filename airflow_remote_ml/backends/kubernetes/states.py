@@ -183,6 +183,12 @@ def status_from_pod(
             return RunStatus(RunState.SUCCEEDED, phase, "", exit_code)
         if phase == "Failed" and _finished_before(term, cancel_time):
             return _failed(pod, phase, cstatus, manifest)
+        if phase == "Running" and state.get("running") and not term:
+            # Graceful deletion: the kubelet has sent SIGTERM and SIGKILLs at the end of the grace period
+            # (https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-termination). Until the
+            # container has stopped, the step still runs: a cancel is only confirmed once it has.
+            return RunStatus(RunState.RUNNING, "Terminating", "cancelled by Airflow; waiting for the container "
+                             "to stop", exit_code)
         return RunStatus(RunState.CANCELLED, phase or "Deleting", "cancelled by Airflow", exit_code)
 
     # Someone else is deleting it.
