@@ -290,6 +290,8 @@ def _env_for(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, st
 
 #: Bytes per read of the step's output: one system call per 64 KiB, not one per byte.
 _CHUNK = 1 << 16
+#: How long the relay lets output accumulate after a short read (see _run_command).
+_COALESCE_SECONDS = 0.001
 #: A line longer than this is relayed but never parsed as metrics, so memory stays bounded.
 _MAX_METRICS_LINE = 1 << 20
 #: Seconds between SIGTERM and SIGKILL when the runtime itself stops the step (timeout, or a backend that
@@ -467,10 +469,14 @@ def _run_command(step: dict[str, Any], env: dict[str, str], values: dict[str, di
     assert child.stdout is not None
     relay = _Relay(collector)
     fd = child.stdout.fileno()
-    # os.read returns as soon as any output is there (a line a minute is relayed at once) and up to 64 KiB
-    # at a time when the step is chatty.
+    # os.read returns as soon as any output is there: a line a minute is relayed at once. A step that
+    # writes in small pieces (an unbuffered Python step makes one write per print argument) would wake the
+    # relay for each; after a short read it lets the pipe fill for a millisecond, so a chatty step is
+    # relayed in large reads (the pipe's own buffer bounds it; a full pipe only makes the step wait).
     while chunk := os.read(fd, _CHUNK):
         relay.feed(chunk)
+        if len(chunk) < _CHUNK:
+            time.sleep(_COALESCE_SECONDS)
     relay.finish()
     child.stdout.close()
     code = child.wait()

@@ -101,14 +101,16 @@ class LocalBackend(Backend):
         step = request.runtime_config(python_path=list(sys.path) if self.config.inherit_sys_path else [])
         with open(os.path.join(job_dir, "step.json"), "w", encoding="utf-8") as fh:
             json.dump({**step, "identity": request.identity.to_json()}, fh)
-        env = step_environment(os.environ, self.config.inherit_env, request.spec.env, self._secret_env(request), {
+        # Python steps' prints reach the log as they happen (a pipe would block-buffer them), unless the
+        # spec says otherwise: env={"PYTHONUNBUFFERED": ""} buys a chatty step's speed back.
+        spec_env = {"PYTHONUNBUFFERED": "1", **request.spec.env}
+        env = step_environment(os.environ, self.config.inherit_env, spec_env, self._secret_env(request), {
             "REMOTE_ML_STEP_FILE": os.path.join(job_dir, "step.json"),
             "REMOTE_ML_EXIT_FILE": os.path.join(job_dir, "exit_code"),
             # The runtime records the command's process group here, so cancel() reaches it too; and
             # escalates to SIGKILL on its own after this grace, should the caller die mid-cancel.
             "REMOTE_ML_PGID_FILE": os.path.join(job_dir, "pgid"),
             "REMOTE_ML_KILL_GRACE": f"{self.config.kill_grace_seconds:g}",
-            "PYTHONUNBUFFERED": "1",
         })
         cwd = request.spec.options_for(self.name).get("cwd") or job_dir
         with open(os.path.join(job_dir, "log"), "ab") as log_file:
