@@ -330,3 +330,21 @@ def test_inherit_env_passes_more_by_name_or_all(tmp_path, monkeypatch):
 def test_inherit_env_is_validated(tmp_path, value):
     with pytest.raises(ConfigError, match="inherit_env"):
         make_backend(tmp_path, inherit_env=value)
+
+
+# -- completion is noticed when the process exits, in any process -----------------------------------------
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["worker", "triggerer"])
+def test_the_async_wait_wakes_when_the_step_ends(tmp_path, elsewhere):
+    """``await_change`` returns at the runtime's exit (its pidfd), not after the timeout it was given."""
+    backend = make_backend(tmp_path)
+    handle = backend.submit(make_request(tmp_path, command=["true"]))
+    waiter = LocalBackend.from_config(backend.config_json()) if elsewhere else backend
+
+    async def wait() -> Any:
+        # Bounded far below the hour asked for: only an exit-driven wait gets there.
+        return await asyncio.wait_for(waiter.await_change(handle, 3600), BOUND)
+
+    status = asyncio.run(wait())
+    assert status.is_successful, status

@@ -8,6 +8,7 @@ to it through that directory.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -19,7 +20,14 @@ from typing import Any, ClassVar
 
 from airflow_remote_ml import runtime
 from airflow_remote_ml.backends.local._config import LocalConfig, step_environment
-from airflow_remote_ml.backends.local._procs import StepProcesses, group_leader_matches, orphaned_group, stop
+from airflow_remote_ml.backends.local._procs import (
+    StepProcesses,
+    group_leader_matches,
+    orphaned_group,
+    pidfd,
+    stop,
+    wait_for_exit,
+)
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import ConfigError
@@ -166,19 +174,55 @@ class LocalBackend(Backend):
         return RunStatus(RunState.LOST, "gone", "the process ended without reporting an exit code", exit_code)
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        # The runtime writes its exit file just before exiting: once the process is gone, poll() knows.
+        pid = self._waitable_pid(handle)
+        if pid is not None and wait_for_exit(pid, timeout) is not None:
+            self._reap(handle)
+            return self.poll(handle)
         child = self._children.get(handle.job_id)
         if child is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout)
-            # The runtime writes its exit file just before exiting; the status follows at once.
             return self.poll(handle)
-        # Not our child (a restarted worker): look at the exit file often, it is a cheap stat().
+        # Not our child and no pidfd: look at the exit file often, it is a cheap stat().
         deadline = time.monotonic() + timeout
         while True:
             status = self.poll(handle)
             if status.is_terminal or time.monotonic() >= deadline:
                 return status
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """The trigger's wait: the event loop watches the runtime's pidfd, so the exit wakes it at once
+        and no thread is held per waiting step."""
+        pid = self._waitable_pid(handle)
+        fd = pidfd(pid) if pid is not None else None
+        if fd is None:
+            return await asyncio.to_thread(self.wait, handle, timeout)
+        if fd >= 0:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(fd, on_exit)
+            try:
+                await asyncio.wait_for(exited, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
+        self._reap(handle)
+        return await self.apoll(handle)
+
+    def _waitable_pid(self, handle: RunHandle) -> int | None:
+        child = self._children.get(handle.job_id)
+        if child is not None:
+            return child.pid if child.returncode is None else None
+        return self._pid(handle) if self._alive(handle) else None
 
     def cancel(self, handle: RunHandle) -> None:
         """SIGTERM, ``kill_grace_seconds`` to end, then SIGKILL of every process of the step.

@@ -114,6 +114,38 @@ class StepProcesses:
                 os.kill(pid, signum)
 
 
+def pidfd(pid: int) -> int | None:
+    """A file descriptor that becomes readable when ``pid`` exits (Linux >= 5.3), or None where there is
+    none. Unlike ``Popen.wait(timeout)``, which polls with sleeps growing to 50 ms, it wakes at the exit,
+    and it works for a process that is not our child (a restarted worker, the triggerer)."""
+    opener = getattr(os, "pidfd_open", None)
+    if opener is None:
+        return None
+    try:
+        return int(opener(pid))
+    except ProcessLookupError:
+        return -1  # already gone
+    except OSError:  # ENOSYS on an old kernel, EPERM in some sandboxes
+        return None
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool | None:
+    """True once ``pid`` has exited, False after ``timeout`` seconds, None when this cannot be waited on."""
+    import select
+
+    fd = pidfd(pid)
+    if fd is None:
+        return None
+    if fd < 0:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(max(0, int(timeout * 1000))))
+    finally:
+        os.close(fd)
+
+
 def _group_exists(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
