@@ -199,6 +199,24 @@ def test_cancel_stops_within_the_grace_period_and_marks(engine, make_backend, tm
     assert engine.containers.get(handle.data["container_id"]).name.endswith(".cancelled")
 
 
+def test_cancel_kills_a_step_that_ignores_sigterm(engine, backend, tmp_path):
+    """Issue 8 item 5 on docker: the engine SIGKILLs the whole container after stop_timeout."""
+    request = StepRequest.create(
+        StepSpec.build(image=RUNNER_IMAGE, command="trap '' TERM; sleep 150", shell=True),
+        StepIdentity("integration", "stubborn", f"run-{uuid.uuid4().hex[:12]}"),
+        ArtifactStore(str(tmp_path / "artifacts")))
+    backend.validate(request)
+    handle = backend.submit(request)
+    deadline = time.monotonic() + 60
+    while "sleep" not in json.dumps(engine.api.top(handle.data["container_id"])):
+        assert time.monotonic() < deadline, "the step's sleep never started"
+        time.sleep(0.1)
+    backend.cancel(handle)
+    attrs = engine.api.inspect_container(handle.data["container_id"])
+    assert attrs["State"]["Status"] == "exited" and attrs["State"]["ExitCode"] == 137
+    assert backend.poll(handle).state is RunState.CANCELLED
+
+
 # -- images and interpreters ---------------------------------------------------------------------------
 
 

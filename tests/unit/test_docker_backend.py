@@ -833,3 +833,9 @@ def test_submit_is_idempotent_by_the_containers_name():
     # above) make a retried submit adopt the first container: the lifecycle may retry at once.
     assert DockerBackend.idempotent_submit is True
     assert DockerBackend.create_settle_seconds > 0
+
+
+def test_default_stop_timeout_is_shorter_than_the_task_supervisors_escalation():
+    # airflow/sdk/execution_time/supervisor.py WatchedSubprocess.kill(escalation_delay=5.0): a cancel
+    # that takes longer is cut short by the SIGKILL of the task process before it is confirmed.
+    assert DockerConfig().stop_timeout < 5.0
