@@ -208,7 +208,8 @@ def test_cancel_kills_a_step_that_ignores_sigterm(engine, backend, tmp_path):
     backend.validate(request)
     handle = backend.submit(request)
     deadline = time.monotonic() + 60
-    while "sleep" not in json.dumps(engine.api.top(handle.data["container_id"])):
+    # The step is ready when its own sleep runs (the runtime's argv holds its source, which says "sleep" too).
+    while not any(row[-1] == "sleep 150" for row in engine.api.top(handle.data["container_id"])["Processes"]):
         assert time.monotonic() < deadline, "the step's sleep never started"
         time.sleep(0.1)
     backend.cancel(handle)

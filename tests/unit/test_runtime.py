@@ -193,9 +193,11 @@ def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_with_its_whole_gr
     """The runtime escalates by itself: whoever sent SIGTERM (a task process) may be dead by now."""
     import signal
 
-    proc = start_runtime(tmp_path, {"command": "trap '' TERM; sleep 150 & sleep 150", "shell": True},
+    ready = tmp_path / "ready"
+    proc = start_runtime(tmp_path, {"command": f"trap '' TERM; touch {ready}; sleep 150 & sleep 150", "shell": True},
                          REMOTE_ML_KILL_GRACE="0.5")
     pgid = int(wait_for_file(tmp_path / "pgid", proc).split()[0])
+    wait_for_file(ready, proc)  # SIGTERM is ignored from here on
     assert pgid != os.getpgid(proc.pid), "the command runs in a process group of its own"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGKILL
