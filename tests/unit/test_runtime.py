@@ -263,3 +263,19 @@ def test_step_from_a_file_argument(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 2}
+
+
+def test_launched_from_its_file_it_runs_and_does_not_shadow_a_steps_runtime_module(tmp_path):
+    (tmp_path / "runtime.py").write_text("WHO = 'the step'\n")
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "manifest.json"),
+            "command": [sys.executable, "-c", "print('{\"ok\": 3}')"]}
+    proc = subprocess.run(runtime.launch_from_file(sys.executable), env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 3}
+    (tmp_path / "steps2.py").write_text("def who():\n    import runtime\n    print(runtime.WHO)\n")
+    step = {**step, "command": None, "callable": "steps2:who", "python_path": [str(tmp_path)]}
+    proc = subprocess.run(runtime.launch_from_file(sys.executable), env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "the step" in proc.stdout

@@ -123,8 +123,8 @@ class LocalBackend(Backend):
         cwd = request.spec.options_for(self.name).get("cwd") or job_dir
         with open(os.path.join(job_dir, "log"), "ab") as log_file:
             child = subprocess.Popen(
-                # By file path: works for an interpreter that does not have this package installed.
-                [self.config.python, "-S", runtime.__file__],
+                # By file path (works for an interpreter without this package), bytecode cached.
+                runtime.launch_from_file(self.config.python),
                 cwd=cwd,
                 env=env,
                 stdin=subprocess.DEVNULL,
