@@ -348,3 +348,9 @@ def test_the_async_wait_wakes_when_the_step_ends(tmp_path, elsewhere):
 
     status = asyncio.run(wait())
     assert status.is_successful, status
+
+
+def test_a_python_that_cannot_run_is_a_config_error_naming_the_setting(tmp_path):
+    backend = make_backend(tmp_path, python=str(tmp_path / "no-such-python"))
+    with pytest.raises(ConfigError, match=r"backend_config\[local\]\.python"):
+        backend.submit(make_request(tmp_path, command=["true"]))

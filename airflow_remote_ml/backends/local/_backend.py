@@ -30,7 +30,7 @@ from airflow_remote_ml.backends.local._procs import (
 )
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
-from airflow_remote_ml.core.errors import ConfigError
+from airflow_remote_ml.core.errors import ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
@@ -122,16 +122,23 @@ class LocalBackend(Backend):
         })
         cwd = request.spec.options_for(self.name).get("cwd") or job_dir
         with open(os.path.join(job_dir, "log"), "ab") as log_file:
-            child = subprocess.Popen(
-                # By file path (works for an interpreter without this package), bytecode cached.
-                runtime.launch_from_file(self.config.python),
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives the worker; a retry reattaches
-            )
+            try:
+                child = subprocess.Popen(
+                    # By file path (works for an interpreter without this package), bytecode cached.
+                    runtime.launch_from_file(self.config.python),
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives the worker; a retry reattaches
+                )
+            except (FileNotFoundError, PermissionError) as exc:
+                # Popen raises before anything runs: surely not started, and a retry cannot help.
+                raise ConfigError("backend_config[local].python", f"{self.config.python!r} cannot be run "
+                                  f"({exc.strerror})", "give the path of a Python 3 interpreter") from None
+            except OSError as exc:  # EAGAIN/ENOMEM from fork: not started; the machine may recover
+                raise TransientBackendError(self.name, f"could not start the step's process: {exc}") from exc
         self._children[job_id] = child
         with open(os.path.join(job_dir, "pid"), "w", encoding="utf-8") as fh:
             fh.write(f"{child.pid} {_start_time(child.pid)}")
