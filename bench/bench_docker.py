@@ -196,12 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = table
     print(f"Docker engine {version['Version']} (API {version['ApiVersion']}, storage {info['Driver']}), "
           f"image `{RUNNER_IMAGE}`, {args.iterations} iterations per step, alternating.\n")
-    print("| step | docker backend (median s) | DockerOperator (median s) | ratio |")
+    print("| step | docker backend, median s (min–max) | DockerOperator, median s (min–max) | ratio |")
     print("|---|---:|---:|---:|")
     for name in steps:
-        mine = statistics.median(r["total"] for r in ours[name])
-        other = statistics.median(r["total"] for r in theirs[name])
-        print(f"| {name} | {mine:.3f} | {other:.3f} | {mine / other:.2f}× |")
+        mine_all = [r["total"] for r in ours[name]]
+        other_all = [r["total"] for r in theirs[name]]
+        mine, other = statistics.median(mine_all), statistics.median(other_all)
+        print(f"| {name} | {mine:.3f} ({min(mine_all):.3f}–{max(mine_all):.3f}) | "
+              f"{other:.3f} ({min(other_all):.3f}–{max(other_all):.3f}) | {mine / other:.2f}× |")
     print("\nMilliseconds from the container's exit (`State.FinishedAt`) to ... (median / max over all runs):\n")
     print("| | docker backend | DockerOperator |")
     print("|---|---:|---:|")
