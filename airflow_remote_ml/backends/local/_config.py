@@ -27,8 +27,9 @@ BASE_ENV_PREFIXES = ("LC_",)
 #: Default seconds between SIGTERM and SIGKILL on cancel. Airflow's task supervisor SIGKILLs a task
 #: process 5 s after its SIGTERM; the kill must happen before that, while the task can still make it.
 DEFAULT_KILL_GRACE = 3.0
-#: The most the grace may be: the supervisor's 5 s, less time to confirm the kill and exit.
-MAX_KILL_GRACE = 4.0
+#: The most the grace may be: the supervisor's 5 s, less the kill's confirmation (_procs.KILL_CONFIRM_SECONDS)
+#: and the task's own exit.
+MAX_KILL_GRACE = 3.5
 
 _NAME = re.compile(r"^[A-Za-z_*?][A-Za-z0-9_*?]*$")
 
@@ -46,7 +47,7 @@ class LocalConfig(BackendConfig):
         state_dir: where job directories live; must survive a worker restart for reattachment.
         python: the interpreter that runs the step (default: the worker's own).
         inherit_sys_path: give the step the worker's ``sys.path`` (so DAG-folder code imports).
-        kill_grace_seconds: time between SIGTERM and SIGKILL on cancel (at most 4 s: the task
+        kill_grace_seconds: time between SIGTERM and SIGKILL on cancel (at most 3.5 s: the task
             supervisor kills the task process 5 s after SIGTERM).
         secrets_from: ``'airflow'`` (Airflow Variables) or ``'env'`` (the worker's environment).
         inherit_env: more of the worker's environment for the step: a list of names (``*``/``?``

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 #: Upper bound on how long SIGKILLed processes may take to be gone before the kill gives up waiting.
-KILL_CONFIRM_SECONDS = 1.5
+KILL_CONFIRM_SECONDS = 1.0
 _PROC = "/proc"
 
 
