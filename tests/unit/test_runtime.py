@@ -197,11 +197,18 @@ def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_with_its_whole_gr
     proc = start_runtime(tmp_path, {"command": f"trap '' TERM; touch {ready}; sleep 150 & sleep 150", "shell": True},
                          REMOTE_ML_KILL_GRACE="0.5")
     pgid = int(wait_for_file(tmp_path / "pgid", proc).split()[0])
-    wait_for_file(ready, proc)  # SIGTERM is ignored from here on
-    assert pgid != os.getpgid(proc.pid), "the command runs in a process group of its own"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 128 + signal.SIGKILL
-    assert not group_alive(pgid), "a process of the step survived"
+    try:
+        wait_for_file(ready, proc)  # SIGTERM is ignored from here on
+        assert pgid != os.getpgid(proc.pid), "the command runs in a process group of its own"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGKILL
+        assert not group_alive(pgid), "a process of the step survived"
+    finally:  # whatever failed, nothing of this test outlives it
+        for kill in (lambda: os.killpg(pgid, signal.SIGKILL), proc.kill):
+            try:
+                kill()
+            except ProcessLookupError:
+                pass
     manifest = json.loads((tmp_path / "m.json").read_text())
     assert manifest["error"] == ("the step was stopped: it did not end within 0.5s of SIGTERM and was killed "
                                  "by SIGKILL (exit 137)")
@@ -224,8 +231,10 @@ def test_output_is_relayed_as_soon_as_it_arrives_even_without_a_newline(tmp_path
             f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\nprint('done')")
     proc = start_runtime(tmp_path, {"command": [sys.executable, "-c", code]})
     assert proc.stdout is not None
-    seen = os.read(proc.stdout.fileno(), 100)  # blocks until the runtime relays something
-    go.write_text("")
+    try:
+        seen = os.read(proc.stdout.fileno(), 100)  # blocks until the runtime relays something
+    finally:
+        go.write_text("")  # the step ends even when this test fails (a relay that never relays)
     rest = proc.stdout.read()
     assert proc.wait(timeout=60) == 0
     assert seen == b"epoch 1/3 "
