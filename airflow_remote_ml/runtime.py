@@ -288,6 +288,121 @@ def _env_for(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, st
     return env
 
 
+#: Bytes per read of the step's output: one system call per 64 KiB, not one per byte.
+_CHUNK = 1 << 16
+#: How long the relay lets output accumulate after a short read (see _run_command).
+_COALESCE_SECONDS = 0.001
+#: A line longer than this is relayed but never parsed as metrics, so memory stays bounded.
+_MAX_METRICS_LINE = 1 << 20
+#: Seconds between SIGTERM and SIGKILL when the runtime itself stops the step (timeout, or a backend that
+#: asks for it with REMOTE_ML_KILL_GRACE).
+DEFAULT_KILL_GRACE = 5.0
+
+
+def _kill_grace() -> float:
+    try:
+        return max(0.0, float(os.environ.get("REMOTE_ML_KILL_GRACE") or DEFAULT_KILL_GRACE))
+    except ValueError:
+        return DEFAULT_KILL_GRACE
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux ``/proc``), "" where unknown.
+
+    Written next to a pid so a reader can tell the process from a later one that reuses the pid.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return ""
+    # The command name (field 2) may hold spaces and parentheses: fields are counted after the last ')'.
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def _record_pgid(pid: int) -> None:
+    """Tell the backend which process group the step runs in, so a kill reaches all of it."""
+    path = os.environ.get("REMOTE_ML_PGID_FILE")
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        with open(f"{path}.tmp", "w", encoding="utf-8") as fh:
+            fh.write(f"{pid} {_proc_start(pid)}")
+        os.replace(f"{path}.tmp", path)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _Relay:
+    """Copies the step's output to ours as it arrives and hands complete lines to the metrics collector.
+
+    Holds at most one partial line (bounded by ``_MAX_METRICS_LINE``), never the whole output.
+    """
+
+    def __init__(self, collector: _MetricsCollector) -> None:
+        self._collector = collector
+        self._partial = b""
+        self._skipping = False  # inside an over-long line: relayed, not parsed
+        self._fd: int | None = None
+        with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            sys.stdout.flush()  # whatever the runtime printed itself goes first
+            self._fd = sys.stdout.fileno()
+
+    def feed(self, chunk: bytes) -> None:
+        if self._fd is not None:
+            _write_all(self._fd, chunk)
+        else:  # stdout replaced by something without a file descriptor
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        if self._skipping:
+            newline = chunk.find(b"\n")
+            if newline < 0:
+                return
+            chunk, self._skipping = chunk[newline + 1:], False
+        data = self._partial + chunk if self._partial else chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._keep(data)
+            return
+        self._keep(data[end + 1:])
+        if b"{" in data[:end]:  # most chunks of a chatty step hold no metrics at all: one scan, no split
+            for line in data[:end].split(b"\n"):
+                self._line(line)
+
+    def _keep(self, partial: bytes) -> None:
+        if len(partial) > _MAX_METRICS_LINE:
+            self._partial, self._skipping = b"", True
+        else:
+            self._partial = partial
+
+    def _line(self, line: bytes) -> None:
+        line = line.strip()
+        if line[:1] == b"{" and line[-1:] == b"}":
+            self._collector.line(line.decode(errors="replace"))
+
+    def finish(self) -> None:
+        if self._partial and not self._skipping:
+            self._line(self._partial)
+        self._partial = b""
+
+
+def _killed_message(code: int) -> str:
+    """Plain words for a step that ended by a signal (``code`` as a shell reports it: 128 + signal)."""
+    try:
+        name = signal.Signals(code - 128).name
+    except ValueError:
+        return f"the step exited with code {code}"
+    if code - 128 == signal.SIGKILL:
+        return (f"the step's process was killed by SIGKILL (exit {code}; often the kernel's OOM killer when "
+                "the step uses more memory than it may: raise resources.memory)")
+    return f"the step's process was killed by {name} (exit {code})"
+
+
 def _run_command(step: dict[str, Any], env: dict[str, str], values: dict[str, dict[str, Any]],
                  collector: _MetricsCollector, timeout: float | None) -> int:
     import subprocess
@@ -298,49 +413,87 @@ def _run_command(step: dict[str, Any], env: dict[str, str], values: dict[str, di
         argv: Any = _substitute(command, values)
     else:
         argv = [_substitute(arg, values) for arg in command]
+    # The handler is in place before the child exists: a cancel arriving while it starts is not lost.
+    started: list[Any] = []
+    pending: list[int] = []
+    escalation: list[Any] = []
+
+    def kill_group(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(started[0].pid, signum)
+
+    received: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        if not started:
+            pending.append(signum)
+            return
+        kill_group(signum)
+        # A step that ignores SIGTERM is killed after the grace, even when whoever cancelled it (a task
+        # process that its supervisor SIGKILLs after 5 s) is no longer there to escalate.
+        if signum == signal.SIGTERM and not escalation and os.environ.get("REMOTE_ML_KILL_GRACE"):
+            timer = threading.Timer(_kill_grace(), kill_group, (signal.SIGKILL,))
+            timer.daemon = True
+            timer.start()
+            escalation.append(timer)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     try:
+        # Its own session and process group (pgid == its pid): the runtime signals the step's whole tree
+        # without signalling itself, and records the group so the backend's kill reaches it too.
         child = subprocess.Popen(argv, shell=bool(step.get("shell")), env=env, stdout=subprocess.PIPE,
                                  stdin=subprocess.DEVNULL, bufsize=0, start_new_session=True)
     except FileNotFoundError as exc:
         raise StepError(f"command not found: {exc.filename!r}", 127) from None
     except PermissionError as exc:
         raise StepError(f"command is not executable: {exc.filename!r}", 126) from None
-
-    def forward(signum: int, _frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    started.append(child)
+    _record_pgid(child.pid)
+    for signum in pending:
+        forward(signum, None)
     timer = None
     timed_out = threading.Event()
     if timeout:
         def expire() -> None:
             timed_out.set()
-            forward(signal.SIGTERM, None)
-            time.sleep(5)
+            kill_group(signal.SIGTERM)
+            time.sleep(_kill_grace())
             if child.poll() is None:
-                forward(signal.SIGKILL, None)
+                kill_group(signal.SIGKILL)
 
         timer = threading.Timer(timeout, expire)
         timer.daemon = True
         timer.start()
     assert child.stdout is not None
-    out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
-    for raw in iter(child.stdout.readline, b""):
-        if out is not None:
-            out.write(raw)
-            out.flush()
-        else:
-            sys.stdout.write(raw.decode(errors="replace"))
-        collector.line(raw.decode(errors="replace"))
+    relay = _Relay(collector)
+    fd = child.stdout.fileno()
+    # os.read returns as soon as any output is there: a line a minute is relayed at once. A step that
+    # writes in small pieces (an unbuffered Python step makes one write per print argument) would wake the
+    # relay for each; after a short read it lets the pipe fill for a millisecond, so a chatty step is
+    # relayed in large reads (the pipe's own buffer bounds it; a full pipe only makes the step wait).
+    while chunk := os.read(fd, _CHUNK):
+        relay.feed(chunk)
+        if len(chunk) < _CHUNK:
+            time.sleep(_COALESCE_SECONDS)
+    relay.finish()
+    child.stdout.close()
     code = child.wait()
     if timer:
         timer.cancel()
+    for pending_kill in escalation:
+        pending_kill.cancel()
     if timed_out.is_set():
         raise StepError(f"the step ran longer than its timeout of {timeout:g}s", EXIT_TIMEOUT)
     if code < 0:  # killed by a signal: report it the way shells do
         code = 128 - code
+    if received and code != 0:
+        asked = signal.Signals(received[0]).name
+        if code == 128 + signal.SIGKILL:
+            raise StepError(f"the step was stopped: it did not end within {_kill_grace():g}s of {asked} and was "
+                            f"killed by SIGKILL (exit {code})", code)
+        raise StepError(f"the step was stopped by {asked} (exit {code})", code)
     return code
 
 
@@ -454,7 +607,8 @@ def run(step: dict[str, Any]) -> int:
             exit_code = _run_command(step, _env_for(step, inputs, outputs), values, collector, timeout)
         manifest["exit_code"] = exit_code
         if exit_code != 0:
-            raise StepError(f"the step exited with code {exit_code}", exit_code)
+            raise StepError(_killed_message(exit_code) if exit_code > 128 else
+                            f"the step exited with code {exit_code}", exit_code)
         missing = [name for name, path in outputs.items() if not os.path.exists(path)]
         if missing:
             raise StepError(
@@ -529,6 +683,21 @@ def launch_command(python: str = "python3") -> list[str]:
     callable step re-enables them before importing the step's code).
     """
     return [python, "-S", "-c", source()]
+
+
+def launch_from_file(python: str = "python3", path: str | None = None) -> list[str]:
+    """argv that runs this runtime from its file where the step's machine has it (the local backend).
+
+    Imported, not run as a script: Python compiles a script on every start but caches an imported module's
+    bytecode in ``__pycache__``, which saves the compile (a few ms) of every step after the first. The
+    directory is on ``sys.path`` only for that import, and the module leaves ``sys.modules`` at once, so
+    a step's own module named ``runtime`` is not shadowed.
+    """
+    path = os.path.abspath(path or __file__)
+    directory, module = os.path.split(os.path.splitext(path)[0])
+    boot = (f"import sys; sys.path.insert(0, {directory!r}); import {module} as _rt; del sys.path[0]; "
+            f"del sys.modules[{module!r}]; sys.exit(_rt.main())")
+    return [python, "-S", "-c", boot]
 
 
 def _main() -> int:

@@ -39,6 +39,8 @@ STEPS = {
     "no-op": ["python3", "-c", "pass"],
     "1-second": ["python3", "-c", "import time; time.sleep(1)"],
 }
+#: With --chatty: a step printing 200k lines (issue 11), its log streamed on both sides.
+CHATTY = {"200k lines": ["python3", "-c", "for i in range(200000): print('line', i)"]}
 
 
 def finished_at(attrs: dict[str, Any], key: str = "FinishedAt") -> float:
@@ -152,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", "-n", type=int, default=10)
     parser.add_argument("--phases", action="store_true", help="also print where our time goes")
+    parser.add_argument("--chatty", action="store_true", help="run only the 200k-line step")
     args = parser.parse_args(argv)
+    steps = CHATTY if args.chatty else STEPS
     # Importing Airflow configures its logging; quieten it afterwards. The operator and our backend log
     # every step, and the operator warns that it runs outside a task runner: a table needs none of it.
     import airflow.providers.docker.operators.docker  # noqa: F401
@@ -177,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     ours: dict[str, list[dict[str, float]]] = defaultdict(list)
     theirs: dict[str, list[dict[str, float]]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="bench-docker-") as artifact_root:
-        for command in STEPS.values():  # warm-up, untimed: first-use costs on both sides
+        for command in steps.values():  # warm-up, untimed: first-use costs on both sides
             run_ours(backend_class, command, artifact_root, probe)
             run_theirs(command, probe)
         for i in range(args.iterations):
-            for name, command in STEPS.items():
+            for name, command in steps.items():
                 pair = [lambda c=command, n=name: ours[n].append(run_ours(backend_class, c, artifact_root, probe)),
                         lambda c=command, n=name: theirs[n].append(run_theirs(c, probe))]
                 for run in pair if i % 2 == 0 else reversed(pair):
@@ -192,17 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = table
     print(f"Docker engine {version['Version']} (API {version['ApiVersion']}, storage {info['Driver']}), "
           f"image `{RUNNER_IMAGE}`, {args.iterations} iterations per step, alternating.\n")
-    print("| step | docker backend (median s) | DockerOperator (median s) | ratio |")
+    print("| step | docker backend, median s (min–max) | DockerOperator, median s (min–max) | ratio |")
     print("|---|---:|---:|---:|")
-    for name in STEPS:
-        mine = statistics.median(r["total"] for r in ours[name])
-        other = statistics.median(r["total"] for r in theirs[name])
-        print(f"| {name} | {mine:.3f} | {other:.3f} | {mine / other:.2f}× |")
+    for name in steps:
+        mine_all = [r["total"] for r in ours[name]]
+        other_all = [r["total"] for r in theirs[name]]
+        mine, other = statistics.median(mine_all), statistics.median(other_all)
+        print(f"| {name} | {mine:.3f} ({min(mine_all):.3f}–{max(mine_all):.3f}) | "
+              f"{other:.3f} ({min(other_all):.3f}–{max(other_all):.3f}) | {mine / other:.2f}× |")
     print("\nMilliseconds from the container's exit (`State.FinishedAt`) to ... (median / max over all runs):\n")
     print("| | docker backend | DockerOperator |")
     print("|---|---:|---:|")
-    every_ours = [r for name in STEPS for r in ours[name]]
-    every_theirs = [r for name in STEPS for r in theirs[name]]
+    every_ours = [r for name in steps for r in ours[name]]
+    every_theirs = [r for name in steps for r in theirs[name]]
 
     def cell(values: list[float]) -> str:
         return f"{statistics.median(values):.1f} / {max(values):.1f}"
@@ -213,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\nContainer run time, `StartedAt` → `FinishedAt` (median ms): what runs inside the container.\n")
     print("| step | docker backend (runtime + command) | DockerOperator (command) |")
     print("|---|---:|---:|")
-    for name in STEPS:
+    for name in steps:
         print(f"| {name} | {statistics.median(r['ran_ms'] for r in ours[name]):.0f} | "
               f"{statistics.median(r['ran_ms'] for r in theirs[name]):.0f} |")
     if args.phases:
         print("\n| step | submit (s) | wait (s) | result + mark + cleanup (s) |")
         print("|---|---:|---:|---:|")
-        for name in STEPS:
+        for name in steps:
             med = {k: statistics.median(r[k] for r in ours[name]) for k in ("submit", "wait", "finish")}
             print(f"| {name} | {med['submit']:.3f} | {med['wait']:.3f} | {med['finish']:.3f} |")
     return 0

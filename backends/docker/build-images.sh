@@ -104,14 +104,42 @@ apt_mirror() {
     done
 }
 
+# apt-get that waits for another apt/dpkg (unattended-upgrades, a second CI job) instead of failing at once.
+# -o DPkg::Lock::Timeout makes apt wait for the dpkg locks (apt >= 1.9.11), but `apt-get update` takes the
+# lists lock (/var/lib/apt/lists/lock) without waiting even with that option (seen with apt 2.6.1): a
+# "Could not get lock" answer is retried every 5 s until APT_LOCK_WAIT seconds have passed.
+APT_LOCK_WAIT="${APT_LOCK_WAIT:-600}"
+APT_LOCK_RETRY_SECONDS="${APT_LOCK_RETRY_SECONDS:-5}"
+apt_get() {
+    local deadline=$((SECONDS + APT_LOCK_WAIT)) err rc
+    err="$(mktemp)"
+    while true; do
+        rc=0
+        apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" 2>"$err" || rc=$?
+        if [ "$rc" -eq 0 ]; then
+            cat "$err" >&2
+            rm -f "$err"
+            return 0
+        fi
+        if grep -q 'Could not get lock' "$err" && [ "$SECONDS" -lt "$deadline" ]; then
+            say "another apt holds its lock ($(grep -m1 -o 'held by process [0-9]* ([^)]*)' "$err" || true)); waiting"
+            sleep "$APT_LOCK_RETRY_SECONDS"
+            continue
+        fi
+        cat "$err" >&2
+        rm -f "$err"
+        return "$rc"
+    done
+}
+
 ensure_debootstrap() {
     if command -v debootstrap >/dev/null 2>&1 && [ -s /usr/share/keyrings/debian-archive-keyring.gpg ]; then
         return
     fi
     say "installing debootstrap"
     export DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends debootstrap debian-archive-keyring >/dev/null
+    apt_get update -qq
+    apt_get install -y -qq --no-install-recommends debootstrap debian-archive-keyring >/dev/null
 }
 
 # Make the root file system small: no apt lists or package cache, no docs, man pages or translations
@@ -185,7 +213,10 @@ make_base_tarball() {
     install_pythran_stub "$root"
     say "apt-get install $PACKAGES (inside the new root)"
     mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"
-    # debootstrap copied the host's resolv.conf in, so apt inside the chroot resolves the mirror.
+    # debootstrap copied the host's resolv.conf in, so apt inside the chroot resolves the mirror. This apt
+    # needs no lock wait: its locks are the new root's own (/var/lib/dpkg and /var/lib/apt/lists under a
+    # fresh mktemp directory), which no other process can hold. (Left as it is, too, because this function's
+    # text is part of the base image's recipe hash: a change would rebuild the base from the mirror.)
     if ! chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
         sh -c "apt-get update -qq && apt-get install -y -qq --no-install-recommends $PACKAGES" \
         >"$work/apt.log" 2>&1; then

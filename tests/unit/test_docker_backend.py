@@ -83,7 +83,8 @@ STATE_TABLE = [
     (inspect_doc("exited", 7), RunState.FAILED, 7, "exited with code 7"),
     (inspect_doc("exited", 137), RunState.FAILED, 137, "SIGKILL"),
     (inspect_doc("exited", 137, oom=True, memory=64 * 1024**2), RunState.FAILED, 137,
-     "OOMKilled: the step used more than its memory limit of 64 MiB; raise resources.memory"),
+     "OOMKilled: the step used more than its memory limit of 64 MiB and the kernel killed it (exit 137); "
+     "raise resources.memory"),
     (inspect_doc("exited", 143, name="/dag-train-abc.cancelled"), RunState.CANCELLED, 143, "cancelled"),
     # It finished on its own just before the cancel landed: its own outcome stands.
     (inspect_doc("exited", 0, name="/dag-train-abc.cancelled"), RunState.SUCCEEDED, 0, ""),
@@ -104,6 +105,13 @@ def test_every_engine_state_maps(doc, state, code, text):
     assert status.exit_code == code
     assert text in status.message
     assert status.remote_state == doc["State"]["Status"]
+
+
+def test_oom_killed_is_the_statuss_reason_and_other_failures_have_none():
+    # RunStatus.reason carries the engine's own word, so the task's error leads with it (issue 8 item 6).
+    assert status_from_inspect(inspect_doc("exited", 137, oom=True, memory=64 * 1024**2)).reason == "OOMKilled"
+    assert status_from_inspect(inspect_doc("exited", 137)).reason == ""
+    assert status_from_inspect(inspect_doc("exited", 1)).reason == ""
 
 
 def test_unknown_engine_state_keeps_waiting_and_warns(caplog):
@@ -801,3 +809,33 @@ def test_close_leaves_an_injected_client_open(tmp_path):
     b, api = backend()
     b.close()
     assert ("close", None) not in api.calls
+
+
+def test_find_adopts_the_oldest_of_several_containers_deterministically(tmp_path):
+    # The contract (core.backend.Backend.find): with several jobs for one identity, every caller adopts
+    # the oldest; the engine's list order is not creation order, so it must not decide.
+    b, api = backend()
+    request = make_request(tmp_path)
+    labels = container_request(DockerConfig(), request, {}, {})["create"]["labels"]
+    api.list_result = [
+        {"Id": "3" * 64, "Names": ["/c"], "State": "running", "Labels": labels, "Created": 30},
+        {"Id": "2" * 64, "Names": ["/b"], "State": "running", "Labels": labels, "Created": 10},
+        {"Id": "1" * 64, "Names": ["/a"], "State": "exited", "Labels": labels, "Created": 10},
+    ]
+    found = b.find(request.identity)
+    assert found is not None and found.job_id == "1" * 12
+    api.list_result.reverse()
+    assert b.find(request.identity).job_id == "1" * 12
+
+
+def test_submit_is_idempotent_by_the_containers_name():
+    # A deterministic name and the engine's 409 Conflict on a second create (covered by the reuse tests
+    # above) make a retried submit adopt the first container: the lifecycle may retry at once.
+    assert DockerBackend.idempotent_submit is True
+    assert DockerBackend.create_settle_seconds > 0
+
+
+def test_default_stop_timeout_is_shorter_than_the_task_supervisors_escalation():
+    # airflow/sdk/execution_time/supervisor.py WatchedSubprocess.kill(escalation_delay=5.0): a cancel
+    # that takes longer is cut short by the SIGKILL of the task process before it is confirmed.
+    assert DockerConfig().stop_timeout < 5.0

@@ -144,15 +144,115 @@ def test_termination_message_fits_the_kubernetes_limit(tmp_path):
     assert json.loads((tmp_path / "term").read_text())["status"] == "succeeded"
 
 
-def test_sigterm_ends_a_command_step_promptly(tmp_path):
-    import signal
+def start_runtime(tmp_path, step: dict, **env: str) -> subprocess.Popen:
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "m.json"), **step}
+    return subprocess.Popen([sys.executable, runtime.__file__], stdout=subprocess.PIPE,
+                            env={**os.environ, "REMOTE_ML_STEP": json.dumps(step),
+                                 "REMOTE_ML_PGID_FILE": str(tmp_path / "pgid"), **env})
+
+
+def wait_for_file(path, proc: subprocess.Popen, bound: float = 60.0) -> str:
+    """The file's content once it exists (bounded; fails early if the runtime has exited)."""
     import time
 
-    step = {"protocol_version": 1, "command": ["sleep", "60"], "manifest_uri": str(tmp_path / "m.json")}
-    proc = subprocess.Popen([sys.executable, runtime.__file__], env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)})
-    time.sleep(0.5)
+    deadline = time.monotonic() + bound
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"the runtime exited ({proc.returncode}) before writing {path}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+    return open(path).read()
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any non-zombie process is in the group (a zombie is dead, just not reaped yet)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            raw = open(f"/proc/{name}/stat", "rb").read()
+        except OSError:
+            continue
+        fields = raw[raw.rfind(b")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def test_sigterm_ends_a_command_step_promptly(tmp_path):
+    import signal
+
+    proc = start_runtime(tmp_path, {"command": ["sleep", "60"]})
+    wait_for_file(tmp_path / "pgid", proc)  # the step is running: not a fixed sleep
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert manifest["error"] == "the step was stopped by SIGTERM (exit 143)"
+
+
+def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_with_its_whole_group(tmp_path):
+    """The runtime escalates by itself: whoever sent SIGTERM (a task process) may be dead by now."""
+    import signal
+
+    ready = tmp_path / "ready"
+    proc = start_runtime(tmp_path, {"command": f"trap '' TERM; touch {ready}; sleep 150 & sleep 150", "shell": True},
+                         REMOTE_ML_KILL_GRACE="0.5")
+    pgid = int(wait_for_file(tmp_path / "pgid", proc).split()[0])
+    try:
+        wait_for_file(ready, proc)  # SIGTERM is ignored from here on
+        assert pgid != os.getpgid(proc.pid), "the command runs in a process group of its own"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGKILL
+        assert not group_alive(pgid), "a process of the step survived"
+    finally:  # whatever failed, nothing of this test outlives it
+        for kill in (lambda: os.killpg(pgid, signal.SIGKILL), proc.kill):
+            try:
+                kill()
+            except ProcessLookupError:
+                pass
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert manifest["error"] == ("the step was stopped: it did not end within 0.5s of SIGTERM and was killed "
+                                 "by SIGKILL (exit 137)")
+
+
+def test_a_step_killed_by_sigkill_says_so_in_plain_words(tmp_path):
+    proc, manifest = run_step(tmp_path, {"command": [
+        sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]})
+    assert proc.returncode == 137
+    assert manifest["exit_code"] == 137
+    assert manifest["error"].startswith("the step's process was killed by SIGKILL (exit 137; often the kernel's "
+                                        "OOM killer")
+    assert "resources.memory" in manifest["error"]
+
+
+def test_output_is_relayed_as_soon_as_it_arrives_even_without_a_newline(tmp_path):
+    """A step printing a progress bar (or a line a minute) is shown at once, not when a newline comes."""
+    go = tmp_path / "go"
+    code = (f"import os, sys, time\nsys.stdout.write('epoch 1/3 '); sys.stdout.flush()\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.02)\nprint('done')")
+    proc = start_runtime(tmp_path, {"command": [sys.executable, "-c", code]})
+    assert proc.stdout is not None
+    try:
+        seen = os.read(proc.stdout.fileno(), 100)  # blocks until the runtime relays something
+    finally:
+        go.write_text("")  # the step ends even when this test fails (a relay that never relays)
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0
+    assert seen == b"epoch 1/3 "
+    assert seen + rest == b"epoch 1/3 done\n"
+
+
+def test_metrics_lines_split_across_reads_are_parsed_and_huge_lines_relayed_only(tmp_path):
+    big = {"blob": "x" * 200_000}  # larger than one 64 KiB read
+    code = ("import json, sys\n"
+            "for i in range(20000): print(i)\n"
+            "print(json.dumps({'blob': 'x' * 200_000}))\n"
+            "print('y' * (3 << 20))\n"  # a 3 MiB line: relayed, never buffered for metrics
+            "print(json.dumps({'loss': 0.5}), end='')\n")  # the last line has no newline
+    proc, manifest = run_step(tmp_path, {"command": [sys.executable, "-c", code]})
+    assert proc.returncode == 0, proc.stderr
+    assert manifest["metrics"] == {**big, "loss": 0.5}
+    lines = proc.stdout.split("\n")
+    assert lines[:3] == ["0", "1", "2"] and len(lines[20001]) == 3 << 20 and lines[-1] == '{"loss": 0.5}'
 
 
 def test_env_carried_in_the_step_reaches_it_and_the_platform_env_wins(tmp_path):
@@ -172,3 +272,19 @@ def test_step_from_a_file_argument(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 2}
+
+
+def test_launched_from_its_file_it_runs_and_does_not_shadow_a_steps_runtime_module(tmp_path):
+    (tmp_path / "runtime.py").write_text("WHO = 'the step'\n")
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "manifest.json"),
+            "command": [sys.executable, "-c", "print('{\"ok\": 3}')"]}
+    proc = subprocess.run(runtime.launch_from_file(sys.executable), env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 3}
+    (tmp_path / "steps2.py").write_text("def who():\n    import runtime\n    print(runtime.WHO)\n")
+    step = {**step, "command": None, "callable": "steps2:who", "python_path": [str(tmp_path)]}
+    proc = subprocess.run(runtime.launch_from_file(sys.executable), env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "the step" in proc.stdout

@@ -64,6 +64,14 @@ class DockerBackend(Backend):
     # wait() returns when the container stops; the policy only bounds how often logs are fetched.
     poll_policy = PollPolicy(first_delay=0.5, factor=1.5, cap=5.0)
     has_job_page = False
+    # The container's name is the identity's (deterministic): a second create for the same step answers
+    # 409 Conflict and submit() adopts the container that holds the name, so an ambiguous submit can be
+    # retried at once. The engine reserves the name at the start of a create, before it answers.
+    idempotent_submit = True
+    # A create is one synchronous call on the engine: once it has taken effect, the container is listed
+    # by label at once. The bound covers a create still running on a loaded engine when its client
+    # timed out (layer set-up of a large image takes seconds, not minutes).
+    create_settle_seconds = 10.0
     config: DockerConfig
 
     def __init__(self, config: DockerConfig, api_client: Any = None) -> None:
@@ -272,8 +280,10 @@ class DockerBackend(Backend):
                       and c.get("State") != "created"]
         if not candidates:
             return None
-        newest = max(candidates, key=lambda c: c.get("Created") or 0)
-        return self._handle(newest["Id"], (newest.get("Names") or ["/"])[0], newest.get("Labels") or {}, identity)
+        # Several can exist only when one was renamed away (a mark whose name was taken): every caller adopts
+        # the oldest, ties broken by id, so two workers never pick different ones.
+        oldest = min(candidates, key=lambda c: (c.get("Created") or 0, c.get("Id") or ""))
+        return self._handle(oldest["Id"], (oldest.get("Names") or ["/"])[0], oldest.get("Labels") or {}, identity)
 
     # -- status, waiting, logs --------------------------------------------------------------------------------
 

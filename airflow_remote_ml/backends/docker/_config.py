@@ -76,7 +76,9 @@ class DockerConfig(BackendConfig):
     mounts: list[Any] = field(default_factory=list)
     volumes: dict[str, Any] | list[str] = field(default_factory=dict)
     python: str = "python3"
-    stop_timeout: float = 10.0
+    # Airflow's task supervisor SIGKILLs a task process 5 s after SIGTERM (task-sdk supervisor.py,
+    # WatchedSubprocess.kill(escalation_delay=5.0)): the cancel's stop must be confirmed before that.
+    stop_timeout: float = 3.0
     user: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     init: bool = True

@@ -51,11 +51,15 @@ def status_from_inspect(attrs: Mapping[str, Any]) -> RunStatus:
         return RunStatus(RunState.RUNNING, status, "paused; it resumes with 'docker unpause'")
     if status in ("exited", "removing", "dead"):
         if state.get("OOMKilled"):
+            # The engine sets State.OOMKilled when the kernel's OOM killer fired in the container's memory
+            # cgroup, whichever process it chose: usually the step's command (the biggest), while the
+            # runtime survives and records "killed by SIGKILL" (seen on Docker 20.10, cgroup v1; asserted by
+            # tests/integration/test_docker_backend.py::test_out_of_memory_says_so).
             limit = (attrs.get("HostConfig") or {}).get("Memory") or 0
             shown = f" of {limit / 1024 ** 2:.0f} MiB" if limit else ""
             return RunStatus(RunState.FAILED, status,
-                             f"OOMKilled: the step used more than its memory limit{shown}; raise resources.memory",
-                             code)
+                             f"OOMKilled: the step used more than its memory limit{shown} and the kernel killed it "
+                             f"(exit {code}); raise resources.memory", code, reason="OOMKilled")
         if cancelled and code != 0:
             return RunStatus(RunState.CANCELLED, status, "cancelled", code)
         if status == "dead":

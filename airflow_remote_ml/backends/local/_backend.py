@@ -1,60 +1,43 @@
-"""The ``local`` backend: a subprocess on the worker. The embedded default; needs no service.
+"""The local backend's process side: starting the runtime, reading its job directory, stopping it.
 
 Each job gets a directory named after its identity under ``state_dir``, holding the step's JSON, its log,
-its pid and, once it ends, its exit code. The process runs in its own session, so it outlives a crashed
-worker and a retry reattaches to it through that directory.
+the runtime's pid, the step command's process group (``pgid``, written by the runtime) and, once it ends,
+its exit code. The runtime runs in its own session, so it outlives a crashed worker and a retry reattaches
+to it through that directory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from airflow_remote_ml import runtime
+from airflow_remote_ml.backends.local._config import LocalConfig, step_environment
+from airflow_remote_ml.backends.local._procs import (
+    StepProcesses,
+    group_leader_matches,
+    orphaned_group,
+    pidfd,
+    stop,
+    wait_for_exit,
+)
 from airflow_remote_ml.core.artifacts import is_local, local_path
-from airflow_remote_ml.core.backend import Backend, BackendConfig, StepRequest
-from airflow_remote_ml.core.errors import ConfigError
+from airflow_remote_ml.core.backend import Backend, StepRequest
+from airflow_remote_ml.core.errors import ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
 
 log = logging.getLogger(__name__)
 
-_FILES = ("step.json", "log", "pid", "exit_code", "cancelled", "finished")
-
-
-def default_state_dir() -> str:
-    return os.environ.get("REMOTE_ML_LOCAL_STATE_DIR") or os.path.join(
-        os.path.expanduser("~"), "airflow-remote-ml", "local-jobs")
-
-
-@dataclass(frozen=True)
-class LocalConfig(BackendConfig):
-    """Settings of the local backend.
-
-    Attributes:
-        state_dir: where job directories live; must survive a worker restart for reattachment.
-        python: the interpreter that runs the step (default: the worker's own).
-        inherit_sys_path: give the step the worker's ``sys.path`` (so DAG-folder code imports).
-        kill_grace_seconds: time between SIGTERM and SIGKILL on cancel.
-        secrets_from: ``'airflow'`` (Airflow Variables) or ``'env'`` (the worker's environment).
-    """
-
-    state_dir: str = field(default_factory=default_state_dir)
-    python: str = field(default_factory=lambda: sys.executable)
-    inherit_sys_path: bool = True
-    kill_grace_seconds: float = 10.0
-    secrets_from: str = "airflow"
-
-    strict_profiles: ClassVar[bool] = False
+_FILES = ("step.json", "log", "pid", "pgid", "exit_code", "cancelled", "finished")
 
 
 class LocalBackend(Backend):
@@ -62,13 +45,16 @@ class LocalBackend(Backend):
     config_class = LocalConfig
     option_names = frozenset({"cwd"})
     poll_policy = PollPolicy(first_delay=0.05, factor=1.5, cap=2.0)
+    # One job directory per identity, and submit() adopts a live process already running in it (the
+    # 409 of a deterministic container name, on the file system): a second submit cannot start a second
+    # step. There is no ambiguous outcome to settle: the pid file exists before submit() returns.
+    idempotent_submit = True
+    create_settle_seconds = 0.0
     config: LocalConfig
 
     def __init__(self, config: LocalConfig) -> None:
         super().__init__(config)
-        if config.secrets_from not in ("airflow", "env"):
-            raise ConfigError("backend_config[local].secrets_from", f"{config.secrets_from!r} is not known",
-                              "use 'airflow' or 'env'")
+        config.check()
         # Processes started by this object: waiting on them notices the exit at once.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -112,6 +98,10 @@ class LocalBackend(Backend):
     def submit(self, request: StepRequest) -> RunHandle:
         job_id = request.identity.digest
         job_dir = self._job_dir(job_id)
+        existing = self.find(request.identity)
+        if existing is not None and self._alive(existing):
+            log.info("local: step %s is already running; adopting it", request.identity.key)
+            return existing
         os.makedirs(job_dir, exist_ok=True)
         for name in _FILES:  # a job directory is only reused for the same identity after a failed start
             with contextlib.suppress(FileNotFoundError):
@@ -119,22 +109,36 @@ class LocalBackend(Backend):
         step = request.runtime_config(python_path=list(sys.path) if self.config.inherit_sys_path else [])
         with open(os.path.join(job_dir, "step.json"), "w", encoding="utf-8") as fh:
             json.dump({**step, "identity": request.identity.to_json()}, fh)
-        env = {**os.environ, **request.spec.env, **self._secret_env(request)}
-        env["REMOTE_ML_STEP_FILE"] = os.path.join(job_dir, "step.json")
-        env["REMOTE_ML_EXIT_FILE"] = os.path.join(job_dir, "exit_code")
-        env["PYTHONUNBUFFERED"] = "1"
+        # Python steps' prints reach the log as they happen (a pipe would block-buffer them), unless the
+        # spec says otherwise: env={"PYTHONUNBUFFERED": ""} buys a chatty step's speed back.
+        spec_env = {"PYTHONUNBUFFERED": "1", **request.spec.env}
+        env = step_environment(os.environ, self.config.inherit_env, spec_env, self._secret_env(request), {
+            "REMOTE_ML_STEP_FILE": os.path.join(job_dir, "step.json"),
+            "REMOTE_ML_EXIT_FILE": os.path.join(job_dir, "exit_code"),
+            # The runtime records the command's process group here, so cancel() reaches it too; and
+            # escalates to SIGKILL on its own after this grace, should the caller die mid-cancel.
+            "REMOTE_ML_PGID_FILE": os.path.join(job_dir, "pgid"),
+            "REMOTE_ML_KILL_GRACE": f"{self.config.kill_grace_seconds:g}",
+        })
         cwd = request.spec.options_for(self.name).get("cwd") or job_dir
         with open(os.path.join(job_dir, "log"), "ab") as log_file:
-            child = subprocess.Popen(
-                # By file path: works for an interpreter that does not have this package installed.
-                [self.config.python, "-S", runtime.__file__],
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # outlives the worker; a retry reattaches
-            )
+            try:
+                child = subprocess.Popen(
+                    # By file path (works for an interpreter without this package), bytecode cached.
+                    runtime.launch_from_file(self.config.python),
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # outlives the worker; a retry reattaches
+                )
+            except (FileNotFoundError, PermissionError) as exc:
+                # Popen raises before anything runs: surely not started, and a retry cannot help.
+                raise ConfigError("backend_config[local].python", f"{self.config.python!r} cannot be run "
+                                  f"({exc.strerror})", "give the path of a Python 3 interpreter") from None
+            except OSError as exc:  # EAGAIN/ENOMEM from fork: not started; the machine may recover
+                raise TransientBackendError(self.name, f"could not start the step's process: {exc}") from exc
         self._children[job_id] = child
         with open(os.path.join(job_dir, "pid"), "w", encoding="utf-8") as fh:
             fh.write(f"{child.pid} {_start_time(child.pid)}")
@@ -177,13 +181,17 @@ class LocalBackend(Backend):
         return RunStatus(RunState.LOST, "gone", "the process ended without reporting an exit code", exit_code)
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        # The runtime writes its exit file just before exiting: once the process is gone, poll() knows.
+        pid = self._waitable_pid(handle)
+        if pid is not None and wait_for_exit(pid, timeout) is not None:
+            self._reap(handle)
+            return self.poll(handle)
         child = self._children.get(handle.job_id)
         if child is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout)
-            # The runtime writes its exit file just before exiting; the status follows at once.
             return self.poll(handle)
-        # Not our child (a restarted worker): look at the exit file often, it is a cheap stat().
+        # Not our child and no pidfd: look at the exit file often, it is a cheap stat().
         deadline = time.monotonic() + timeout
         while True:
             status = self.poll(handle)
@@ -191,25 +199,70 @@ class LocalBackend(Backend):
                 return status
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
-    def cancel(self, handle: RunHandle) -> None:
-        job_dir = handle.data["job_dir"]
-        if _read(os.path.join(job_dir, "exit_code")) is not None:
-            return
-        with open(os.path.join(job_dir, "cancelled"), "w", encoding="utf-8") as fh:
-            fh.write(str(time.time()))
-        pid = self._pid(handle)
-        if pid is None or not self._alive(handle):
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.config.kill_grace_seconds
-        while self._alive(handle) and time.monotonic() < deadline:
-            self._reap(handle)
-            time.sleep(0.05)
-        if self._alive(handle):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
+    async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """The trigger's wait: the event loop watches the runtime's pidfd, so the exit wakes it at once
+        and no thread is held per waiting step."""
+        pid = self._waitable_pid(handle)
+        fd = pidfd(pid) if pid is not None else None
+        if fd is None:
+            return await asyncio.to_thread(self.wait, handle, timeout)
+        if fd >= 0:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(fd, on_exit)
+            try:
+                await asyncio.wait_for(exited, timeout)
+            except TimeoutError:
+                pass
+            finally:
+                loop.remove_reader(fd)
+                os.close(fd)
         self._reap(handle)
+        return await self.apoll(handle)
+
+    def _waitable_pid(self, handle: RunHandle) -> int | None:
+        child = self._children.get(handle.job_id)
+        if child is not None:
+            return child.pid if child.returncode is None else None
+        return self._pid(handle) if self._alive(handle) else None
+
+    def cancel(self, handle: RunHandle) -> None:
+        """SIGTERM, ``kill_grace_seconds`` to end, then SIGKILL of every process of the step.
+
+        Returns once none is left (or after a short bound for processes that cannot die, logged).
+        The same call serves the worker and the trigger (``acancel``), from any process.
+        """
+        job_dir = handle.data["job_dir"]
+        if _read(os.path.join(job_dir, "exit_code")) is None:
+            with open(os.path.join(job_dir, "cancelled"), "w", encoding="utf-8") as fh:
+                fh.write(str(time.time()))
+        step = self._processes(handle)
+        runtime_alive = self._alive(handle)
+        # The runtime forwards SIGTERM to the command's group: it arrives there once. Without a runtime
+        # the groups get it directly. A finished runtime may leave background processes: killed too.
+        term_group = step.runtime_pid if runtime_alive else None
+        if not stop(step, self.config.kill_grace_seconds, term_group=term_group,
+                    reap=lambda: self._reap(handle)):
+            log.warning("local: processes of job %s survived SIGKILL (uninterruptible I/O?)", handle.job_id)
+        self._reap(handle)
+
+    def _processes(self, handle: RunHandle) -> StepProcesses:
+        runtime_pid = self._pid(handle) if self._alive(handle) else None
+        groups = {runtime_pid} if runtime_pid is not None else set()
+        recorded = self._pid(handle)
+        if runtime_pid is None and recorded is not None and orphaned_group(recorded):
+            groups.add(recorded)  # the runtime died; what it left in its group is still the step
+        text = _read(os.path.join(handle.data["job_dir"], "pgid"))
+        if text:
+            pgid_text, _, start = text.partition(" ")
+            if group_leader_matches(int(pgid_text), start):
+                groups.add(int(pgid_text))
+        return StepProcesses(runtime_pid, groups)
 
     def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
         offset = int(cursor or 0)
