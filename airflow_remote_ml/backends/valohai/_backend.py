@@ -20,10 +20,16 @@ from airflow_remote_ml.backends.valohai._execution import (
     IDENTITY_TAG_PREFIX,
     MANIFEST_NAME,
     RUNTIME_INPUT_SLOTS,
+    LogCursor,
     ValohaiConfig,
     _handle_data,
     build_execution,
     event_line,
+    events_to_fetch,
+    explain_failure,
+    flag,
+    input_url_problem,
+    input_urls,
     map_status,
     match_outputs,
     new_events,
@@ -32,13 +38,16 @@ from airflow_remote_ml.backends.valohai._execution import (
 )
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
-from airflow_remote_ml.core.errors import ArtifactError, ConfigError, TransientBackendError
+from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.spec import reject_unknown_options
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
 log = logging.getLogger(__name__)
+
+#: The longest client request timeout this backend accepts: create_settle_seconds must outlast it.
+MAX_REQUEST_TIMEOUT = 60.0
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
@@ -51,6 +60,15 @@ class ValohaiBackend(Backend):
     # Executions take minutes; starting a machine alone takes a while. Ask often at first, then calmly.
     poll_policy = PollPolicy(first_delay=1.0, factor=1.5, cap=30.0)
     has_job_page = True
+    # Valohai has no idempotency token: POST /api/v0/executions/ takes no client request id (valohai-cli's
+    # run command sends project, commit, step, parameters, inputs, environment, image, title and
+    # environment_variables only), so the same identity submitted twice is two executions. Exactly once
+    # rests on the identity tag that find() looks up.
+    idempotent_submit: ClassVar[bool] = False
+    # A create whose answer was lost is visible at once, but one still being processed shows up only when
+    # the server finishes it. The server side of a request is bounded by the gateway's timeout (the
+    # longest request_timeout allowed is MAX_REQUEST_TIMEOUT, below it): wait half as long again.
+    create_settle_seconds: ClassVar[float] = 90.0
     config: ValohaiConfig
 
     def __init__(self, config: ValohaiConfig, *, api: ValohaiAPI | None = None) -> None:
@@ -99,6 +117,24 @@ class ValohaiBackend(Backend):
             if key in options and not isinstance(options[key], kind):
                 raise ConfigError(f"backend_options.valohai.{key}", f"expected a {kind.__name__}",
                                   "see docs/backends/valohai.md")
+        if not 0 < settings.request_timeout <= MAX_REQUEST_TIMEOUT:
+            raise ConfigError("backend_config[valohai].request_timeout",
+                              f"{settings.request_timeout!r} is not between 0 and {MAX_REQUEST_TIMEOUT:g} seconds",
+                              f"a create that outlasts the timeout is looked up for {self.create_settle_seconds:g}"
+                              " s before a new submit; keep request_timeout at most "
+                              f"{MAX_REQUEST_TIMEOUT:g}")
+        flag(options.get("export_outputs", settings.export_outputs), "backend_options.valohai.export_outputs")
+        given = [(f"inputs.{name}", url) for name, uri in spec.inputs.items() for url in input_urls(uri)]
+        given += [(f"backend_options.valohai.inputs.{name}", url)
+                  for name, value in (options.get("inputs") or {}).items()
+                  for url in ([value] if isinstance(value, str) else list(value))]
+        for field_name, url in given:
+            problem = input_url_problem(url) if isinstance(url, str) else f"{url!r} is not a URL string"
+            if problem:
+                raise ConfigError(field_name, problem,
+                                  "pass the datum:// URI of a Valohai output (set export_outputs false on an "
+                                  "upstream Valohai step), or keep artifacts where Valohai can fetch them: an "
+                                  "s3://, gs:// or azure:// [remote_ml] artifact_root the project can read")
         if mode == "runtime" and len(spec.inputs) > len(RUNTIME_INPUT_SLOTS):
             raise ConfigError("inputs", f"the runtime step takes at most {len(RUNTIME_INPUT_SLOTS)} inputs",
                               "pass a directory URI, or run a Valohai step declaring its own inputs")
@@ -165,21 +201,11 @@ class ValohaiBackend(Backend):
             self.api.request("POST", f"projects/{project_id}/fetch/", json_body={})
         if not (request.spec.options_for(self.name).get("commit") or self.settings.commit):
             body["commit"] = self.branch_commit(project_id, str(self.settings.branch))
-        for attempt in range(self.settings.max_retries + 1):
-            try:
-                # Creating is not idempotent: never blindly resent. After a transient failure the server
-                # may have created it anyway, so look for the identity tag before trying again.
-                execution = self.api.request("POST", "executions/", json_body=body, retry=False)
-                break
-            except TransientBackendError as exc:
-                found = self.find(request.identity)
-                if found is not None:
-                    return found
-                if attempt == self.settings.max_retries:
-                    raise
-                delay = min(self.settings.max_retry_wait, max(0.5 * 2 ** attempt, exc.retry_after or 0))
-                log.warning("valohai: creating the execution failed (%s); retrying in %.1fs", exc, delay)
-                self.api.sleep(delay)
+        # Sent once: creating is not idempotent. A timeout, a dropped connection or a 5xx leaves the outcome
+        # unknown (the execution may exist), so it surfaces as TransientBackendError and the lifecycle looks
+        # the identity tag up for create_settle_seconds before any new submit; a 429 was refused for now
+        # and carries Retry-After.
+        execution = self.api.request("POST", "executions/", json_body=body, retry=False)
         handle = self._handle(execution, data)
         log.info("valohai: created execution #%s for %s: %s", execution.get("counter"), request.identity.key,
                  handle.url)
@@ -188,18 +214,25 @@ class ValohaiBackend(Backend):
     def find(self, identity: StepIdentity) -> RunHandle | None:
         tag = f"{IDENTITY_TAG_PREFIX}{identity.digest}"
         project_id = self.project_id()
-        # Tags cannot be filtered on: look at running executions first (the usual reattach), then at all.
-        for extra in ({"status": "incomplete"}, {}):
-            params = {"project": project_id, "ordering": "-ctime", "limit": 100, **extra}
-            for scanned, execution in enumerate(self.api.paged("executions/", params)):
-                if scanned >= self.settings.find_scan_limit:
-                    break
-                if tag in (execution.get("tags") or []):
-                    if "environment_variables" not in execution:
-                        execution = self.api.request("GET", f"executions/{execution['id']}/",
-                                                     params={"exclude": "events,metadata"})
-                    return self._handle(execution, _handle_data(execution))
-        return None
+        # Tags cannot be filtered on, so scan the project's newest executions. Every match is collected:
+        # when a retried create made two, all callers must adopt the same one, the oldest.
+        params = {"project": project_id, "ordering": "-ctime", "limit": max(1, self.settings.find_page_size)}
+        matches = []
+        for scanned, execution in enumerate(self.api.paged("executions/", params)):
+            if scanned >= self.settings.find_scan_limit:
+                break
+            if tag in (execution.get("tags") or []):
+                matches.append(execution)
+        if not matches:
+            return None
+        oldest = min(matches, key=lambda e: (str(e.get("ctime") or ""), int(e.get("counter") or 0),
+                                             str(e.get("id"))))
+        if len(matches) > 1:
+            log.warning("valohai: %d executions carry the identity of %s; adopting the oldest, #%s",
+                        len(matches), identity.key, oldest.get("counter"))
+        if "environment_variables" not in oldest:
+            oldest = self.api.request("GET", f"executions/{oldest['id']}/", params={"exclude": "events,metadata"})
+        return self._handle(oldest, _handle_data(oldest))
 
     def poll(self, handle: RunHandle) -> RunStatus:
         if handle.job_id in self._final:
@@ -210,6 +243,8 @@ class ValohaiBackend(Backend):
         except _NotFound:
             return RunStatus(RunState.LOST, "not found", "the Valohai execution no longer exists")
         status = map_status(execution)
+        if status.is_terminal and not status.is_successful:
+            status = explain_failure(status, self._last_events(handle, 40))
         if status.state is RunState.FAILED and handle.data.get("mode") == "runtime":
             status = self._runtime_failure(handle, status)
         if status.is_terminal:
@@ -225,8 +260,12 @@ class ValohaiBackend(Backend):
             return status
         if not manifest:
             return status
-        return RunStatus(status.state, status.remote_state, str(manifest.get("error") or status.message),
-                         manifest.get("exit_code"))
+        # The platform's why (status.message, reason) stays first; the runtime's own words follow.
+        error = str(manifest.get("error") or "")
+        message = f"{status.message}; {error}" if error and error not in status.message else status.message
+        exit_code = manifest.get("exit_code")
+        return RunStatus(status.state, status.remote_state, message,
+                         exit_code if exit_code is not None else status.exit_code, status.reason)
 
     def cancel(self, handle: RunHandle) -> None:
         try:
@@ -236,25 +275,29 @@ class ValohaiBackend(Backend):
         self._final.pop(handle.job_id, None)
 
     def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
-        seen = int(cursor or 0)
+        """New log lines after ``cursor``, de-duplicated by event identity; the cursor is plain JSON."""
+        position = LogCursor.from_json(cursor)
         url = f"executions/{handle.job_id}/events/"
         page = self.api.request("GET", url, params={"limit": max(1, self.settings.log_batch)})
-        events, new_cursor, missing = new_events(page, seen)
-        if missing:
-            # More arrived than the page held: ask again for exactly the new ones (limit counts from the end).
-            page = self.api.request("GET", url, params={"limit": int(page.get("total", 0)) - seen})
-            events, new_cursor, missing = new_events(page, seen)
-            if missing:
-                log.warning("valohai: %d log events of execution %s could not be fetched", missing,
-                            handle.job_id)
-        return LogChunk([event_line(e) for e in events], new_cursor)
+        events = list(page.get("events") or [])
+        fresh, after = new_events(events, position)
+        again = events_to_fetch(int(page.get("total", len(events))), len(events), len(fresh), position)
+        if again:
+            # More arrived than a page holds, or one landed among older events: ask for all unshown ones.
+            page = self.api.request("GET", url, params={"limit": again})
+            fresh, after = new_events(list(page.get("events") or []), position)
+        return LogChunk([event_line(e) for e in fresh], after.to_json())
+
+    def _last_events(self, handle: RunHandle, count: int) -> list[dict[str, Any]]:
+        try:
+            page = self.api.request("GET", f"executions/{handle.job_id}/events/", params={"limit": count})
+        except Exception as exc:  # a courtesy in an error message; never mask the real error
+            log.warning("valohai: could not read the events of execution %s: %s", handle.job_id, exc)
+            return []
+        return sorted(page.get("events") or [], key=lambda e: str(e.get("time", "")))
 
     def log_tail(self, handle: RunHandle, lines: int = 40) -> list[str]:
-        try:
-            page = self.api.request("GET", f"executions/{handle.job_id}/events/", params={"limit": lines})
-        except Exception:  # a courtesy in an error message; never mask the real error
-            return []
-        return [event_line(e) for e in page.get("events") or []]
+        return [event_line(e) for e in self._last_events(handle, lines)]
 
     def fetch_result(self, handle: RunHandle) -> StepResult:
         execution = self.api.request("GET", f"executions/{handle.job_id}/",
