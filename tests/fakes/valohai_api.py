@@ -1762,6 +1762,9 @@ class FakeValohai:
         if ex.oom_killed is not None:
             # The worker sees the container's OOM kill (Docker's State.OOMKilled) and ends the execution in
             # error, saying so in the status stream; the exit code is the main process's, as Docker reports.
+            # Valohai's public docs and valohai-cli do not show the wording of that status event (searched:
+            # valohai/docs, valohai/valohai-cli); the text here is this server's own, and clients must not
+            # match on more than "out of memory".
             self._event(ex, "status", ex.oom_killed)
             self._set_status(ex, "error", f"Process exited with code {proc.returncode}. Execution failed.")
         elif timed_out:
@@ -1861,15 +1864,17 @@ def _parse_duration(raw: Any) -> int | None:
     return total or None
 
 
-def _oom_kill(pgid: int, memory_mib: int) -> str | None:
-    """SIGKILL the biggest process of the step's session once together they use more than ``memory_mib``.
+def _oom_kill(root: int, memory_mib: int) -> str | None:
+    """SIGKILL the biggest process of the step once together its processes use more than ``memory_mib``.
 
     The kernel's OOM killer in a memory-limited cgroup picks the process with the highest badness
-    (about: the largest resident set) and kills it with SIGKILL; the others live on. Returns the
-    message the worker reports, or None while memory is within bounds.
+    (about: the largest resident set) and kills it with SIGKILL; the others live on. The cgroup holds
+    every descendant of the step's command, whatever session or process group it started, so the
+    processes are found by parent pid. Returns the message the worker reports, or None while memory
+    is within bounds.
     """
-    sizes: list[tuple[int, int, str]] = []
     page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    procs: dict[int, tuple[int, int, str]] = {}  # pid -> (ppid, resident KiB, command name)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -1878,15 +1883,19 @@ def _oom_kill(pgid: int, memory_mib: int) -> str | None:
                 stat = fh.read()
             with open(f"/proc/{entry}/statm") as fh:
                 resident = int(fh.read().split()[1]) * page_kib
+            fields = stat[stat.rfind(")") + 2 :].split()
+            procs[int(entry)] = (int(fields[1]), resident, stat[stat.find("(") + 1 : stat.rfind(")")])
         except (OSError, ValueError, IndexError):
             continue
-        comm = stat[stat.find("(") + 1 : stat.rfind(")")]
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid):  # field 5 of stat: the process group
-            sizes.append((resident, int(entry), comm))
-    if sum(size for size, _, _ in sizes) <= memory_mib * 1024:
+    tree = {root} if root in procs else set()
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _, _) in procs.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    if sum(procs[pid][1] for pid in tree) <= memory_mib * 1024:
         return None
-    size, pid, comm = max(sizes)
+    size, pid, comm = max((procs[p][1], p, procs[p][2]) for p in tree)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGKILL)
     return (f"Out of memory: the kernel killed process {pid} ({comm}, {size // 1024} MiB resident); "
