@@ -339,6 +339,53 @@ def test_the_cursor_stays_bounded_and_old_events_never_come_back():
     assert new_events(many, cursor)[0] == []
 
 
+def detail(status: str, evs: list[dict[str, str]]) -> dict[str, Any]:
+    return {"id": "e1", "status": status, "events": evs}
+
+
+def test_a_poll_brings_the_log_along_so_reading_it_costs_no_request():
+    """Before: every wait iteration sent a status request and an events request (4/min at a 30 s cap)."""
+    b, session, handle = backend_reading([
+        detail("started", events("a")),
+        {"total": 1, "truncated": False, "events": events("a")},  # the first read asks the events endpoint
+        detail("started", events("a", "b")),
+        detail("complete", events("a", "b", "c")),
+    ])
+    b.poll(handle)
+    first = b.read_logs(handle, None)
+    b.poll(handle)
+    second = b.read_logs(handle, first.cursor)
+    assert b.poll(handle).is_successful
+    third = b.read_logs(handle, second.cursor)
+    assert (first.lines, second.lines, third.lines) == (["a"], ["b"], ["c"])
+    assert len(session.calls) == 4 and not session.answers
+    assert [c[2] for c in session.calls if c[1].endswith("/e1/")] == [{"exclude": "metadata,outputs"}] * 3
+
+
+def test_detail_events_that_do_not_overlap_the_cursor_send_the_reader_to_the_events_endpoint():
+    b, session, handle = backend_reading([
+        {"total": 1, "truncated": False, "events": events("a")},
+        detail("started", events("y", "z", start=50)),  # a burst: only the newest events came along
+        {"total": 27, "truncated": True, "events": events("y", "z", start=50)},
+        {"total": 27, "truncated": False, "events": [*events("a"), *events(*"bcdefghijklmnopqrstuvwx", start=1),
+                                                       *events("y", "z", start=50)]},
+    ])
+    first = b.read_logs(handle, None)
+    b.poll(handle)
+    chunk = b.read_logs(handle, first.cursor)
+    assert chunk.lines == list("bcdefghijklmnopqrstuvwxyz")
+    assert session.calls[3][2] == {"limit": 27}
+
+
+def test_a_failure_is_explained_from_the_events_that_came_with_the_poll():
+    b, session, handle = backend_reading([detail("error", [
+        ev("Execution started.", 1, "status"), ev("Traceback: boom", 2, "stderr"),
+        ev("Process exited with code 3. Execution failed.", 3, "status")])])
+    status = b.poll(handle)
+    assert (status.state, status.reason, status.exit_code) == (RunState.FAILED, "error", 3)
+    assert len(session.calls) == 1
+
+
 def test_event_ids_follow_valohai_cli():
     """valohai_cli/log_manager.py: md5 of '+'.join((stream, time, message))."""
     import hashlib
