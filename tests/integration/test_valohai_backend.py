@@ -474,3 +474,59 @@ def test_a_branch_runs_its_newest_commit_and_fetch_reveals_a_new_push(valohai, t
     assert valohai.execution(handle.job_id)["commit"]["identifier"] == pushed["identifier"]
     with pytest.raises(ConfigError, match="no commit on branch 'nope'"):
         make_backend(valohai, branch="nope").submit(request(tmp_path, "quick"))
+
+
+# -- deferred waits share one list per project ----------------------------------------------------------
+
+
+def test_deferred_waits_share_one_list_and_ask_only_for_executions_that_left_it(valohai, tmp_path):
+    """Before: every deferred step polled its own execution (and its log) once per period: linear in N."""
+    count = 6
+    valohai.pause_queue()
+    backends = [make_backend(valohai, shared_watch_from=count) for _ in range(count)]
+    handles = [b.submit(request(tmp_path, "quick", task_id=f"step{i}")) for i, b in enumerate(backends)]
+    def own(job_id: str, suffix: str = "/") -> int:
+        return sum(1 for _, path, _ in valohai.request_log if path == f"/api/v0/executions/{job_id}{suffix}")
+
+    async def main() -> list[Any]:
+        waits = [asyncio.create_task(await_completion(b, h, deadline=time.monotonic() + 120))
+                 for b, h in zip(backends, handles, strict=True)]
+        deadline = time.monotonic() + 60
+        while not all(b._watching and b._watching[h.job_id][0].listed_at for b, h in zip(backends, handles,
+                                                                                       strict=True)):
+            assert time.monotonic() < deadline, "the shared list never started"
+            await asyncio.sleep(0.05)
+        before = {h.job_id: (own(h.job_id), own(h.job_id, "/events/")) for h in handles}
+        valohai.resume_queue()
+        outcomes = await asyncio.gather(*waits)
+        for b in backends:
+            await b.aclose()
+        return [before, outcomes]
+
+    before, outcomes = asyncio.run(main())
+    assert all(o.status.is_successful for o in outcomes)
+    for h in handles:
+        gets, event_reads = before[h.job_id]
+        # Once sharing: at most one GET of its own still in flight, then the one after it left the list;
+        # its final log came with that GET.
+        assert own(h.job_id) - gets <= 2, (own(h.job_id), gets)
+        assert own(h.job_id, "/events/") - event_reads <= 1
+    assert valohai.count("GET", "/api/v0/executions/") >= 1  # the list
+    assert valohai.ignored_filters["status"] == 0
+
+
+def test_few_deferred_waits_poll_their_own_execution_with_its_log(valohai, tmp_path):
+    b = make_backend(valohai)  # shared_watch_from=4: one waiter alone polls its execution itself
+    handle = b.submit(request(tmp_path, "chatty"))
+    lines: list[str] = []
+
+    async def main():
+        try:
+            return await await_completion(b, handle, on_line=lines.append, deadline=time.monotonic() + 60)
+        finally:
+            await b.aclose()
+
+    outcome = asyncio.run(main())
+    assert outcome.status.is_successful
+    assert [line for line in lines if line.startswith("line ")] == [f"line {i}" for i in range(30)]
+    assert valohai.count("GET", "/api/v0/executions/") == 0  # no list for a lone waiter

@@ -6,10 +6,12 @@ Request building, the status table, the event cursor and output matching are pur
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, ClassVar
@@ -36,6 +38,7 @@ from airflow_remote_ml.backends.valohai._execution import (
     output_uri,
     step_mode,
 )
+from airflow_remote_ml.backends.valohai._shared import ProjectWatch, watch_for
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
@@ -88,6 +91,10 @@ class ValohaiBackend(Backend):
         self._final: dict[str, RunStatus] = {}
         # The events that came with the latest poll of each execution, not yet read by read_logs.
         self._inline_events: dict[str, list[dict[str, Any]]] = {}
+        # Deferred waits: the shared watch each execution joined (and when), its last status and log read.
+        self._watching: dict[str, tuple[ProjectWatch, float]] = {}
+        self._last_status: dict[str, RunStatus] = {}
+        self._last_log_read: dict[str, float] = {}
 
     # -- checks and lookups ------------------------------------------------------------------------------
 
@@ -356,6 +363,88 @@ class ValohaiBackend(Backend):
 
     def close(self) -> None:
         self.api.close()
+
+    # -- deferred waiting: the shared list of a project (see ._shared) ---------------------------------------
+
+    def _new_api(self) -> ValohaiAPI:
+        api = self.api
+        return ValohaiAPI(api.host, str(self.settings.token), conn_id=api.conn_id, timeout=api.timeout,
+                          max_retries=api.max_retries, max_retry_wait=api.max_retry_wait)
+
+    def _watch(self, handle: RunHandle) -> ProjectWatch | None:
+        joined = self._watching.get(handle.job_id)
+        if joined is not None:
+            return joined[0]
+        project_id = handle.data.get("project_id")
+        if not project_id or self.settings.shared_watch_from <= 0 or not self.settings.token:
+            return None
+        watch = watch_for(self.api.host, str(project_id), self._new_api, period=self.poll_policy.cap,
+                          linger=self.poll_policy.cap * 3, min_waiters=self.settings.shared_watch_from)
+        watch.join()
+        self._watching[handle.job_id] = (watch, time.monotonic())
+        return watch
+
+    def _unwatch(self, job_id: str) -> None:
+        joined = self._watching.pop(job_id, None)
+        if joined is not None:
+            joined[0].leave()
+
+    async def apoll(self, handle: RunHandle) -> RunStatus:
+        status = await asyncio.to_thread(self.poll, handle)
+        self._last_status[handle.job_id] = status
+        if status.is_terminal:
+            self._unwatch(handle.job_id)
+        return status
+
+    async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """The status once terminal or after ``timeout``; with enough waiters, from the shared list.
+
+        On the shared list, an execution still listed costs no request; one that left it (it ended, or
+        was deleted) is asked for once, directly.
+        """
+        if handle.job_id in self._final:
+            return self._final[handle.job_id]
+        watch = self._watch(handle)
+        if watch is None or not watch.shared:
+            await asyncio.sleep(timeout)
+            return await self.apoll(handle)
+        joined_at = self._watching[handle.job_id][1]
+        deadline = time.monotonic() + timeout
+        status = self._last_status.get(handle.job_id)
+        while True:
+            if watch.shared and watch.listed_at > joined_at:
+                listed = watch.incomplete.get(handle.job_id)
+                if listed is None:
+                    status = await self.apoll(handle)
+                    if status.is_terminal:
+                        return status
+                    # Created after that list was taken: the next one shows it.
+                    joined_at = watch.listed_at
+                else:
+                    status = self._last_status[handle.job_id] = map_status(listed)
+                    joined_at = watch.listed_at
+            elif not watch.shared:
+                return await self.apoll(handle)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return status if status is not None else await self.apoll(handle)
+            await watch.changed(left)
+
+    async def aread_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
+        joined = self._watching.get(handle.job_id)
+        final = handle.job_id in self._final
+        if joined is not None and joined[0].shared and not final and handle.job_id not in self._inline_events:
+            # On the shared list a log read is this execution's own request: pace it (never the final one).
+            last = self._last_log_read.get(handle.job_id)
+            if last is not None and time.monotonic() - last < self.settings.shared_log_interval:
+                return LogChunk([], cursor)
+        self._last_log_read[handle.job_id] = time.monotonic()
+        return await asyncio.to_thread(self.read_logs, handle, cursor)
+
+    async def aclose(self) -> None:
+        for job_id in list(self._watching):
+            self._unwatch(job_id)
+        await asyncio.to_thread(self.close)
 
     # -- outputs ---------------------------------------------------------------------------------------------
 

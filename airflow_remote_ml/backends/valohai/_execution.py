@@ -94,6 +94,9 @@ class ValohaiConfig(BackendConfig):
         max_retry_wait: the longest wait between retries, whatever ``Retry-After`` says.
         find_scan_limit: how many of the project's newest executions ``find`` looks through.
         find_page_size: executions per list page while ``find`` scans.
+        shared_watch_from: in a triggerer, from this many executions waiting on one project they share one
+            list of the project's unfinished executions instead of polling each (0: never share).
+        shared_log_interval: seconds between log reads of one execution while it waits on the shared list.
         log_batch: how many of the newest events one log read asks for.
     """
 
@@ -115,6 +118,8 @@ class ValohaiConfig(BackendConfig):
     max_retry_wait: float = 60.0
     find_scan_limit: int = 2000
     find_page_size: int = 100
+    shared_watch_from: int = 4
+    shared_log_interval: float = 600.0
     log_batch: int = 100
 
 
