@@ -19,7 +19,8 @@ Metrics are the execution's metadata: the JSON objects the step printed on stdou
 
 A package because it outgrew one module: :mod:`._client` is the HTTP client (token auth, retries, the one
 place errors are mapped), :mod:`._execution` builds the create request and reads the answers (pure, no
-I/O), and :mod:`._backend` drives executions through the client. Airflow is imported only to read a
+I/O), :mod:`._backend` drives executions through the client, and :mod:`._shared` is the list of a
+project's unfinished executions that deferred steps share in a triggerer. Airflow is imported only to read a
 connection (``conn_id``).
 """
 
