@@ -715,6 +715,21 @@ def test_a_slow_create_takes_effect_before_its_answer_outlasts_the_client_timeou
     assert api.post(vh.api_url + "executions/", json=create_body(project), timeout=30).status_code == 201
 
 
+def test_a_slow_create_that_commits_late_appears_only_when_the_server_is_done(vh, api, project):
+    vh.slow_create(2, commit_late=True)
+
+    with pytest.raises(requests.Timeout):
+        api.post(vh.api_url + "executions/", json=create_body(project, tags=["late"]), timeout=0.5)
+    assert api.get(vh.api_url + "executions/", params={"project": project["id"]}).json()["count"] == 0
+
+    deadline = time.monotonic() + 30
+    while not vh.executions:  # the server finishes the request although the client has left
+        assert time.monotonic() < deadline, "the slow create never took effect"
+        time.sleep(0.05)
+    listed = api.get(vh.api_url + "executions/", params={"project": project["id"]}).json()["results"]
+    assert [e["tags"] for e in listed] == [["late"]]
+
+
 def test_a_lost_create_response_closes_the_connection_after_the_execution_exists(vh, api, project):
     vh.lose_create_response()
 

@@ -645,14 +645,18 @@ class FakeValohai:
 
     # ----------------------------------------------------------------------------- test hooks: faults
 
-    def slow_create(self, seconds: float) -> None:
-        """The next ``POST /executions/`` creates the execution at once but answers only after ``seconds``.
+    def slow_create(self, seconds: float, *, commit_late: bool = False) -> None:
+        """The next ``POST /executions/`` answers only after ``seconds``, and takes effect all the same.
 
         A create that outlasts the client's timeout still takes effect on the server: Django finishes the
-        view whether or not the client is still there (the request is not cancelled by a disconnect).
+        view whether or not the client is still there (a disconnect does not cancel the request). By
+        default the execution exists at once and only the answer is late; with ``commit_late`` the
+        server is slow *before* the row is committed (a view in one transaction, ``ATOMIC_REQUESTS``),
+        so the execution appears only after ``seconds``: a look-up by tag right after the client's
+        timeout finds nothing yet (issue 8.1).
         """
         with self.lock:
-            self.create_faults.append(("slow", float(seconds)))
+            self.create_faults.append(("slow-commit" if commit_late else "slow", float(seconds)))
 
     def lose_create_response(self) -> None:
         """The next ``POST /executions/`` creates the execution, then the connection closes unanswered
@@ -947,6 +951,9 @@ class FakeValohai:
             if handler == self._create_execution:
                 with self.lock:
                     disposition = self.create_faults.popleft() if self.create_faults else None
+            if disposition is not None and disposition[0] == "slow-commit":
+                self._closing.wait(disposition[1])  # slow before the commit: nothing visible meanwhile
+                disposition = None
             status, data = handler(query=query, payload=payload, **kwargs)
             if disposition is not None and status < 400:
                 kind, seconds = disposition

@@ -260,6 +260,23 @@ def test_a_create_slower_than_the_client_timeout_is_ambiguous_and_found_by_ident
     assert ValohaiBackend.create_settle_seconds > 60 >= impatient.settings.request_timeout
 
 
+def test_a_create_that_commits_after_the_timeout_is_never_posted_twice(valohai, tmp_path):
+    """Issue 8.1: the look-up right after the timeout finds nothing yet. Before: the backend then posted
+    again, and both requests landed (two executions with one identity tag)."""
+    impatient = make_backend(valohai, request_timeout=1)
+    req = request(tmp_path, "quick")
+    valohai.slow_create(3, commit_late=True)
+    with pytest.raises(TransientBackendError):
+        impatient.submit(req)
+    assert impatient.find(req.identity) is None  # not visible yet: only create_settle_seconds tells
+    deadline = time.monotonic() + 60
+    while (found := impatient.find(req.identity)) is None:
+        assert time.monotonic() < deadline, "the slow create never became visible"
+        time.sleep(0.2)
+    assert [found.job_id] == list(valohai.executions)
+    assert valohai.count("POST", "/api/v0/executions/") == 1
+
+
 def test_a_lost_create_response_is_ambiguous_and_found_by_identity(backend, valohai, tmp_path):
     req = request(tmp_path, "quick")
     valohai.lose_create_response()
