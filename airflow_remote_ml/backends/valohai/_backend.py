@@ -124,10 +124,20 @@ class ValohaiBackend(Backend):
                                        or settings.environment):
             raise ConfigError("resources.gpu", "Valohai picks the machine from the environment; none is set",
                               "set resources.profile to a profile whose 'environment' is a GPU machine")
-        for key, kind in (("tags", list), ("inputs", Mapping), ("parameters", Mapping), ("title", str)):
+        # The create serializer's field types (the API answers 400 otherwise): refuse them before submit.
+        for key, kind in (("tags", list), ("inputs", Mapping), ("parameters", Mapping), ("title", str),
+                          ("step", str), ("commit", str), ("environment", str), ("image", str),
+                          ("runtime_config", Mapping)):
             if key in options and not isinstance(options[key], kind):
-                raise ConfigError(f"backend_options.valohai.{key}", f"expected a {kind.__name__}",
+                raise ConfigError(f"backend_options.valohai.{key}",
+                                  f"expected a {kind.__name__}, got {type(options[key]).__name__}",
                                   "see docs/backends/valohai.md")
+        if "tags" in options and not all(isinstance(t, str) for t in options["tags"]):
+            raise ConfigError("backend_options.valohai.tags", "every tag must be a string", "e.g. ['nightly']")
+        if "priority" in options and (isinstance(options["priority"], bool)
+                                      or not isinstance(options["priority"], int)):
+            raise ConfigError("backend_options.valohai.priority", f"{options['priority']!r} is not an integer",
+                              "give a whole number, e.g. 1")
         if not 0 < settings.request_timeout <= MAX_REQUEST_TIMEOUT:
             raise ConfigError("backend_config[valohai].request_timeout",
                               f"{settings.request_timeout!r} is not between 0 and {MAX_REQUEST_TIMEOUT:g} seconds",
