@@ -9,7 +9,9 @@ pipeline runs as subprocesses (``local``, the default), in containers (``docker`
 
 ``train_backend`` runs only the training steps elsewhere, e.g. on Valohai (the valohai.yaml step ``train``,
 whose model is copied back under the artifact root for evaluation). The other steps' outputs must then be
-where that platform can fetch them: an object-store ``[remote_ml] artifact_root`` such as ``s3://...``.
+where that platform can fetch them: an object-store ``[remote_ml] artifact_root`` such as ``s3://...``
+(a local path is refused before submit). With ``backend=valohai`` every step runs on Valohai and outputs
+pass from execution to execution as ``datum://`` URIs.
 """
 
 from __future__ import annotations
@@ -63,9 +65,10 @@ with DAG(
         inputs={"dataset": prepare.output["outputs"]["dataset"]},
         outputs=["model"],
         compute={"cpu": 2, "memory": "2Gi"},
-        # On Valohai, run the valohai.yaml step "train" and copy its model back under the artifact root
-        # so evaluation on another backend can read it (backends/valohai/valohai.yaml).
-        backend_options={"valohai": {"step": "train", "export_outputs": True}},
+        # On Valohai, run the valohai.yaml step "train" (backends/valohai/valohai.yaml). When evaluation runs
+        # elsewhere, copy the model back under the artifact root so it can read it; when it stays on Valohai,
+        # hand it the model's datum:// URI (Valohai downloads inputs from URLs, never a worker's disk).
+        backend_options={"valohai": {"step": "train", "export_outputs": "{{ params.backend != 'valohai' }}"}},
         **{**step, "backend": "{{ params.train_backend or params.backend }}"},
     ).expand(parameters=scenarios())
 

@@ -269,16 +269,36 @@ def test_an_output_datum_is_the_input_of_the_next_execution(vh, api, project):
     assert done["inputs"][0]["files"][0]["datum_id"] == model["id"]
 
 
-def test_http_and_file_inputs_are_fetched(vh, api, project, tmp_path):
-    local = tmp_path / "local.bin"
-    local.write_text("from-disk")
+def test_http_inputs_are_fetched(vh, api, project):
     served = vh.serve_file("remote.txt", b"from-http")
 
-    done = poll(api, create(vh, api, project, "evaluate", inputs={"model": [served, local.as_uri()]}))
+    done = poll(api, create(vh, api, project, "evaluate", inputs={"model": [served]}))
 
     messages = [e["message"] for e in done["events"]]
     assert "input remote.txt from-http" in messages
-    assert "input local.bin from-disk" in messages
+
+
+@pytest.mark.parametrize("url", ["/tmp/model.pkl", "model.pkl", "file:///tmp/model.pkl", "ftp://host/model.pkl",
+                                 "datum://", "datum://not-a-uuid", "https:///no-host"])
+def test_an_input_that_is_not_a_downloadable_url_is_refused_before_anything_runs(vh, api, project, url):
+    before = len(vh.executions)
+
+    resp = api.post(vh.api_url + "executions/", json={"project": project["id"], "commit": "main",
+                                                      "step": "evaluate", "inputs": {"model": [url]}})
+
+    assert resp.status_code == 400
+    [error] = resp.json()["inputs"]
+    assert error["code"] == "invalid" and 'Input "model"' in error["message"]
+    assert len(vh.executions) == before
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/key.csv", "gs://bucket/key.csv", "azure://acct/cont/blob",
+                                 "swift://proj/cont/key"])
+def test_a_store_url_is_accepted_but_this_server_cannot_download_it(vh, api, project, url):
+    done = poll(api, create(vh, api, project, "evaluate", inputs={"model": [url]}))
+
+    assert done["status"] == "error"
+    assert any("unsupported URL scheme" in e["message"] for e in done["events"])
 
 
 def test_a_non_loopback_input_url_fails_the_execution_without_contacting_it(vh, api, project):
@@ -389,7 +409,7 @@ def test_crash_and_unknown_status_hooks(vh, api, project):
         ({"step": "train", "parameters": {"epochs": "many"}}, "parameters", "invalid"),
         ({"step": "train", "parameters": {"typo": 1}}, "parameters", "invalid"),
         ({"step": "evaluate"}, "inputs", "required"),
-        ({"step": "evaluate", "inputs": {"model": ["datum://missing"]}}, "inputs", "does_not_exist"),
+        ({"step": "evaluate", "inputs": {"model": ["datum://" + "0" * 32]}}, "inputs", "does_not_exist"),
         ({"tags": "not-a-list"}, "tags", "not_a_list"),
         ({"time_limit": "soon"}, "time_limit", "invalid"),
     ],
@@ -673,3 +693,139 @@ def test_a_datum_uploaded_by_the_test_is_an_input_and_time_limit_zero_means_none
     assert done["status"] == "complete"
     assert "input weights.txt w=1" in [e["message"] for e in done["events"]]
     assert api.get(f"{vh.api_url}data/{datum['id']}/").json()["output_execution"] is None
+
+
+# ------------------------------------------------------------------------------------ fault knobs
+
+
+def create_body(project: dict[str, Any], step: str = "quick", **body: Any) -> dict[str, Any]:
+    return {"project": project["id"], "commit": "main", "step": step, **body}
+
+
+def test_a_slow_create_takes_effect_before_its_answer_outlasts_the_client_timeout(vh, api, project):
+    vh.slow_create(5)
+
+    with pytest.raises(requests.Timeout):
+        api.post(vh.api_url + "executions/", json=create_body(project, tags=["slow"]), timeout=0.5)
+
+    # Already visible while the answer is still on its way.
+    listed = api.get(vh.api_url + "executions/", params={"project": project["id"]}).json()["results"]
+    assert [e["tags"] for e in listed] == [["slow"]]
+    # The knob applies once: the next create answers at once.
+    assert api.post(vh.api_url + "executions/", json=create_body(project), timeout=30).status_code == 201
+
+
+def test_a_slow_create_that_commits_late_appears_only_when_the_server_is_done(vh, api, project):
+    vh.slow_create(2, commit_late=True)
+
+    with pytest.raises(requests.Timeout):
+        api.post(vh.api_url + "executions/", json=create_body(project, tags=["late"]), timeout=0.5)
+    assert api.get(vh.api_url + "executions/", params={"project": project["id"]}).json()["count"] == 0
+
+    deadline = time.monotonic() + 30
+    while not vh.executions:  # the server finishes the request although the client has left
+        assert time.monotonic() < deadline, "the slow create never took effect"
+        time.sleep(0.05)
+    listed = api.get(vh.api_url + "executions/", params={"project": project["id"]}).json()["results"]
+    assert [e["tags"] for e in listed] == [["late"]]
+
+
+def test_a_lost_create_response_closes_the_connection_after_the_execution_exists(vh, api, project):
+    vh.lose_create_response()
+
+    with pytest.raises(requests.ConnectionError):
+        api.post(vh.api_url + "executions/", json=create_body(project, tags=["lost"]), timeout=30)
+
+    listed = api.get(vh.api_url + "executions/", params={"project": project["id"]}).json()["results"]
+    assert [e["tags"] for e in listed] == [["lost"]]
+
+
+def test_a_refused_create_consumes_no_create_fault_effect(vh, api, project):
+    vh.lose_create_response()
+
+    resp = api.post(vh.api_url + "executions/", json=create_body(project, step="nope"), timeout=30)
+
+    assert resp.status_code == 400 and not vh.executions
+
+
+def test_an_outage_answers_503_html_until_it_ends(vh, api, project):
+    vh.outage(3600)
+
+    resp = api.get(vh.api_url + "projects/")
+
+    assert resp.status_code == 503 and "text/html" in resp.headers["Content-Type"]
+    vh.end_outage()
+    assert api.get(vh.api_url + "projects/").status_code == 200
+
+
+def test_an_outage_of_a_few_seconds_ends_by_itself(vh, api):
+    vh.outage(0.5)
+    assert api.get(vh.api_url + "projects/").status_code == 503
+    deadline = time.monotonic() + 30
+    while api.get(vh.api_url + "projects/").status_code == 503:
+        assert time.monotonic() < deadline, "the outage never ended"
+        time.sleep(0.1)
+
+
+def test_rate_limit_answers_429_with_retry_after_for_count_requests(vh, api):
+    vh.rate_limit(2, retry_after=7)
+
+    answers = [api.get(vh.api_url + "projects/") for _ in range(3)]
+
+    assert [r.status_code for r in answers] == [429, 429, 200]
+    assert answers[0].headers["Retry-After"] == "7"
+    assert answers[0].json() == {"detail": "Request was throttled. Expected available in 7 seconds."}
+
+
+def test_a_revoked_token_answers_drf_invalid_token(vh, api, project):
+    vh.revoke_token()
+
+    resp = api.get(vh.api_url + "projects/")
+
+    assert resp.status_code == 401 and resp.json() == {"detail": "Invalid token."}
+    assert resp.headers["WWW-Authenticate"] == "Token"
+
+
+def test_a_deleted_execution_stops_and_answers_404(vh, api, project):
+    ex = create(vh, api, project, "sleep")
+    wait_for_output_line(api, ex, "sleeping")
+
+    vh.delete_execution(ex["id"])
+
+    assert api.get(ex["url"]).status_code == 404
+    assert api.get(ex["url"] + "events/").status_code == 404
+    assert api.get(vh.api_url + "executions/", params={"project": project["id"]}).json()["count"] == 0
+
+
+def test_delete_over_the_api_answers_204(vh, api, project):
+    ex = create(vh, api, project, "quick")
+
+    assert api.delete(ex["url"]).status_code == 204
+    assert api.get(ex["url"]).status_code == 404
+
+
+def test_a_late_event_lands_among_the_events_already_listed(vh, api, project):
+    ex = create(vh, api, project, "sleep")
+    wait_for_output_line(api, ex, "sleeping")
+    before = api.get(ex["url"] + "events/", params={"limit": 0}).json()["events"]
+
+    vh.late_event(ex["id"], "stdout", "shipped late", seconds_ago=3600)
+
+    after = api.get(ex["url"] + "events/", params={"limit": 0}).json()
+    assert after["total"] == len(before) + 1
+    assert after["events"][0]["message"] == "shipped late"  # ordered by time, not by arrival
+    assert after["events"][1:] == before
+
+
+def test_a_step_over_the_machine_memory_is_oom_killed_and_ends_in_error(vh, api, repo):
+    vh.add_environment("fake-small-64m", memory_mib=64)
+    grow = f"{PY} -c 'import time; x = b\"x\" * (512 << 20); time.sleep(60)'"
+    project = vh.add_project("oom", config=[{"step": {"name": "grow", "image": "python:3.11", "command": grow}}],
+                             repository=repo)
+
+    done = poll(api, create(vh, api, project, "grow", environment="fake-small-64m"))
+
+    assert done["status"] == "error"
+    messages = [e["message"] for e in done["events"] if e["stream"] == "status"]
+    assert any(m.startswith("Out of memory: the kernel killed process") for m in messages), messages
+    assert "Process exited with code -9. Execution failed." in messages or any("code 137" in m for m in messages)

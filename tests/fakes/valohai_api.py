@@ -44,6 +44,7 @@ execution the way an unreachable URL fails a real one.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import datetime as dt
 import hashlib
@@ -322,6 +323,9 @@ class Environment:
     name: str
     gpu_spec: str
     ctime: dt.datetime
+    #: Memory of the machine in MiB; a step whose processes use more is killed like the kernel's OOM
+    #: killer does (None: unlimited).
+    memory_mib: int | None = None
 
 
 @dataclass
@@ -369,6 +373,7 @@ class Execution:
     status_override: str | None = None
     stop_requested: threading.Event = field(default_factory=threading.Event)
     crash_message: str | None = None
+    oom_killed: str | None = None
     process: subprocess.Popen[bytes] | None = None
     thread: threading.Thread | None = None
 
@@ -430,6 +435,11 @@ class FakeValohai:
         #: Query parameters that a list endpoint ignored because the real filter set lacks them.
         self.ignored_filters: collections.Counter[str] = collections.Counter()
 
+        #: Pending dispositions of the next ``POST /executions/``: ``("slow", seconds)`` or ``("lost", 0)``.
+        self.create_faults: collections.deque[tuple[str, float]] = collections.deque()
+        self._outage_until = 0.0
+        self._closing = threading.Event()
+
         self._queue_open = threading.Event()
         self._queue_open.set()
         self._commit_seq = 0
@@ -467,6 +477,7 @@ class FakeValohai:
 
     def close(self) -> None:
         """Kill running steps, stop serving and delete the working files."""
+        self._closing.set()
         self._queue_open.set()
         with self.lock:
             executions = list(self.executions.values())
@@ -497,9 +508,16 @@ class FakeValohai:
 
     # ----------------------------------------------------------------------------- test hooks: data
 
-    def add_environment(self, slug: str, name: str | None = None, *, gpu_spec: str = "") -> dict[str, Any]:
-        """Register an execution environment (machine type) selectable by id or slug."""
-        env = Environment(id=str(uuid.uuid4()), slug=slug, name=name or slug, gpu_spec=gpu_spec, ctime=_now())
+    def add_environment(
+        self, slug: str, name: str | None = None, *, gpu_spec: str = "", memory_mib: int | None = None
+    ) -> dict[str, Any]:
+        """Register an execution environment (machine type) selectable by id or slug.
+
+        ``memory_mib`` gives the machine a memory size that the step's processes together may not
+        exceed: the biggest one is then SIGKILLed, as the kernel's OOM killer does in the container.
+        """
+        env = Environment(id=str(uuid.uuid4()), slug=slug, name=name or slug, gpu_spec=gpu_spec, ctime=_now(),
+                          memory_mib=memory_mib)
         with self.lock:
             self.environments[env.id] = env
             return self._environment_json(env)
@@ -625,6 +643,64 @@ class FakeValohai:
         with self.lock:
             self.executions[execution_id].status_override = status
 
+    # ----------------------------------------------------------------------------- test hooks: faults
+
+    def slow_create(self, seconds: float, *, commit_late: bool = False) -> None:
+        """The next ``POST /executions/`` answers only after ``seconds``, and takes effect all the same.
+
+        A create that outlasts the client's timeout still takes effect on the server: Django finishes the
+        view whether or not the client is still there (a disconnect does not cancel the request). By
+        default the execution exists at once and only the answer is late; with ``commit_late`` the
+        server is slow *before* the row is committed (a view in one transaction, ``ATOMIC_REQUESTS``),
+        so the execution appears only after ``seconds``: a look-up by tag right after the client's
+        timeout finds nothing yet (issue 8.1).
+        """
+        with self.lock:
+            self.create_faults.append(("slow-commit" if commit_late else "slow", float(seconds)))
+
+    def lose_create_response(self) -> None:
+        """The next ``POST /executions/`` creates the execution, then the connection closes unanswered
+        (a load balancer or proxy dropping the connection after the backend did the work)."""
+        with self.lock:
+            self.create_faults.append(("lost", 0.0))
+
+    def outage(self, seconds: float) -> None:
+        """Every API request answers 503 (the load balancer's HTML page) for ``seconds`` from now."""
+        with self.lock:
+            self._outage_until = time.monotonic() + float(seconds)
+
+    def end_outage(self) -> None:
+        with self.lock:
+            self._outage_until = 0.0
+
+    def rate_limit(self, count: int, retry_after: float = 1.0) -> None:
+        """The next ``count`` API requests answer DRF's 429 with ``Retry-After: retry_after``."""
+        self.inject_fault(429, count=count, retry_after=retry_after)
+
+    def revoke_token(self, token: str | None = None) -> None:
+        """Delete an API token (default: the main one): DRF then answers 401 ``Invalid token.``."""
+        with self.lock:
+            self.tokens.discard(token or self.token)
+
+    def delete_execution(self, execution_id: str) -> None:
+        """Remove an execution as ``DELETE /executions/{id}/`` does (its process is killed first)."""
+        self._delete(execution_id)
+
+    def late_event(self, execution_id: str, stream: str, message: str, *, seconds_ago: float = 1.0) -> None:
+        """Record an event stamped ``seconds_ago`` in the past, so it lands among events already served.
+
+        Log lines reach the events API through the worker's log shipping: a line can arrive after later
+        ones were already listed, and the list is ordered by event time, so it appears *before* them.
+        That is why ``valohai-cli``'s LogManager de-duplicates by event identity and never by position.
+        """
+        moment = _now() - dt.timedelta(seconds=seconds_ago)
+        event = {"stream": stream, "message": message, "time": _event_time(moment)}
+        with self.lock:
+            ex = self.executions[execution_id]
+            ex.events.append(event)
+            ex.events.sort(key=lambda e: e["time"])
+            ex.mtime = _now()
+
     def wait(self, execution_id: str, timeout: float = 60.0) -> dict[str, Any]:
         """Block until the execution's real status is terminal; return its API object."""
         deadline = time.monotonic() + timeout
@@ -722,8 +798,8 @@ class FakeValohai:
 
     def _datum_json(self, d: Datum) -> dict[str, Any]:
         output_execution = None
-        if d.output_execution_id is not None:
-            ex = self.executions[d.output_execution_id]
+        ex = self.executions.get(d.output_execution_id) if d.output_execution_id is not None else None
+        if ex is not None:
             output_execution = {
                 "id": ex.id,
                 "counter": ex.counter,
@@ -827,6 +903,7 @@ class FakeValohai:
             ("GET", "executions/", self._list_executions),
             ("POST", "executions/", self._create_execution),
             ("GET", f"executions/{uid}/", self._get_execution),
+            ("DELETE", f"executions/{uid}/", self._delete_execution),
             ("POST", f"executions/{uid}/stop/", self._stop_execution),
             ("GET", f"executions/{uid}/events/", self._execution_events),
             ("GET", f"executions/{uid}/metadata/", self._execution_metadata),
@@ -860,12 +937,29 @@ class FakeValohai:
                 raise _not_found()
             with self.lock:
                 self.request_counts[f"{method} {matches[0][1]}"] += 1
+                down = time.monotonic() < self._outage_until
+            if down:
+                # What a load balancer answers while the application servers are gone: an HTML 503.
+                raise APIError(503, "<!DOCTYPE html><html><body><h1>503 Service Unavailable</h1></body></html>",
+                               content_type="html")
             self._check_fault(method, path)
             # As in DRF's APIView.dispatch: authentication comes before the method check.
             self._authenticate(headers)
             handler, kwargs = self._pick(method, matches)
             payload = self._parse_body(headers, body) if method in ("POST", "PUT", "PATCH") else {}
+            disposition: tuple[str, float] | None = None
+            if handler == self._create_execution:
+                with self.lock:
+                    disposition = self.create_faults.popleft() if self.create_faults else None
+            if disposition is not None and disposition[0] == "slow-commit":
+                self._closing.wait(disposition[1])  # slow before the commit: nothing visible meanwhile
+                disposition = None
             status, data = handler(query=query, payload=payload, **kwargs)
+            if disposition is not None and status < 400:
+                kind, seconds = disposition
+                if kind == "lost":
+                    raise DropConnection
+                self._closing.wait(seconds)  # the work is done; only the answer is late
             return self._json(status, data)
         except APIError as exc:
             if exc.content_type == "html":
@@ -1158,6 +1252,23 @@ class FakeValohai:
         with self.lock:
             return 200, copy.deepcopy(self._find_execution(key).metadata)
 
+    def _delete_execution(self, key: str, **_: Any) -> tuple[int, Any]:
+        # valohai-cli's `vh execution delete` sends DELETE /api/v0/executions/{id}/ and expects 204.
+        with self.lock:
+            ex = self._find_execution(key)
+        self._delete(ex.id)
+        return 204, None
+
+    def _delete(self, execution_id: str) -> None:
+        with self.lock:
+            ex = self.executions[execution_id]
+            ex.stop_requested.set()
+        self._kill(ex, signal.SIGKILL)
+        if ex.thread is not None and ex.thread is not threading.current_thread():
+            ex.thread.join(timeout=10)
+        with self.lock:
+            self.executions.pop(execution_id, None)
+
     def _stop_execution(self, key: str, **_: Any) -> tuple[int, Any]:
         with self.lock:
             ex = self._find_execution(key)
@@ -1342,7 +1453,10 @@ class FakeValohai:
                     fail("inputs", f'Input "{name}" is required.', "required")
                 continue
             for url in chosen:
-                if url.startswith("datum://"):
+                problem = _input_url_problem(url)
+                if problem is not None:
+                    fail("inputs", f'Input "{name}": {problem}', "invalid")
+                elif url.startswith("datum://"):
                     datum_id = url[len("datum://") :]
                     if datum_id not in self.data:
                         fail("inputs", f'Input "{name}": datum {datum_id} does not exist.', "does_not_exist")
@@ -1560,7 +1674,11 @@ class FakeValohai:
                 json.dump(document, fh, indent=2)
 
     def _fetch_input(self, url: str) -> tuple[str, bytes, str | None]:
-        """Return ``(file name, content, datum id)`` for a ``datum://``, ``file://``, path or loopback URL."""
+        """Return ``(file name, content, datum id)`` for a ``datum://`` or loopback ``http(s)`` URL.
+
+        Store URLs (``s3://``, ``gs://``, ``azure://``, ``swift://``) pass validation, as they do on
+        Valohai, but this server has no credentials for a store: downloading them fails the execution.
+        """
         if url.startswith("datum://"):
             datum = self.data.get(url[len("datum://") :])
             if datum is None:
@@ -1568,13 +1686,7 @@ class FakeValohai:
             with open(datum.path, "rb") as fh:
                 return os.path.basename(datum.name), fh.read(), datum.id
         parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme in ("", "file"):
-            path = urllib.parse.unquote(parsed.path) if parsed.scheme == "file" else url
-            try:
-                with open(path, "rb") as fh:
-                    return os.path.basename(path), fh.read(), None
-            except OSError as exc:
-                raise _InputError(f"Could not read {url}: {exc}") from exc
+        # Never a local path or file:// URL: the worker machine has no access to the caller's disk.
         if parsed.scheme in ("http", "https"):
             if not _is_loopback(parsed.hostname or ""):
                 raise _InputError(f"Could not download {url}: only loopback URLs are reachable from the fake")
@@ -1630,7 +1742,10 @@ class FakeValohai:
         timed_out = False
         started = time.monotonic()
         killed_at: float | None = None
+        memory_mib = self.environments[ex.environment_id].memory_mib
         while proc.poll() is None:
+            if memory_mib is not None and ex.oom_killed is None:
+                ex.oom_killed = _oom_kill(proc.pid, memory_mib)
             if ex.time_limit and not timed_out and time.monotonic() - started > ex.time_limit:
                 timed_out = True
                 self._event(ex, "status", f"Time limit of {ex.time_limit} seconds exceeded; stopping.")
@@ -1651,7 +1766,15 @@ class FakeValohai:
             self._finish_if_stopped(ex)
             return
         self._collect_outputs(ex, dirs["outputs"])
-        if timed_out:
+        if ex.oom_killed is not None:
+            # The worker sees the container's OOM kill (Docker's State.OOMKilled) and ends the execution in
+            # error, saying so in the status stream; the exit code is the main process's, as Docker reports.
+            # Valohai's public docs and valohai-cli do not show the wording of that status event (searched:
+            # valohai/docs, valohai/valohai-cli); the text here is this server's own, and clients must not
+            # match on more than "out of memory".
+            self._event(ex, "status", ex.oom_killed)
+            self._set_status(ex, "error", f"Process exited with code {proc.returncode}. Execution failed.")
+        elif timed_out:
             with self.lock:
                 ex.status_detail = "Time limit exceeded"
             self._set_status(ex, self.time_limit_status, f"Execution {self.time_limit_status}: time limit exceeded.")
@@ -1693,8 +1816,39 @@ class FakeValohai:
             self._event(ex, "status", f"Uploaded output {datum.name} ({datum.size} bytes).")
 
 
+class DropConnection(Exception):
+    """Raised by :meth:`FakeValohai.handle` after a request took effect: close the connection unanswered."""
+
+
 class _InputError(Exception):
     """An input could not be fetched; the execution ends in ``error``."""
+
+
+#: URL schemes Valohai downloads inputs from. The valohai.yaml reference (docs: reference-guides/
+#: valohai-yaml/step-inputs.rst) lists HTTP(S), ``s3://`` and ``azure://``; "Inputs with Valohai CLI"
+#: (docs: valohai-cli/using-inputs.rst) adds ``datum://<id>``, ``gs://`` and ``swift://``; datasets are
+#: addressed as ``dataset://<name>/<version>``. Nothing else: an input is fetched by the worker machine.
+INPUT_URL_SCHEMES = frozenset({"http", "https", "s3", "gs", "azure", "swift", "datum", "dataset"})
+_UUID_RE = re.compile(r"^[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}$", re.I)
+
+
+def _input_url_problem(url: str) -> str | None:
+    """Why Valohai refuses ``url`` as an input, or None.
+
+    A refused input is a 400 field error on ``inputs`` (code ``invalid``), the way the create view
+    validates the request before anything runs; an empty ``datum://`` answers "'' is not a valid UUID."
+    (valohai/valohai-cli issue #98 quotes ``API Error: * '' is not a valid UUID. (code: invalid)``).
+    A local path has no scheme at all: Django's URLValidator says "Enter a valid URL.".
+    """
+    parsed = urllib.parse.urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if scheme not in INPUT_URL_SCHEMES or (scheme not in ("datum", "dataset") and not parsed.netloc):
+        return f"{url!r}: Enter a valid URL."
+    if scheme == "datum":
+        datum_id = url[len("datum://") :]
+        if not _UUID_RE.match(datum_id):
+            return f"'{datum_id}' is not a valid UUID."
+    return None
 
 
 def _positive_int(raw: str | None, default: int, *, allow_zero: bool) -> int:
@@ -1715,6 +1869,44 @@ def _parse_duration(raw: Any) -> int | None:
     for amount, unit in re.findall(r"(\d+)\s*([hms]?)", str(raw)):
         total += int(amount) * {"h": 3600, "m": 60, "s": 1, "": 1}[unit]
     return total or None
+
+
+def _oom_kill(root: int, memory_mib: int) -> str | None:
+    """SIGKILL the biggest process of the step once together its processes use more than ``memory_mib``.
+
+    The kernel's OOM killer in a memory-limited cgroup picks the process with the highest badness
+    (about: the largest resident set) and kills it with SIGKILL; the others live on. The cgroup holds
+    every descendant of the step's command, whatever session or process group it started, so the
+    processes are found by parent pid. Returns the message the worker reports, or None while memory
+    is within bounds.
+    """
+    page_kib = os.sysconf("SC_PAGE_SIZE") // 1024
+    procs: dict[int, tuple[int, int, str]] = {}  # pid -> (ppid, resident KiB, command name)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+            with open(f"/proc/{entry}/statm") as fh:
+                resident = int(fh.read().split()[1]) * page_kib
+            fields = stat[stat.rfind(")") + 2 :].split()
+            procs[int(entry)] = (int(fields[1]), resident, stat[stat.find("(") + 1 : stat.rfind(")")])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree = {root} if root in procs else set()
+    grew = True
+    while grew:
+        children = {pid for pid, (ppid, _, _) in procs.items() if ppid in tree} - tree
+        tree |= children
+        grew = bool(children)
+    if sum(procs[pid][1] for pid in tree) <= memory_mib * 1024:
+        return None
+    size, pid, comm = max((procs[p][1], p, procs[p][2]) for p in tree)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+    return (f"Out of memory: the kernel killed process {pid} ({comm}, {size // 1024} MiB resident); "
+            f"the machine has {memory_mib} MiB. Choose an environment with more memory.")
 
 
 def _is_loopback(host: str) -> bool:
@@ -1739,14 +1931,23 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         headers = {k.lower(): v for k, v in self.headers.items()}
-        status, out_headers, out = self.server_fake.handle(self.command, self.path, headers, body)
-        self.send_response(status)
-        for key, value in out_headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(out)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(out)
+        try:
+            status, out_headers, out = self.server_fake.handle(self.command, self.path, headers, body)
+        except DropConnection:
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        try:
+            self.send_response(status)
+            for key, value in out_headers.items():
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(out)
+        except OSError:  # the client gave up waiting (its timeout), as after a slow create
+            self.close_connection = True
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _dispatch
 

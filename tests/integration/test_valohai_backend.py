@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from airflow_remote_ml.backends.local import LocalBackend
-from airflow_remote_ml.backends.valohai import IDENTITY_TAG_PREFIX, ValohaiBackend
+from airflow_remote_ml.backends.valohai import IDENTITY_TAG_PREFIX, LogCursor, ValohaiBackend
 from airflow_remote_ml.core import (
     ArtifactError,
     ArtifactStore,
@@ -31,6 +31,7 @@ from airflow_remote_ml.core import (
     StepIdentity,
     StepRequest,
     StepSpec,
+    TransientBackendError,
 )
 from airflow_remote_ml.core.wait import await_completion, failure_error, wait_for_completion
 from tests.fakes.valohai_api import FakeValohai
@@ -66,6 +67,10 @@ CONFIG: list[dict[str, Any]] = [
     {"step": {"name": "sleep", "image": "python:3.11",
               "command": f"{PY} -c 'import time; print(\"sleeping\", flush=True); time.sleep(60)'"}},
     {"step": {"name": "quick", "image": "busybox", "command": "echo quick"}},
+    {"step": {"name": "fail", "image": "python:3.11",
+              "command": f"{PY} -c 'import sys; print(\"bad input row 7\", file=sys.stderr); sys.exit(3)'"}},
+    {"step": {"name": "grow", "image": "python:3.11",
+              "command": f"{PY} -c 'import time; x = b\"x\" * (512 << 20); time.sleep(60)'"}},
 ]
 
 
@@ -75,6 +80,7 @@ def valohai(tmp_path: Path) -> Iterator[FakeValohai]:
     repository.mkdir()
     (repository / "train.py").write_text(TRAIN)
     with FakeValohai(token=TOKEN, stop_grace=1.0) as server:
+        server.add_environment("fake-small-64m", memory_mib=64)
         server.add_project("demo", config=CONFIG, repository=repository)
         yield server
 
@@ -229,13 +235,72 @@ def test_a_project_is_found_by_name_owner_and_name_or_id(valohai, tmp_path):
 # -- retries, reattachment, find ---------------------------------------------------------------------------
 
 
-def test_throttling_and_server_errors_are_retried(backend, valohai, tmp_path):
+def test_throttled_reads_are_retried_and_a_failed_create_is_never_resent(backend, valohai, tmp_path):
     valohai.inject_fault(429, retry_after=1, path="/api/v0/projects/")
-    valohai.inject_fault(503, count=2, method="POST", path="/api/v0/executions/")
+    valohai.inject_fault(503, count=1, method="POST", path="/api/v0/executions/")
+    with pytest.raises(TransientBackendError) as err:
+        backend.submit(request(tmp_path, "quick"))
+    assert err.value.status_code == 503
+    assert valohai.count("POST", "/api/v0/executions/") == 1 and not valohai.executions
     handle, outcome, _ = run(backend, request(tmp_path, "quick"))
     assert outcome.status.is_successful
-    assert len(valohai.executions) == 1  # retried creation made no duplicate
-    assert valohai.count("POST", "/api/v0/executions/") == 3
+
+
+def test_a_create_slower_than_the_client_timeout_is_ambiguous_and_found_by_identity(valohai, tmp_path):
+    """Before: the backend looked the tag up at once, found nothing yet, and posted again (two executions)."""
+    impatient = make_backend(valohai, request_timeout=1)
+    req = request(tmp_path, "quick")
+    valohai.slow_create(5)
+    with pytest.raises(TransientBackendError):
+        impatient.submit(req)
+    assert valohai.count("POST", "/api/v0/executions/") == 1
+    found = impatient.find(req.identity)
+    assert found is not None and [found.job_id] == list(valohai.executions)
+    assert ValohaiBackend.idempotent_submit is False
+    assert ValohaiBackend.create_settle_seconds > 60 >= impatient.settings.request_timeout
+
+
+def test_a_create_that_commits_after_the_timeout_is_never_posted_twice(valohai, tmp_path):
+    """Issue 8.1: the look-up right after the timeout finds nothing yet. Before: the backend then posted
+    again, and both requests landed (two executions with one identity tag)."""
+    impatient = make_backend(valohai, request_timeout=1)
+    req = request(tmp_path, "quick")
+    valohai.slow_create(3, commit_late=True)
+    with pytest.raises(TransientBackendError):
+        impatient.submit(req)
+    assert impatient.find(req.identity) is None  # not visible yet: only create_settle_seconds tells
+    deadline = time.monotonic() + 60
+    while (found := impatient.find(req.identity)) is None:
+        assert time.monotonic() < deadline, "the slow create never became visible"
+        time.sleep(0.2)
+    assert [found.job_id] == list(valohai.executions)
+    assert valohai.count("POST", "/api/v0/executions/") == 1
+
+
+def test_a_lost_create_response_is_ambiguous_and_found_by_identity(backend, valohai, tmp_path):
+    req = request(tmp_path, "quick")
+    valohai.lose_create_response()
+    with pytest.raises(TransientBackendError):
+        backend.submit(req)
+    found = backend.find(req.identity)
+    assert found is not None and [found.job_id] == list(valohai.executions)
+    assert valohai.count("POST", "/api/v0/executions/") == 1
+
+
+def test_find_adopts_the_oldest_of_executions_sharing_an_identity(backend, valohai, tmp_path):
+    """Before: find returned the newest match, so a second look-up could adopt the duplicate."""
+    req = request(tmp_path, "quick")
+    first, second = backend.submit(req), backend.submit(req)
+    for execution in list(valohai.executions):
+        valohai.wait(execution)
+    assert valohai.execution(first.job_id)["counter"] < valohai.execution(second.job_id)["counter"]
+    assert {make_backend(valohai).find(req.identity).job_id for _ in range(3)} == {first.job_id}
+
+
+def test_a_request_timeout_beyond_the_settle_window_is_refused(valohai, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        make_backend(valohai, request_timeout=300).validate(request(tmp_path, "quick"))
+    assert err.value.field == "backend_config[valohai].request_timeout"
 
 
 def test_a_new_worker_finds_the_execution_by_its_identity_tag_across_pages(valohai, tmp_path):
@@ -248,12 +313,12 @@ def test_a_new_worker_finds_the_execution_by_its_identity_tag_across_pages(valoh
             first.submit(request(tmp_path, "quick", task_id=f"other{i}"))
         for ex in list(small_pages.executions):
             small_pages.wait(ex)
-        restarted = make_backend(small_pages)
+        restarted = make_backend(small_pages, find_page_size=2)
         found = restarted.find(wanted.identity)
         assert found is not None and found.job_id == handle.job_id
         assert found.data["declared_outputs"] == [] and found.data["mode"] == "step"
         assert restarted.find(StepIdentity("valohai-it", "never", "run")) is None
-        assert small_pages.count("GET", "/api/v0/executions/") > 3  # it paged
+        assert small_pages.count("GET", "/api/v0/executions/") == 6  # 3 pages per look-up
 
 
 def test_reattach_to_a_queued_execution_then_follow_it_to_the_end(valohai, tmp_path):
@@ -289,12 +354,81 @@ def test_a_time_limit_fails_the_step_and_says_why(backend, tmp_path):
     assert "Time limit exceeded" in str(failure_error(backend, handle, outcome.status, outcome.tail))
 
 
-def test_a_crash_is_a_lost_job(backend, valohai, tmp_path):
+def test_a_crash_is_a_lost_job_whose_reason_is_crashed(backend, valohai, tmp_path):
     handle = backend.submit(request(tmp_path, "sleep"))
     valohai.wait_status(handle.job_id, "started")
-    valohai.crash(handle.job_id)
+    valohai.crash(handle.job_id, "The worker machine was lost.")
     status = backend.poll(handle)
     assert status.state is RunState.LOST and status.remote_state == "crashed"
+    assert status.reason == "crashed" and "The worker machine was lost." in status.message
+
+
+def test_a_failed_step_says_error_with_its_exit_code_and_log_tail(backend, tmp_path):
+    """Before: no reason and no exit code (Valohai's execution object has no exit-code field)."""
+    handle, outcome, _ = run(backend, request(tmp_path, "fail"))
+    status = outcome.status
+    assert status.state is RunState.FAILED and status.reason == "error" and status.exit_code == 3
+    error = failure_error(backend, handle, status, outcome.tail)
+    assert error.exit_code == 3 and "bad input row 7" in error.log_tail and error.url == handle.url
+
+
+def test_an_oom_kill_fails_with_the_platform_words(backend, tmp_path):
+    handle, outcome, _ = run(backend, request(tmp_path, "grow", options={"environment": "fake-small-64m"}))
+    status = outcome.status
+    assert status.state is RunState.FAILED and status.reason == "error"
+    assert "Out of memory" in status.message and status.exit_code == 137
+
+
+def test_a_stop_sets_the_reason_stopped(backend, valohai, tmp_path):
+    handle = backend.submit(request(tmp_path, "sleep"))
+    valohai.wait_status(handle.job_id, "started")
+    backend.cancel(handle)
+    valohai.wait(handle.job_id)
+    status = backend.poll(handle)
+    assert status.state is RunState.CANCELLED and status.reason == "stopped"
+
+
+def test_a_token_revoked_mid_run_is_a_config_error_naming_the_token(backend, valohai, tmp_path):
+    handle = backend.submit(request(tmp_path, "sleep"))
+    valohai.revoke_token()
+    with pytest.raises(ConfigError, match="refused the API token"):
+        backend.poll(handle)
+
+
+def test_an_execution_deleted_remotely_is_lost(backend, valohai, tmp_path):
+    handle = backend.submit(request(tmp_path, "sleep"))
+    valohai.wait_status(handle.job_id, "started")
+    valohai.delete_execution(handle.job_id)
+    status = backend.poll(handle)
+    assert status.state is RunState.LOST and "no longer exists" in status.message
+    assert backend.find(request(tmp_path, "sleep").identity) is None
+
+
+# -- inputs are URLs --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri", ["/data/train.csv", "relative/train.csv", "file:///data/train.csv", "ftp://h/x"])
+def test_an_input_valohai_cannot_download_is_a_config_error_before_submit(backend, valohai, tmp_path, uri):
+    """Before: accepted, and the project's own double read the worker's local file."""
+    req = request(tmp_path, "train", inputs={"dataset": uri})
+    with pytest.raises(ConfigError) as err:
+        backend.validate(req)
+    assert err.value.field == "inputs.dataset" and "datum://" in err.value.fix
+    assert not valohai.executions and valohai.count("POST", "/api/v0/executions/") == 0
+
+
+def test_the_api_refuses_a_local_path_input_as_a_field_error(backend, valohai, tmp_path):
+    req = request(tmp_path, "train", inputs={"dataset": str(tmp_path / "train.csv")})
+    with pytest.raises(ConfigError) as err:
+        backend.submit(req)  # validate() skipped: the API's own 400 names the field
+    assert err.value.field == "valohai.inputs" and "Enter a valid URL." in str(err.value)
+    assert not valohai.executions
+
+
+def test_export_outputs_accepts_a_rendered_template_and_refuses_nonsense(backend, tmp_path):
+    backend.validate(request(tmp_path, "quick", options={"export_outputs": "False"}))
+    with pytest.raises(ConfigError, match="export_outputs"):
+        backend.validate(request(tmp_path, "quick", options={"export_outputs": "sometimes"}))
 
 
 def test_an_unknown_status_keeps_waiting_with_a_warning(backend, valohai, tmp_path, caplog):
@@ -319,9 +453,29 @@ def test_long_logs_arrive_once_and_in_order_with_small_event_pages(valohai, tmp_
     outcome = asyncio.run(await_completion(small, handle, on_line=lines.append, deadline=time.monotonic() + 60))
     assert outcome.status.is_successful
     assert [line for line in lines if line.startswith("line ")] == [f"line {i}" for i in range(30)]
-    assert outcome.cursor == len(valohai.executions[handle.job_id].events)
-    assert small.read_logs(handle, outcome.cursor).lines == []
+    assert LogCursor.from_json(outcome.cursor).shown == len(valohai.executions[handle.job_id].events)
+    assert small.read_logs(handle, json.loads(json.dumps(outcome.cursor))).lines == []
     assert small.log_tail(handle, 3)[-1].startswith("[valohai]")
+
+
+def test_a_late_event_reaches_the_log_once(backend, valohai, tmp_path):
+    handle = backend.submit(request(tmp_path, "sleep"))
+    valohai.wait_status(handle.job_id, "started")
+    lines: list[str] = []
+    cursor = None
+    deadline = time.monotonic() + 60
+    while "sleeping" not in lines:
+        assert time.monotonic() < deadline, lines
+        chunk = backend.read_logs(handle, cursor)
+        lines += chunk.lines
+        cursor = chunk.cursor
+    valohai.late_event(handle.job_id, "stderr", "shipped late", seconds_ago=30)
+    lines += backend.read_logs(handle, cursor).lines
+    backend.cancel(handle)
+    valohai.wait(handle.job_id)
+    lines += backend.read_logs(handle, json.loads(json.dumps(backend.read_logs(handle, cursor).cursor))).lines
+    assert lines.count("shipped late") == 1 and lines.count("sleeping") == 1
+    assert len(lines) == len(set(lines)), lines
 
 
 def test_a_branch_runs_its_newest_commit_and_fetch_reveals_a_new_push(valohai, tmp_path):
@@ -337,3 +491,59 @@ def test_a_branch_runs_its_newest_commit_and_fetch_reveals_a_new_push(valohai, t
     assert valohai.execution(handle.job_id)["commit"]["identifier"] == pushed["identifier"]
     with pytest.raises(ConfigError, match="no commit on branch 'nope'"):
         make_backend(valohai, branch="nope").submit(request(tmp_path, "quick"))
+
+
+# -- deferred waits share one list per project ----------------------------------------------------------
+
+
+def test_deferred_waits_share_one_list_and_ask_only_for_executions_that_left_it(valohai, tmp_path):
+    """Before: every deferred step polled its own execution (and its log) once per period: linear in N."""
+    count = 6
+    valohai.pause_queue()
+    backends = [make_backend(valohai, shared_watch_from=count) for _ in range(count)]
+    handles = [b.submit(request(tmp_path, "quick", task_id=f"step{i}")) for i, b in enumerate(backends)]
+    def own(job_id: str, suffix: str = "/") -> int:
+        return sum(1 for _, path, _ in valohai.request_log if path == f"/api/v0/executions/{job_id}{suffix}")
+
+    async def main() -> list[Any]:
+        waits = [asyncio.create_task(await_completion(b, h, deadline=time.monotonic() + 120))
+                 for b, h in zip(backends, handles, strict=True)]
+        deadline = time.monotonic() + 60
+        while not all(b._watching and b._watching[h.job_id][0].listed_at for b, h in zip(backends, handles,
+                                                                                       strict=True)):
+            assert time.monotonic() < deadline, "the shared list never started"
+            await asyncio.sleep(0.05)
+        before = {h.job_id: (own(h.job_id), own(h.job_id, "/events/")) for h in handles}
+        valohai.resume_queue()
+        outcomes = await asyncio.gather(*waits)
+        for b in backends:
+            await b.aclose()
+        return [before, outcomes]
+
+    before, outcomes = asyncio.run(main())
+    assert all(o.status.is_successful for o in outcomes)
+    for h in handles:
+        gets, event_reads = before[h.job_id]
+        # Once sharing: at most one GET of its own still in flight, then the one after it left the list;
+        # its final log came with that GET.
+        assert own(h.job_id) - gets <= 2, (own(h.job_id), gets)
+        assert own(h.job_id, "/events/") - event_reads <= 1
+    assert valohai.count("GET", "/api/v0/executions/") >= 1  # the list
+    assert valohai.ignored_filters["status"] == 0
+
+
+def test_few_deferred_waits_poll_their_own_execution_with_its_log(valohai, tmp_path):
+    b = make_backend(valohai)  # shared_watch_from=4: one waiter alone polls its execution itself
+    handle = b.submit(request(tmp_path, "chatty"))
+    lines: list[str] = []
+
+    async def main():
+        try:
+            return await await_completion(b, handle, on_line=lines.append, deadline=time.monotonic() + 60)
+        finally:
+            await b.aclose()
+
+    outcome = asyncio.run(main())
+    assert outcome.status.is_successful
+    assert [line for line in lines if line.startswith("line ")] == [f"line {i}" for i in range(30)]
+    assert valohai.count("GET", "/api/v0/executions/") == 0  # no list for a lone waiter

@@ -106,3 +106,24 @@ def test_the_example_dag_runs_on_valohai_by_param(valohai, monkeypatch, airflow_
     assert json.loads(open(valohai.data[uri.removeprefix("datum://")].path).read())["scenario"] == "ridge-all-a1"
     steps = sorted(valohai.execution(x)["step"] for x in valohai.executions)
     assert steps == ["evaluate", "pick_best", "prepare", "train"]
+    # The chain stays on Valohai: evaluation downloads the model as the datum train produced, never a path
+    # on the Airflow worker (which real Valohai cannot fetch and the API test server now refuses).
+    [evaluation] = [valohai.execution(x) for x in valohai.executions if valohai.execution(x)["step"] == "evaluate"]
+    assert {url.split("://")[0] for i in evaluation["inputs"] for url in i["urls"]} == {"datum"}
+
+
+def test_training_on_valohai_with_a_local_artifact_root_fails_before_submit(valohai, monkeypatch, airflow_db):
+    """train_backend=valohai hands train the local path prepare wrote: a ConfigError naming the input."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    monkeypatch.setenv("AIRFLOW__REMOTE_ML__BACKEND_CONFIG", json.dumps({"valohai": {
+        "host": valohai.url, "token": TOKEN, "project": "ml-demo", "branch": "main", "steps": STEPS}}))
+    dag = DagBag(dag_folder=str(REPO / "dags" / "example_ml_pipeline.py")).dags["example_ml_pipeline"]
+    run = dag.test(run_conf={"backend": "local", "train_backend": "valohai", "scenario_set": "quick"})
+    assert run.state == "failed"
+    with create_session() as session:
+        states = {ti.task_id: ti.state for ti in session.query(TaskInstance).filter(TaskInstance.run_id == run.run_id)}
+    assert states["prepare"] == "success" and states["train"] == "failed"
+    assert not valohai.executions  # refused before anything was submitted

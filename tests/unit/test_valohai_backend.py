@@ -13,13 +13,16 @@ import requests
 
 from airflow_remote_ml.backends.valohai import (
     BOOTSTRAP,
+    CURSOR_WINDOW,
     HANDLE_ENV,
     IDENTITY_TAG_PREFIX,
     MANIFEST_NAME,
+    LogCursor,
     ValohaiAPI,
     ValohaiBackend,
     ValohaiConfig,
     build_execution,
+    event_id,
     event_line,
     identity_tags,
     input_urls,
@@ -213,6 +216,14 @@ def backend(**overrides: Any) -> ValohaiBackend:
     ({"resources": {"profile": "gpu"}}, {"profiles": {"gpu": {"node_selector": {}}}}, "profiles.gpu.node_selector"),
     ({"backend_options": {"valohai": {"step": "t", "tags": "one"}}}, {}, "backend_options.valohai.tags"),
     ({"backend_options": {"valohai": {"stepp": "x"}}}, {}, "backend_options.valohai.stepp"),
+    ({"backend_options": {"valohai": {"step": "t", "environment": 5}}}, {}, "backend_options.valohai.environment"),
+    ({"backend_options": {"valohai": {"step": ["t"]}}}, {}, "backend_options.valohai.step"),
+    ({"backend_options": {"valohai": {"step": "t", "tags": [1]}}}, {}, "backend_options.valohai.tags"),
+    ({"backend_options": {"valohai": {"step": "t", "priority": "high"}}}, {}, "backend_options.valohai.priority"),
+    ({"backend_options": {"valohai": {"step": "t", "export_outputs": "maybe"}}}, {},
+     "backend_options.valohai.export_outputs"),
+    ({"backend_options": {"valohai": {"step": "t"}}, "inputs": {"data": "/local/x.csv"}}, {}, "inputs.data"),
+    ({"backend_options": {"valohai": {"step": "t"}}}, {"request_timeout": 120}, "request_timeout"),
     ({}, {"project": None}, "project"),
     ({}, {"branch": None}, "branch"),
 ])
@@ -249,35 +260,147 @@ def test_the_token_from_a_connection_never_reaches_config_json(monkeypatch):
 # -- log cursor -----------------------------------------------------------------------------------------
 
 
-def events(*messages: str) -> list[dict[str, str]]:
-    return [{"stream": "stdout", "message": m, "time": "2026-01-01T00:00:00.000000"} for m in messages]
+def events(*messages: str, start: int = 0) -> list[dict[str, str]]:
+    """Events one second apart, as the events API lists them (ordered by time)."""
+    return [ev(m, start + i) for i, m in enumerate(messages)]
+
+
+def ev(message: str, second: int, stream: str = "stdout") -> dict[str, str]:
+    return {"stream": stream, "message": message, "time": f"2026-01-01T00:{second // 60:02d}:{second % 60:02d}.000000"}
+
+
+def backend_reading(pages: list[dict[str, Any]], **settings: Any) -> tuple[ValohaiBackend, CannedSession, Any]:
+    api, session, _ = api_with([response(200, page) for page in pages])
+    b = ValohaiBackend(config(**settings), api=api)
+    return b, session, b._handle({"id": "e1", "urls": {"display": "https://vh.example/e1/"}}, {})
 
 
 def test_new_events_takes_only_what_came_after_the_cursor():
-    page = {"total": 5, "truncated": True, "events": events("c", "d", "e")}
-    assert new_events(page, 3) == (events("d", "e"), 5, 0)
-    assert new_events(page, 5) == ([], 5, 0)
+    got, cursor = new_events(events("a", "b", "c"), LogCursor())
+    assert got == events("a", "b", "c")
+    got, cursor = new_events(events("a", "b", "c", "d", "e"), cursor)
+    assert got == events("d", "e", start=3) and cursor.shown == 5
+    assert new_events(events("c", "d", "e", start=2), cursor)[0] == []
 
 
-def test_new_events_reports_how_many_a_page_missed():
-    page = {"total": 10, "truncated": True, "events": events("h", "i", "j")}
-    got, cursor, missing = new_events(page, 2)
-    assert got == events("h", "i", "j") and cursor == 10 and missing == 5
-
-
-def test_read_logs_asks_again_for_exactly_the_new_events_when_a_page_is_short():
-    all_events = events(*[f"line {i}" for i in range(7)])
-    api, session, _ = api_with([
-        response(200, {"total": 7, "truncated": True, "events": all_events[-3:]}),
-        response(200, {"total": 7, "truncated": True, "events": all_events[-6:]}),
-        response(200, {"total": 7, "truncated": True, "events": all_events[-3:]}),
+def test_a_late_event_is_shown_once_and_no_event_twice():
+    """Fails with a ``total - seen`` cursor: it repeats "c" and never shows "late"."""
+    b, _, handle = backend_reading([
+        {"total": 3, "truncated": False, "events": [ev("a", 1), ev("b", 2), ev("c", 4)]},
+        {"total": 5, "truncated": False, "events": [ev("a", 1), ev("b", 2), ev("late", 3), ev("c", 4), ev("d", 5)]},
     ])
-    b = ValohaiBackend(config(log_batch=3), api=api)
-    handle = b._handle({"id": "e1", "urls": {"display": "https://vh.example/p/o/demo/execution/e1/"}}, {})
-    chunk = b.read_logs(handle, 1)
-    assert chunk.lines == [f"line {i}" for i in range(1, 7)] and chunk.cursor == 7
-    assert session.calls[1][2] == {"limit": 6}
+    first = b.read_logs(handle, None)
+    second = b.read_logs(handle, first.cursor)
+    assert first.lines == ["a", "b", "c"]
+    assert second.lines == ["late", "d"]
+
+
+def test_events_listed_out_of_order_are_shown_in_time_order_once():
+    b, _, handle = backend_reading([
+        {"total": 3, "truncated": False, "events": [ev("b", 2), ev("a", 1), ev("c", 3)]},
+        {"total": 3, "truncated": False, "events": [ev("c", 3), ev("a", 1), ev("b", 2)]},
+    ])
+    first = b.read_logs(handle, None)
+    assert first.lines == ["a", "b", "c"]
+    assert b.read_logs(handle, first.cursor).lines == []
+
+
+def test_the_cursor_is_json_and_a_restarted_reader_repeats_nothing():
+    page1 = {"total": 2, "truncated": False, "events": events("a", "b")}
+    page2 = {"total": 3, "truncated": False, "events": events("a", "b", "c")}
+    b, _, handle = backend_reading([page1])
+    cursor = json.loads(json.dumps(b.read_logs(handle, None).cursor))  # trigger kwargs / task state
+    restarted, _, handle = backend_reading([page2])
+    assert restarted.read_logs(handle, cursor).lines == ["c"]
+
+
+def test_an_older_count_cursor_is_honoured_by_reading_the_whole_log_once():
+    b, session, handle = backend_reading([
+        {"total": 5, "truncated": True, "events": events("c", "d", "e", start=2)},
+        {"total": 5, "truncated": False, "events": events("a", "b", "c", "d", "e")},
+    ], log_batch=3)
+    chunk = b.read_logs(handle, 3)
+    assert chunk.lines == ["d", "e"] and session.calls[1][2] == {"limit": 5}
+    assert LogCursor.from_json(chunk.cursor).shown == 5
+
+
+def test_a_short_page_is_followed_by_one_read_of_every_unshown_event():
+    all_events = events(*[f"line {i}" for i in range(7)])
+    b, session, handle = backend_reading([
+        {"total": 1, "truncated": False, "events": all_events[:1]},
+        {"total": 7, "truncated": True, "events": all_events[-3:]},
+        {"total": 7, "truncated": True, "events": all_events},
+        {"total": 7, "truncated": True, "events": all_events[-3:]},
+    ], log_batch=3)
+    first = b.read_logs(handle, None)
+    chunk = b.read_logs(handle, first.cursor)
+    assert chunk.lines == [f"line {i}" for i in range(1, 7)]
+    assert session.calls[2][2] == {"limit": 7}  # 6 unshown + the 1 remembered
     assert b.read_logs(handle, chunk.cursor).lines == []
+
+
+def test_the_cursor_stays_bounded_and_old_events_never_come_back():
+    many = events(*[f"line {i}" for i in range(CURSOR_WINDOW + 50)])
+    got, cursor = new_events(many, LogCursor())
+    assert len(got) == len(many) and len(cursor.seen) == CURSOR_WINDOW
+    assert len(json.dumps(cursor.to_json())) < 12_000
+    assert new_events(many, cursor)[0] == []
+
+
+def detail(status: str, evs: list[dict[str, str]]) -> dict[str, Any]:
+    return {"id": "e1", "status": status, "events": evs}
+
+
+def test_a_poll_brings_the_log_along_so_reading_it_costs_no_request():
+    """Before: every wait iteration sent a status request and an events request (4/min at a 30 s cap)."""
+    b, session, handle = backend_reading([
+        detail("started", events("a")),
+        {"total": 1, "truncated": False, "events": events("a")},  # the first read asks the events endpoint
+        detail("started", events("a", "b")),
+        detail("complete", events("a", "b", "c")),
+    ])
+    b.poll(handle)
+    first = b.read_logs(handle, None)
+    b.poll(handle)
+    second = b.read_logs(handle, first.cursor)
+    assert b.poll(handle).is_successful
+    third = b.read_logs(handle, second.cursor)
+    assert (first.lines, second.lines, third.lines) == (["a"], ["b"], ["c"])
+    assert len(session.calls) == 4 and not session.answers
+    assert [c[2] for c in session.calls if c[1].endswith("/e1/")] == [{"exclude": "metadata,outputs"}] * 3
+
+
+def test_detail_events_that_do_not_overlap_the_cursor_send_the_reader_to_the_events_endpoint():
+    b, session, handle = backend_reading([
+        {"total": 1, "truncated": False, "events": events("a")},
+        detail("started", events("y", "z", start=50)),  # a burst: only the newest events came along
+        {"total": 27, "truncated": True, "events": events("y", "z", start=50)},
+        {"total": 27, "truncated": False, "events": [*events("a"), *events(*"bcdefghijklmnopqrstuvwx", start=1),
+                                                       *events("y", "z", start=50)]},
+    ])
+    first = b.read_logs(handle, None)
+    b.poll(handle)
+    chunk = b.read_logs(handle, first.cursor)
+    assert chunk.lines == list("bcdefghijklmnopqrstuvwxyz")
+    assert session.calls[3][2] == {"limit": 27}
+
+
+def test_a_failure_is_explained_from_the_events_that_came_with_the_poll():
+    b, session, handle = backend_reading([detail("error", [
+        ev("Execution started.", 1, "status"), ev("Traceback: boom", 2, "stderr"),
+        ev("Process exited with code 3. Execution failed.", 3, "status")])])
+    status = b.poll(handle)
+    assert (status.state, status.reason, status.exit_code) == (RunState.FAILED, "error", 3)
+    assert len(session.calls) == 1
+
+
+def test_event_ids_follow_valohai_cli():
+    """valohai_cli/log_manager.py: md5 of '+'.join((stream, time, message))."""
+    import hashlib
+
+    event = ev("hello", 1)
+    expected = hashlib.md5(f"stdout+{event['time']}+hello".encode()).hexdigest()
+    assert event_id(event) == expected[:16]
 
 
 def test_status_events_are_marked():

@@ -19,7 +19,8 @@ Metrics are the execution's metadata: the JSON objects the step printed on stdou
 
 A package because it outgrew one module: :mod:`._client` is the HTTP client (token auth, retries, the one
 place errors are mapped), :mod:`._execution` builds the create request and reads the answers (pure, no
-I/O), and :mod:`._backend` drives executions through the client. Airflow is imported only to read a
+I/O), :mod:`._backend` drives executions through the client, and :mod:`._shared` is the list of a
+project's unfinished executions that deferred steps share in a triggerer. Airflow is imported only to read a
 connection (``conn_id``).
 """
 
@@ -29,16 +30,23 @@ from airflow_remote_ml.backends.valohai._backend import ValohaiBackend
 from airflow_remote_ml.backends.valohai._client import ValohaiAPI
 from airflow_remote_ml.backends.valohai._execution import (
     BOOTSTRAP,
+    CURSOR_WINDOW,
     DEFAULT_HOST,
     HANDLE_ENV,
     IDENTITY_TAG_PREFIX,
     INCOMPLETE,
+    INPUT_URL_SCHEMES,
     MANIFEST_NAME,
     RUNTIME_INPUT_SLOTS,
+    LogCursor,
     ValohaiConfig,
     build_execution,
+    event_id,
     event_line,
+    events_to_fetch,
+    explain_failure,
     identity_tags,
+    input_url_problem,
     input_urls,
     map_status,
     match_outputs,
@@ -50,18 +58,25 @@ from airflow_remote_ml.backends.valohai._execution import (
 
 __all__ = [
     "BOOTSTRAP",
+    "CURSOR_WINDOW",
     "DEFAULT_HOST",
     "HANDLE_ENV",
     "IDENTITY_TAG_PREFIX",
     "INCOMPLETE",
+    "INPUT_URL_SCHEMES",
     "MANIFEST_NAME",
     "RUNTIME_INPUT_SLOTS",
+    "LogCursor",
     "ValohaiAPI",
     "ValohaiBackend",
     "ValohaiConfig",
     "build_execution",
+    "event_id",
     "event_line",
+    "events_to_fetch",
+    "explain_failure",
     "identity_tags",
+    "input_url_problem",
     "input_urls",
     "map_status",
     "match_outputs",

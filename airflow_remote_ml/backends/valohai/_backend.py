@@ -6,10 +6,12 @@ Request building, the status table, the event cursor and output matching are pur
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any, ClassVar
@@ -20,25 +22,35 @@ from airflow_remote_ml.backends.valohai._execution import (
     IDENTITY_TAG_PREFIX,
     MANIFEST_NAME,
     RUNTIME_INPUT_SLOTS,
+    LogCursor,
     ValohaiConfig,
     _handle_data,
     build_execution,
     event_line,
+    events_to_fetch,
+    explain_failure,
+    flag,
+    input_url_problem,
+    input_urls,
     map_status,
     match_outputs,
     new_events,
     output_uri,
     step_mode,
 )
+from airflow_remote_ml.backends.valohai._shared import ProjectWatch, watch_for
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
-from airflow_remote_ml.core.errors import ArtifactError, ConfigError, TransientBackendError
+from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.spec import reject_unknown_options
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
 log = logging.getLogger(__name__)
+
+#: The longest client request timeout this backend accepts: create_settle_seconds must outlast it.
+MAX_REQUEST_TIMEOUT = 60.0
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
@@ -48,9 +60,20 @@ class ValohaiBackend(Backend):
     config_class = ValohaiConfig
     option_names = frozenset({"step", "commit", "environment", "title", "tags", "inputs", "parameters",
                               "image", "priority", "runtime_config", "export_outputs"})
-    # Executions take minutes; starting a machine alone takes a while. Ask often at first, then calmly.
-    poll_policy = PollPolicy(first_delay=1.0, factor=1.5, cap=30.0)
+    # Executions take minutes; starting a machine alone takes a while. Ask often at first, then every 20 s:
+    # one request per look (the execution with its latest events, see poll), so a waiting execution costs
+    # 3 requests a minute including its log, and its end is noticed 10 s later on median (half the period).
+    poll_policy = PollPolicy(first_delay=1.0, factor=1.5, cap=20.0)
     has_job_page = True
+    # Valohai has no idempotency token: POST /api/v0/executions/ takes no client request id (valohai-cli's
+    # run command sends project, commit, step, parameters, inputs, environment, image, title and
+    # environment_variables only), so the same identity submitted twice is two executions. Exactly once
+    # rests on the identity tag that find() looks up.
+    idempotent_submit: ClassVar[bool] = False
+    # A create whose answer was lost is visible at once, but one still being processed shows up only when
+    # the server finishes it. The server side of a request is bounded by the gateway's timeout (the
+    # longest request_timeout allowed is MAX_REQUEST_TIMEOUT, below it): wait half as long again.
+    create_settle_seconds: ClassVar[float] = 90.0
     config: ValohaiConfig
 
     def __init__(self, config: ValohaiConfig, *, api: ValohaiAPI | None = None) -> None:
@@ -66,6 +89,12 @@ class ValohaiBackend(Backend):
         self.api = api
         self._project_id: str | None = None
         self._final: dict[str, RunStatus] = {}
+        # The events that came with the latest poll of each execution, not yet read by read_logs.
+        self._inline_events: dict[str, list[dict[str, Any]]] = {}
+        # Deferred waits: the shared watch each execution joined (and when), its last status and log read.
+        self._watching: dict[str, tuple[ProjectWatch, float]] = {}
+        self._last_status: dict[str, RunStatus] = {}
+        self._last_log_read: dict[str, float] = {}
 
     # -- checks and lookups ------------------------------------------------------------------------------
 
@@ -95,10 +124,38 @@ class ValohaiBackend(Backend):
                                        or settings.environment):
             raise ConfigError("resources.gpu", "Valohai picks the machine from the environment; none is set",
                               "set resources.profile to a profile whose 'environment' is a GPU machine")
-        for key, kind in (("tags", list), ("inputs", Mapping), ("parameters", Mapping), ("title", str)):
+        # The create serializer's field types (the API answers 400 otherwise): refuse them before submit.
+        for key, kind in (("tags", list), ("inputs", Mapping), ("parameters", Mapping), ("title", str),
+                          ("step", str), ("commit", str), ("environment", str), ("image", str),
+                          ("runtime_config", Mapping)):
             if key in options and not isinstance(options[key], kind):
-                raise ConfigError(f"backend_options.valohai.{key}", f"expected a {kind.__name__}",
+                raise ConfigError(f"backend_options.valohai.{key}",
+                                  f"expected a {kind.__name__}, got {type(options[key]).__name__}",
                                   "see docs/backends/valohai.md")
+        if "tags" in options and not all(isinstance(t, str) for t in options["tags"]):
+            raise ConfigError("backend_options.valohai.tags", "every tag must be a string", "e.g. ['nightly']")
+        if "priority" in options and (isinstance(options["priority"], bool)
+                                      or not isinstance(options["priority"], int)):
+            raise ConfigError("backend_options.valohai.priority", f"{options['priority']!r} is not an integer",
+                              "give a whole number, e.g. 1")
+        if not 0 < settings.request_timeout <= MAX_REQUEST_TIMEOUT:
+            raise ConfigError("backend_config[valohai].request_timeout",
+                              f"{settings.request_timeout!r} is not between 0 and {MAX_REQUEST_TIMEOUT:g} seconds",
+                              f"a create that outlasts the timeout is looked up for {self.create_settle_seconds:g}"
+                              " s before a new submit; keep request_timeout at most "
+                              f"{MAX_REQUEST_TIMEOUT:g}")
+        flag(options.get("export_outputs", settings.export_outputs), "backend_options.valohai.export_outputs")
+        given = [(f"inputs.{name}", url) for name, uri in spec.inputs.items() for url in input_urls(uri)]
+        given += [(f"backend_options.valohai.inputs.{name}", url)
+                  for name, value in (options.get("inputs") or {}).items()
+                  for url in ([value] if isinstance(value, str) else list(value))]
+        for field_name, url in given:
+            problem = input_url_problem(url) if isinstance(url, str) else f"{url!r} is not a URL string"
+            if problem:
+                raise ConfigError(field_name, problem,
+                                  "pass the datum:// URI of a Valohai output (set export_outputs false on an "
+                                  "upstream Valohai step), or keep artifacts where Valohai can fetch them: an "
+                                  "s3://, gs:// or azure:// [remote_ml] artifact_root the project can read")
         if mode == "runtime" and len(spec.inputs) > len(RUNTIME_INPUT_SLOTS):
             raise ConfigError("inputs", f"the runtime step takes at most {len(RUNTIME_INPUT_SLOTS)} inputs",
                               "pass a directory URI, or run a Valohai step declaring its own inputs")
@@ -165,21 +222,11 @@ class ValohaiBackend(Backend):
             self.api.request("POST", f"projects/{project_id}/fetch/", json_body={})
         if not (request.spec.options_for(self.name).get("commit") or self.settings.commit):
             body["commit"] = self.branch_commit(project_id, str(self.settings.branch))
-        for attempt in range(self.settings.max_retries + 1):
-            try:
-                # Creating is not idempotent: never blindly resent. After a transient failure the server
-                # may have created it anyway, so look for the identity tag before trying again.
-                execution = self.api.request("POST", "executions/", json_body=body, retry=False)
-                break
-            except TransientBackendError as exc:
-                found = self.find(request.identity)
-                if found is not None:
-                    return found
-                if attempt == self.settings.max_retries:
-                    raise
-                delay = min(self.settings.max_retry_wait, max(0.5 * 2 ** attempt, exc.retry_after or 0))
-                log.warning("valohai: creating the execution failed (%s); retrying in %.1fs", exc, delay)
-                self.api.sleep(delay)
+        # Sent once: creating is not idempotent. A timeout, a dropped connection or a 5xx leaves the outcome
+        # unknown (the execution may exist), so it surfaces as TransientBackendError and the lifecycle looks
+        # the identity tag up for create_settle_seconds before any new submit; a 429 was refused for now
+        # and carries Retry-After.
+        execution = self.api.request("POST", "executions/", json_body=body, retry=False)
         handle = self._handle(execution, data)
         log.info("valohai: created execution #%s for %s: %s", execution.get("counter"), request.identity.key,
                  handle.url)
@@ -188,28 +235,45 @@ class ValohaiBackend(Backend):
     def find(self, identity: StepIdentity) -> RunHandle | None:
         tag = f"{IDENTITY_TAG_PREFIX}{identity.digest}"
         project_id = self.project_id()
-        # Tags cannot be filtered on: look at running executions first (the usual reattach), then at all.
-        for extra in ({"status": "incomplete"}, {}):
-            params = {"project": project_id, "ordering": "-ctime", "limit": 100, **extra}
-            for scanned, execution in enumerate(self.api.paged("executions/", params)):
-                if scanned >= self.settings.find_scan_limit:
-                    break
-                if tag in (execution.get("tags") or []):
-                    if "environment_variables" not in execution:
-                        execution = self.api.request("GET", f"executions/{execution['id']}/",
-                                                     params={"exclude": "events,metadata"})
-                    return self._handle(execution, _handle_data(execution))
-        return None
+        # Tags cannot be filtered on, so scan the project's newest executions. Every match is collected:
+        # when a retried create made two, all callers must adopt the same one, the oldest.
+        params = {"project": project_id, "ordering": "-ctime", "limit": max(1, self.settings.find_page_size)}
+        matches = []
+        for scanned, execution in enumerate(self.api.paged("executions/", params)):
+            if scanned >= self.settings.find_scan_limit:
+                break
+            if tag in (execution.get("tags") or []):
+                matches.append(execution)
+        if not matches:
+            return None
+        oldest = min(matches, key=lambda e: (str(e.get("ctime") or ""), int(e.get("counter") or 0),
+                                             str(e.get("id"))))
+        if len(matches) > 1:
+            log.warning("valohai: %d executions carry the identity of %s; adopting the oldest, #%s",
+                        len(matches), identity.key, oldest.get("counter"))
+        if "environment_variables" not in oldest:
+            oldest = self.api.request("GET", f"executions/{oldest['id']}/", params={"exclude": "events,metadata"})
+        return self._handle(oldest, _handle_data(oldest))
 
     def poll(self, handle: RunHandle) -> RunStatus:
         if handle.job_id in self._final:
             return self._final[handle.job_id]
         try:
+            # The execution detail carries its events (valohai-cli's `logs --stream` reads them from there), so
+            # one request answers both the status and the log: read_logs then needs no request of its own.
             execution = self.api.request("GET", f"executions/{handle.job_id}/",
-                                         params={"exclude": "events,metadata,outputs"})
+                                         params={"exclude": "metadata,outputs"})
         except _NotFound:
+            self._inline_events.pop(handle.job_id, None)
             return RunStatus(RunState.LOST, "not found", "the Valohai execution no longer exists")
+        events = execution.get("events")
+        if isinstance(events, list):
+            self._inline_events[handle.job_id] = events
         status = map_status(execution)
+        if status.is_terminal and not status.is_successful:
+            tail = sorted(events, key=lambda e: str(e.get("time", "")))[-40:] if isinstance(events, list) \
+                else self._last_events(handle, 40)
+            status = explain_failure(status, tail)
         if status.state is RunState.FAILED and handle.data.get("mode") == "runtime":
             status = self._runtime_failure(handle, status)
         if status.is_terminal:
@@ -225,8 +289,12 @@ class ValohaiBackend(Backend):
             return status
         if not manifest:
             return status
-        return RunStatus(status.state, status.remote_state, str(manifest.get("error") or status.message),
-                         manifest.get("exit_code"))
+        # The platform's why (status.message, reason) stays first; the runtime's own words follow.
+        error = str(manifest.get("error") or "")
+        message = f"{status.message}; {error}" if error and error not in status.message else status.message
+        exit_code = manifest.get("exit_code")
+        return RunStatus(status.state, status.remote_state, message,
+                         exit_code if exit_code is not None else status.exit_code, status.reason)
 
     def cancel(self, handle: RunHandle) -> None:
         try:
@@ -236,25 +304,36 @@ class ValohaiBackend(Backend):
         self._final.pop(handle.job_id, None)
 
     def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
-        seen = int(cursor or 0)
+        """New log lines after ``cursor``, de-duplicated by event identity; the cursor is plain JSON."""
+        position = LogCursor.from_json(cursor)
+        inline = self._inline_events.pop(handle.job_id, None)
+        if inline is not None and position.seen:
+            fresh, after = new_events(inline, position)
+            # Trusted only when it overlaps what was shown: then nothing lies between, even if the detail
+            # holds only the newest events. Otherwise (a burst, a first read) ask the events endpoint.
+            if len(fresh) < len(inline) or not fresh:
+                return LogChunk([event_line(e) for e in fresh], after.to_json())
         url = f"executions/{handle.job_id}/events/"
         page = self.api.request("GET", url, params={"limit": max(1, self.settings.log_batch)})
-        events, new_cursor, missing = new_events(page, seen)
-        if missing:
-            # More arrived than the page held: ask again for exactly the new ones (limit counts from the end).
-            page = self.api.request("GET", url, params={"limit": int(page.get("total", 0)) - seen})
-            events, new_cursor, missing = new_events(page, seen)
-            if missing:
-                log.warning("valohai: %d log events of execution %s could not be fetched", missing,
-                            handle.job_id)
-        return LogChunk([event_line(e) for e in events], new_cursor)
+        events = list(page.get("events") or [])
+        fresh, after = new_events(events, position)
+        again = events_to_fetch(int(page.get("total", len(events))), len(events), len(fresh), position)
+        if again:
+            # More arrived than a page holds, or one landed among older events: ask for all unshown ones.
+            page = self.api.request("GET", url, params={"limit": again})
+            fresh, after = new_events(list(page.get("events") or []), position)
+        return LogChunk([event_line(e) for e in fresh], after.to_json())
+
+    def _last_events(self, handle: RunHandle, count: int) -> list[dict[str, Any]]:
+        try:
+            page = self.api.request("GET", f"executions/{handle.job_id}/events/", params={"limit": count})
+        except Exception as exc:  # a courtesy in an error message; never mask the real error
+            log.warning("valohai: could not read the events of execution %s: %s", handle.job_id, exc)
+            return []
+        return sorted(page.get("events") or [], key=lambda e: str(e.get("time", "")))
 
     def log_tail(self, handle: RunHandle, lines: int = 40) -> list[str]:
-        try:
-            page = self.api.request("GET", f"executions/{handle.job_id}/events/", params={"limit": lines})
-        except Exception:  # a courtesy in an error message; never mask the real error
-            return []
-        return [event_line(e) for e in page.get("events") or []]
+        return [event_line(e) for e in self._last_events(handle, lines)]
 
     def fetch_result(self, handle: RunHandle) -> StepResult:
         execution = self.api.request("GET", f"executions/{handle.job_id}/",
@@ -294,6 +373,88 @@ class ValohaiBackend(Backend):
 
     def close(self) -> None:
         self.api.close()
+
+    # -- deferred waiting: the shared list of a project (see ._shared) ---------------------------------------
+
+    def _new_api(self) -> ValohaiAPI:
+        api = self.api
+        return ValohaiAPI(api.host, str(self.settings.token), conn_id=api.conn_id, timeout=api.timeout,
+                          max_retries=api.max_retries, max_retry_wait=api.max_retry_wait)
+
+    def _watch(self, handle: RunHandle) -> ProjectWatch | None:
+        joined = self._watching.get(handle.job_id)
+        if joined is not None:
+            return joined[0]
+        project_id = handle.data.get("project_id")
+        if not project_id or self.settings.shared_watch_from <= 0 or not self.settings.token:
+            return None
+        watch = watch_for(self.api.host, str(project_id), self._new_api, period=self.poll_policy.cap,
+                          linger=self.poll_policy.cap * 3, min_waiters=self.settings.shared_watch_from)
+        watch.join()
+        self._watching[handle.job_id] = (watch, time.monotonic())
+        return watch
+
+    def _unwatch(self, job_id: str) -> None:
+        joined = self._watching.pop(job_id, None)
+        if joined is not None:
+            joined[0].leave()
+
+    async def apoll(self, handle: RunHandle) -> RunStatus:
+        status = await asyncio.to_thread(self.poll, handle)
+        self._last_status[handle.job_id] = status
+        if status.is_terminal:
+            self._unwatch(handle.job_id)
+        return status
+
+    async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """The status once terminal or after ``timeout``; with enough waiters, from the shared list.
+
+        On the shared list, an execution still listed costs no request; one that left it (it ended, or
+        was deleted) is asked for once, directly.
+        """
+        if handle.job_id in self._final:
+            return self._final[handle.job_id]
+        watch = self._watch(handle)
+        if watch is None or not watch.shared:
+            await asyncio.sleep(timeout)
+            return await self.apoll(handle)
+        joined_at = self._watching[handle.job_id][1]
+        deadline = time.monotonic() + timeout
+        status = self._last_status.get(handle.job_id)
+        while True:
+            if watch.shared and watch.listed_at > joined_at:
+                listed = watch.incomplete.get(handle.job_id)
+                if listed is None:
+                    status = await self.apoll(handle)
+                    if status.is_terminal:
+                        return status
+                    # Created after that list was taken: the next one shows it.
+                    joined_at = watch.listed_at
+                else:
+                    status = self._last_status[handle.job_id] = map_status(listed)
+                    joined_at = watch.listed_at
+            elif not watch.shared:
+                return await self.apoll(handle)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return status if status is not None else await self.apoll(handle)
+            await watch.changed(left)
+
+    async def aread_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
+        joined = self._watching.get(handle.job_id)
+        final = handle.job_id in self._final
+        if joined is not None and joined[0].shared and not final and handle.job_id not in self._inline_events:
+            # On the shared list a log read is this execution's own request: pace it (never the final one).
+            last = self._last_log_read.get(handle.job_id)
+            if last is not None and time.monotonic() - last < self.settings.shared_log_interval:
+                return LogChunk([], cursor)
+        self._last_log_read[handle.job_id] = time.monotonic()
+        return await asyncio.to_thread(self.read_logs, handle, cursor)
+
+    async def aclose(self) -> None:
+        for job_id in list(self._watching):
+            self._unwatch(job_id)
+        await asyncio.to_thread(self.close)
 
     # -- outputs ---------------------------------------------------------------------------------------------
 

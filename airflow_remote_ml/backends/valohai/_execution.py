@@ -4,13 +4,15 @@ the event cursor and output matching."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from airflow_remote_ml import runtime
 from airflow_remote_ml.core.backend import BackendConfig, StepRequest
@@ -91,6 +93,10 @@ class ValohaiConfig(BackendConfig):
         max_retries: retries of a request refused with 429/5xx or a broken connection.
         max_retry_wait: the longest wait between retries, whatever ``Retry-After`` says.
         find_scan_limit: how many of the project's newest executions ``find`` looks through.
+        find_page_size: executions per list page while ``find`` scans.
+        shared_watch_from: in a triggerer, from this many executions waiting on one project they share one
+            list of the project's unfinished executions instead of polling each (0: never share).
+        shared_log_interval: seconds between log reads of one execution while it waits on the shared list.
         log_batch: how many of the newest events one log read asks for.
     """
 
@@ -111,6 +117,9 @@ class ValohaiConfig(BackendConfig):
     max_retries: int = 5
     max_retry_wait: float = 60.0
     find_scan_limit: int = 2000
+    find_page_size: int = 100
+    shared_watch_from: int = 4
+    shared_log_interval: float = 600.0
     log_batch: int = 100
 
 
@@ -127,14 +136,48 @@ def map_status(execution: Mapping[str, Any]) -> RunStatus:
                         execution.get("id"), remote)
         state = RunState.RUNNING if execution.get("start_time") else RunState.QUEUED
         return RunStatus(state, remote, detail)
+    # A failure carries Valohai's own status word as the reason (error, crashed, stopped): it leads the
+    # task's error, ahead of whatever generic message the step's runtime recorded.
     if remote == "stopped" and "time limit" in detail.lower():
         # Valohai stopped it at its time limit: the step did not finish in time, nobody cancelled it.
-        return RunStatus(RunState.FAILED, remote, f"Valohai stopped the execution: {detail}")
+        return RunStatus(RunState.FAILED, remote, f"Valohai stopped the execution: {detail}", reason=remote)
     if state is RunState.FAILED:
-        return RunStatus(state, remote, detail or "the Valohai execution ended in error")
+        return RunStatus(state, remote, detail or "the Valohai execution ended in error", reason=remote)
     if state is RunState.LOST:
-        return RunStatus(state, remote, detail or "Valohai reports the execution crashed")
+        return RunStatus(state, remote, detail or "Valohai reports the execution crashed", reason=remote)
+    if state is RunState.CANCELLED:
+        return RunStatus(state, remote, detail or "the Valohai execution was stopped", reason=remote)
     return RunStatus(state, remote, detail)
+
+
+#: How a status event states the step's exit code (the worker's "Process exited with code N." line).
+_EXIT_CODE = re.compile(r"exit(?:ed)?(?: with)? (?:code|status) (-?\d+)", re.I)
+#: Status events that say why the machine ended the step, worth quoting in the failure message.
+_WHY = re.compile(r"out of memory|\boom\b|killed|crash|lost|time limit|error|fail", re.I)
+
+
+def explain_failure(status: RunStatus, events: Sequence[Mapping[str, Any]]) -> RunStatus:
+    """A failed status completed from the execution's last events: the exit code and the platform's why.
+
+    Valohai's execution object has no exit code field; the worker states it in the ``status`` stream.
+    A signal death (``-9``) is reported as the shell would (``137``). No I/O.
+    """
+    exit_code = status.exit_code
+    why: list[str] = []
+    for event in events:
+        if event.get("stream") != "status":
+            continue
+        message = str(event.get("message", ""))
+        match = _EXIT_CODE.search(message)
+        if match:
+            code = int(match.group(1))
+            exit_code = 128 - code if code < 0 else code
+        elif _WHY.search(message) and message not in why:
+            why.append(message)
+    message = status.message
+    if why and not any(w in message for w in why):
+        message = f"{message}: {why[-1]}" if message else why[-1]
+    return RunStatus(status.state, status.remote_state, message, exit_code, status.reason or status.remote_state)
 
 
 def identity_tags(identity: StepIdentity) -> list[str]:
@@ -157,6 +200,35 @@ def param_value(value: Any) -> Any:
                                        for v in value):
         return value
     return json.dumps(value, sort_keys=True)
+
+
+#: URL schemes Valohai downloads inputs from (valohai.yaml reference, step inputs: HTTP(S), s3://, azure://;
+#: "Inputs with Valohai CLI": datum://, gs://, swift://; datasets: dataset://). The worker machine fetches
+#: them, so a path on the Airflow worker's disk can never be one.
+INPUT_URL_SCHEMES = frozenset({"http", "https", "s3", "gs", "azure", "swift", "datum", "dataset"})
+
+
+def input_url_problem(url: str) -> str | None:
+    """Why Valohai would refuse ``url`` as an input (the API answers 400 on ``inputs``), or None."""
+    parsed = urlsplit(url)
+    scheme = parsed.scheme.lower()
+    if scheme in ("datum", "dataset"):
+        return None if url.split("://", 1)[1] else f"{url!r} names no {scheme}"
+    if scheme in INPUT_URL_SCHEMES and parsed.netloc:
+        return None
+    if not scheme or scheme == "file" or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
+        return f"{url!r} is a path on the Airflow worker; Valohai downloads inputs from URLs only"
+    return f"{url!r} is not a URL Valohai can download ({', '.join(sorted(INPUT_URL_SCHEMES))})"
+
+
+def flag(value: Any, field_name: str) -> bool:
+    """A yes/no option, also as the text a Jinja template renders (``"True"``, ``"false"``)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(field_name, f"{value!r} is not true or false", "give a boolean (or a template rendering "
+                      "to 'True'/'False')")
 
 
 def input_urls(uri: str) -> list[str]:
@@ -190,7 +262,7 @@ def build_execution(
     mode, step = step_mode(request, config)
     profile = config.profile(spec.resources.profile, "valohai")
     environment = options.get("environment") or profile.get("environment") or config.environment
-    export = bool(options.get("export_outputs", config.export_outputs))
+    export = flag(options.get("export_outputs", config.export_outputs), "backend_options.valohai.export_outputs")
     handle_data: dict[str, Any] = {
         "project_id": project_id,
         "mode": mode,
@@ -242,21 +314,86 @@ def build_execution(
     return body, handle_data
 
 
-def new_events(page: Mapping[str, Any], seen: int) -> tuple[list[dict[str, Any]], int, int]:
-    """Slice an ``events/?limit=N`` answer (the *last* N events) after ``seen`` events.
+#: Event ids a log cursor remembers: a late event is recognised as new when it lands among the last
+#: this many events. Bounded so the cursor stays small in trigger kwargs and the task-state record.
+CURSOR_WINDOW = 500
 
-    Returns the new events, the new cursor, and how many new events the page did not hold (the caller
-    asks again with a larger limit when that is positive). There is no offset in the API, but events are
-    only ever appended, so the count of events seen is an exact cursor.
+
+def event_id(event: Mapping[str, Any]) -> str:
+    """An event's identity, as ``valohai-cli``'s LogManager computes it: md5 of ``stream+time+message``.
+
+    The events API has no offset and no event id; the CLI (``valohai_cli/log_manager.py``) remembers
+    these hashes instead of counting, because a count drops or repeats events that arrive late. 16 hex
+    digits keep the cursor short; a collision only hides one line of one execution's log.
     """
-    events = list(page.get("events") or [])
-    total = int(page.get("total", len(events)))
-    fresh = total - seen
-    if fresh <= 0:
-        return [], max(total, 0) if total < seen else seen, 0
-    if fresh > len(events):
-        return events, total, fresh - len(events)
-    return events[len(events) - fresh:], total, 0
+    raw = "+".join((str(event.get("stream", "")), str(event.get("time", "")), str(event.get("message", ""))))
+    return hashlib.md5(raw.encode("utf-8", "replace"), usedforsecurity=False).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LogCursor:
+    """Where a log stream stands: how many events were shown, and the ids of the newest ones.
+
+    JSON-serialisable (:meth:`to_json`) so it survives a trigger restart and the task-state record.
+    ``horizon`` is the time of the newest event that fell out of the remembered window: an event older
+    than that is taken as shown. ``skip`` carries a count-only cursor of an older version: the first
+    ``skip`` events of the whole log were shown.
+    """
+
+    shown: int = 0
+    seen: tuple[str, ...] = ()
+    horizon: str = ""
+    skip: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": 2, "shown": self.shown, "seen": list(self.seen), "horizon": self.horizon}
+
+    @classmethod
+    def from_json(cls, data: Any) -> LogCursor:
+        """From :meth:`to_json`, ``None`` (the start) or an older count-only cursor (an int)."""
+        if isinstance(data, Mapping) and data.get("v") == 2:
+            return cls(int(data.get("shown") or 0), tuple(str(x) for x in data.get("seen") or ()),
+                       str(data.get("horizon") or ""))
+        if isinstance(data, int) and not isinstance(data, bool) and data > 0:
+            return cls(shown=data, skip=data)
+        return cls()
+
+
+def new_events(events: Sequence[Mapping[str, Any]], cursor: LogCursor) -> tuple[list[Mapping[str, Any]], LogCursor]:
+    """The events of a page not shown yet, and the cursor after showing them. No I/O.
+
+    De-duplicates by :func:`event_id`, never by position: a late event (ordered by time among the
+    events already listed) is new, an event seen before is skipped however the page shifted.
+    """
+    events = sorted(events, key=lambda e: str(e.get("time", "")))  # stable: arrival order within a time
+    if cursor.skip:
+        events = events[cursor.skip:]  # the page is the whole log (see events_to_fetch)
+    seen = set(cursor.seen)
+    fresh = [e for e in events if event_id(e) not in seen and str(e.get("time", "")) > cursor.horizon]
+    ids = [*cursor.seen, *(event_id(e) for e in fresh)]
+    horizon = cursor.horizon
+    if len(ids) > CURSOR_WINDOW:
+        times = {event_id(e): str(e.get("time", "")) for e in events}
+        dropped, ids = ids[:-CURSOR_WINDOW], ids[-CURSOR_WINDOW:]
+        horizon = max([horizon, *(times.get(i, "") for i in dropped)])
+    return fresh, LogCursor(cursor.shown + len(fresh), tuple(ids), horizon)
+
+
+def events_to_fetch(total: int, page_len: int, fresh: int, cursor: LogCursor) -> int:
+    """How many of the newest events to ask for again (0: the page was enough).
+
+    ``total - shown`` events are unshown; when the page held fewer new ones, the rest lie before it
+    (more arrived than a page holds, or a late one landed among old ones): ask for all unshown ones
+    plus the remembered window, so a late event among them is found too.
+    """
+    if page_len >= total:
+        return 0
+    if cursor.skip:
+        return total
+    missing = total - cursor.shown
+    if missing <= fresh:
+        return 0
+    return min(total, missing + len(cursor.seen))
 
 
 def event_line(event: Mapping[str, Any]) -> str:
