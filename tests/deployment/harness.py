@@ -52,6 +52,9 @@ MIGRATE_TIMEOUT = 240.0
 READY_TIMEOUT = 150.0
 STOP_TIMEOUT = 30.0
 
+#: Task instance states after which nothing happens without a user (a retry is "up_for_retry").
+FINAL_TASK_STATES = frozenset({"success", "failed", "upstream_failed", "skipped", "removed"})
+
 T = TypeVar("T")
 
 
@@ -106,8 +109,12 @@ def postgres(*args: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
-def settings(home: Path, sql_alchemy_conn: str, api_port: int, secret: str) -> dict[str, str]:
-    """The deployment's configuration as ``AIRFLOW__SECTION__KEY`` variables (see docs/deployment.md)."""
+def settings(home: Path, dags_folder: Path, sql_alchemy_conn: str, api_port: int, secret: str,
+             log_ports: tuple[int, int]) -> dict[str, str]:
+    """The deployment's configuration as ``AIRFLOW__SECTION__KEY`` variables.
+
+    docs/deployment.md shows exactly this (tests/deployment/test_docs.py renders it and compares).
+    """
     return {
         "AIRFLOW_HOME": str(home),
         # The metadata database: PostgreSQL through psycopg2; Airflow derives the async URL (asyncpg).
@@ -116,7 +123,7 @@ def settings(home: Path, sql_alchemy_conn: str, api_port: int, secret: str) -> d
         "AIRFLOW__CORE__PARALLELISM": "8",
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder),
         # Workers (the LocalExecutor's task supervisors) report to the API server's execution API.
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
         "AIRFLOW__API__HOST": "127.0.0.1",
@@ -130,8 +137,8 @@ def settings(home: Path, sql_alchemy_conn: str, api_port: int, secret: str) -> d
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
         # Each machine's log servers on their own ports (other Airflows may run on this machine).
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(log_ports[0]),
+        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(log_ports[1]),
         # A dead triggerer's triggers move to a live one after this many seconds without a heartbeat.
         "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "15",
         # The provider: where artifacts go and where the local backend keeps its job directories.
@@ -175,7 +182,7 @@ class Deployment:
         api_port = free_port()
         secret = secrets.token_urlsafe(32)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-        env.update(settings(home, url, api_port, secret))
+        env.update(settings(home, REPO / "dags", url, api_port, secret, (free_port(), free_port())))
         # The repository's code (this worktree) wins over an installed copy; the example steps import
         # from dags/ the way the DAG folder is on sys.path in any Airflow process.
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "dags")])
@@ -366,9 +373,18 @@ class Deployment:
 
     def wait_for_task(self, dag_id: str, run_id: str, task_id: str, condition: Callable[[dict[str, Any]], bool],
                       what: str, timeout: float = 180.0) -> dict[str, Any]:
-        return wait_for(f"{dag_id}/{run_id}/{task_id}: {what}",
-                        lambda: (lambda ti: ti if condition(ti) else None)(self.task_instance(dag_id, run_id, task_id)),
-                        timeout, interval=0.5, on_timeout=lambda: self.describe_run(dag_id, run_id))
+        """Wait until the task instance satisfies ``condition``; fail at once if it ends without doing so."""
+        def check() -> dict[str, Any] | None:
+            ti = self.task_instance(dag_id, run_id, task_id)
+            if condition(ti):
+                return ti
+            if ti["state"] in FINAL_TASK_STATES:
+                raise DeploymentError(f"{dag_id}/{run_id}/{task_id} ended {ti['state']} (try {ti['try_number']}) "
+                                      f"while waiting for: {what}\n{self.describe_run(dag_id, run_id)}")
+            return None
+
+        return wait_for(f"{dag_id}/{run_id}/{task_id}: {what}", check, timeout, interval=0.5,
+                        on_timeout=lambda: self.describe_run(dag_id, run_id))
 
     def set_task_state(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
         response = self.api.patch(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}",
