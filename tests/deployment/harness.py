@@ -181,7 +181,8 @@ class Deployment:
         url = postgres("--database", database)
         api_port = free_port()
         secret = secrets.token_urlsafe(32)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+        # Nothing of the test process's own (SQLite) Airflow or provider settings leaks in.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "REMOTE_ML_"))}
         env.update(settings(home, REPO / "dags", url, api_port, secret, (free_port(), free_port())))
         # The repository's code (this worktree) wins over an installed copy; the example steps import
         # from dags/ the way the DAG folder is on sys.path in any Airflow process.

@@ -181,7 +181,9 @@ def test_triggerer_restart_mid_wait_succeeds_and_logs_each_line_once(live: Deplo
     dag_id = HOLD["deferred"]
     run_id = live.trigger(dag_id, {"control_dir": str(control)})
     _wait_for_file(control / "printed", live, dag_id, run_id)
-    live.wait_for_task(dag_id, run_id, "hold", lambda ti: ti["state"] == "deferred", "deferred")
+    first = live.wait_for_task(dag_id, run_id, "hold",
+                               lambda ti: ti["state"] == "deferred" and (ti["trigger"] or {}).get("triggerer_id"),
+                               "deferred, its trigger running in the triggerer")
     lines = _step_lines(run_id)
     # The first triggerer has streamed the first half of the step's log into the task log.
     wait_for("the triggerer to stream the step's first lines",
@@ -191,6 +193,10 @@ def test_triggerer_restart_mid_wait_succeeds_and_logs_each_line_once(live: Deplo
     live.kill_component("triggerer", signal.SIGKILL)
     live.start_component("triggerer")
     live.wait_ready(["triggerer"])
+    # Release the step only once the new triggerer runs the trigger: the rest of the log is streamed by it.
+    live.wait_for_task(dag_id, run_id, "hold",
+                       lambda ti: ti["state"] == "deferred" and (ti["trigger"] or {}).get("triggerer_id") not in
+                       (None, first["trigger"]["triggerer_id"]), "its trigger adopted by the restarted triggerer")
     (control / "release").touch()
     state = live.wait_for_run(dag_id, run_id)
     assert state == "success", live.describe_run(dag_id, run_id)
