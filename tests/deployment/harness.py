@@ -32,6 +32,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 TEST_DAGS = Path(__file__).resolve().parent / "dags"
 POSTGRES_SH = REPO / ".ci" / "postgres.sh"
+#: Each session's own database: remote_ml_deploy_<pid of the test process>.
+DATABASE_PREFIX = "remote_ml_deploy_"
 
 #: The components, in start order, and the command that runs each (the same as in docs/deployment.md).
 COMPONENTS: dict[str, list[str]] = {
@@ -109,6 +111,20 @@ def postgres(*args: str) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def drop_stale_databases(url: str) -> None:
+    """Drop the databases of earlier test sessions that died before their teardown (their pid is gone)."""
+    import psycopg2
+
+    server = url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
+    with contextlib.closing(psycopg2.connect(server)) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (DATABASE_PREFIX + "%",))
+        names = [row[0] for row in cursor.fetchall()]
+    for name in names:
+        pid = name[len(DATABASE_PREFIX):]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            postgres("--drop", name)
+
+
 def settings(home: Path, dags_folder: Path, sql_alchemy_conn: str, api_port: int, secret: str,
              log_ports: tuple[int, int]) -> dict[str, str]:
     """The deployment's configuration as ``AIRFLOW__SECTION__KEY`` variables.
@@ -177,8 +193,9 @@ class Deployment:
 
     @classmethod
     def start(cls, home: Path) -> Deployment:
-        database = f"remote_ml_deploy_{os.getpid()}"
+        database = f"{DATABASE_PREFIX}{os.getpid()}"
         url = postgres("--database", database)
+        drop_stale_databases(url)
         api_port = free_port()
         secret = secrets.token_urlsafe(32)
         # Nothing of the test process's own (SQLite) Airflow or provider settings leaks in.
@@ -235,7 +252,7 @@ class Deployment:
             # never the steps, which the local backend starts in sessions of their own.
             component.process = subprocess.Popen(component.argv, env={**self.env, **(extra_env or {})}, stdout=out,
                                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                 start_new_session=True)
+                                                 start_new_session=True, preexec_fn=_die_with_parent)
         component.started_at = time.time()
         component.env = dict(extra_env or {})
         self.components[name] = component
@@ -433,6 +450,18 @@ class Deployment:
                 if " ".join(proc.cmdline()).strip() == title and proc.status() != psutil.STATUS_ZOMBIE:
                     return proc
         return None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (Linux prctl).
+
+    Teardown stops everything normally; this covers a test run that is itself killed hard.
+    """
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _group_alive(pgid: int) -> bool:
