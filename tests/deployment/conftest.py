@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -29,7 +30,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
+    """A failed test's report ends with the tails of every component's log (and the migration's)."""
+    outcome: Any = yield
     report = outcome.get_result()
     if report.failed and _DEPLOYMENTS:
         report.sections.append(("Airflow deployment logs", _DEPLOYMENTS[-1].log_tails()))

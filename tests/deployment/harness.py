@@ -103,8 +103,10 @@ def postgres(*args: str) -> str:
         result = subprocess.run(["bash", str(POSTGRES_SH), *args], capture_output=True, text=True,
                                 timeout=POSTGRES_TIMEOUT, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as exc:
+        # TimeoutExpired carries bytes even with text=True (CPython keeps what it had read raw).
+        partial = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
         raise DeploymentError(f"PostgreSQL could not be started: .ci/postgres.sh {' '.join(args)} did not finish "
-                              f"in {POSTGRES_TIMEOUT:.0f} s\n{exc.stderr or ''}") from None
+                              f"in {POSTGRES_TIMEOUT:.0f} s\n{partial[-4000:]}") from None
     if result.returncode != 0:
         raise DeploymentError(f"PostgreSQL could not be started: .ci/postgres.sh {' '.join(args)} exited "
                               f"{result.returncode}\n{result.stderr[-4000:]}")

@@ -182,7 +182,7 @@ def test_triggerer_restart_mid_wait_succeeds_and_logs_each_line_once(live: Deplo
     run_id = live.trigger(dag_id, {"control_dir": str(control)})
     _wait_for_file(control / "printed", live, dag_id, run_id)
     first = live.wait_for_task(dag_id, run_id, "hold",
-                               lambda ti: ti["state"] == "deferred" and (ti["trigger"] or {}).get("triggerer_id"),
+                               lambda ti: ti["state"] == "deferred" and bool((ti["trigger"] or {}).get("triggerer_id")),
                                "deferred, its trigger running in the triggerer")
     lines = _step_lines(run_id)
     # The first triggerer has streamed the first half of the step's log into the task log.
