@@ -323,8 +323,12 @@ class Deployment:
         """Stop every component, then any process left with this deployment's mark; drop the database."""
         if self._client is not None:
             self._client.close()
-        for name in reversed(list(self.components)):
-            component = self.components[name]
+        # SIGTERM to all first, then wait for each: their graceful shutdowns overlap.
+        for component in self.components.values():
+            if component.running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(component.process.pid, signal.SIGTERM)  # type: ignore[union-attr]
+        for name, component in self.components.items():
             if component.process is not None:
                 with contextlib.suppress(Exception):
                     self.kill_component(name, signal.SIGTERM)
