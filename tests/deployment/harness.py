@@ -115,7 +115,10 @@ def postgres(*args: str) -> str:
 
 def drop_stale_databases(url: str) -> None:
     """Drop the databases of earlier test sessions that died before their teardown (their pid is gone)."""
-    import psycopg2
+    try:
+        import psycopg2
+    except ImportError:
+        raise DeploymentError("psycopg2 is not installed: pip install -e '.[postgres]' (the dev extra has it)") from None
 
     server = url.replace("postgresql+psycopg2://", "postgresql://").rsplit("/", 1)[0] + "/postgres"
     with contextlib.closing(psycopg2.connect(server)) as conn, conn.cursor() as cursor:
