@@ -1,0 +1,208 @@
+"""The provider in a real Airflow 3.3 deployment, driven through the REST API v2 as a user would.
+
+``dag.test()`` runs everything in one process: it exercises neither the triggerer, the task
+supervisor, heartbeats, nor a worker dying. These tests do, against the session's deployment
+(conftest.py): PostgreSQL, scheduler (LocalExecutor), dag-processor, triggerer and api-server.
+
+The test-only DAGs (dags/remote_ml_deploy_steps.py) run a step the test steers through files in a
+control directory: the step writes ``started``/``pid``/``printed`` and waits for ``release``, so
+every wait here is for an event, never for time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.deployment.harness import (
+    Deployment,
+    DeploymentError,
+    processes_with_env,
+    wait_for,
+)
+
+PIPELINE = "example_ml_pipeline"
+HOLD = {"sync": "remote_ml_deploy_hold", "deferred": "remote_ml_deploy_hold_deferred"}
+#: What the Task SDK's task runner logs when a task defers (airflow/sdk/execution_time/task_runner.py).
+DEFERRED_LINE = "Pausing task as DEFERRED."
+#: Bound of the wait for a step's processes to end after its task was stopped. The step never ends on
+#: its own (it waits for ``release``): reaching the bound means nobody stopped it.
+STEP_GONE_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def live(deployment: Deployment) -> Deployment:
+    deployment.wait_for_dags([PIPELINE, *HOLD.values()])
+    return deployment
+
+
+@pytest.fixture
+def control(tmp_path: Path) -> Iterator[Path]:
+    """The control directory of one step; afterwards the step is released (or killed) so none outlives its test."""
+    path = tmp_path / "control"
+    path.mkdir()
+    yield path
+    (path / "release").touch()
+    with contextlib.suppress(DeploymentError):
+        wait_for("the step to end after release", lambda: not processes_with_env("CTL", str(path)), 60)
+    for proc in processes_with_env("CTL", str(path)):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
+def _step_lines(run_id: str) -> list[str]:
+    return [f"step {run_id} line {when} {i}" for when in ("before", "after") for i in (1, 2, 3)]
+
+
+def _job_dirs(deployment: Deployment, dag_id: str, run_id: str, task_id: str) -> list[Path]:
+    """The local backend's job directories (one per remote job) of one task instance, read from disk."""
+    found = []
+    for step_file in Path(deployment.env["REMOTE_ML_LOCAL_STATE_DIR"]).glob("*/step.json"):
+        identity = json.loads(step_file.read_text())["identity"]
+        if (identity["dag_id"], identity["run_id"], identity["task_id"]) == (dag_id, run_id, task_id):
+            found.append(step_file.parent)
+    return found
+
+
+def _wait_for_file(path: Path, deployment: Deployment, dag_id: str, run_id: str) -> None:
+    wait_for(f"{path.name} from the step of {dag_id}/{run_id}", path.exists, 180, interval=0.2,
+             on_timeout=lambda: deployment.describe_run(dag_id, run_id))
+
+
+def _assert_uri_under(value: Any, root: str) -> None:
+    assert isinstance(value, str) and value.startswith(root), f"{value!r} is not a URI under {root}"
+    assert os.path.exists(value), f"the artifact {value} does not exist"
+
+
+# -- 1. the example pipeline, sync and deferred --------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["sync", "deferred"])
+def test_example_pipeline_runs_end_to_end(live: Deployment, mode: str) -> None:
+    """The README's pipeline succeeds with backend=local; steps hand URIs on; deferred really defers."""
+    # [operators] default_deferrable is what a deployment sets to make every step wait in the triggerer;
+    # the workers (the scheduler's LocalExecutor here) read it when they load the DAG.
+    live.set_default_deferrable(mode == "deferred")
+    run_id = live.trigger(PIPELINE, {"backend": "local"})
+    state = live.wait_for_run(PIPELINE, run_id)
+    assert state == "success", live.describe_run(PIPELINE, run_id)
+
+    root = live.env["AIRFLOW__REMOTE_ML__ARTIFACT_ROOT"]
+    prepared = live.xcom(PIPELINE, run_id, "prepare")
+    assert prepared["backend"] == "local"
+    _assert_uri_under(prepared["outputs"]["dataset"], root)
+    trained = live.xcom(PIPELINE, run_id, "train", map_index=0)
+    _assert_uri_under(trained["outputs"]["model"], root)
+    evaluated = live.xcom(PIPELINE, run_id, "evaluate", map_index=0)
+    _assert_uri_under(evaluated["outputs"]["report"], root)
+    best = live.xcom(PIPELINE, run_id, "pick_best")
+    _assert_uri_under(best["outputs"]["selection"], root)
+    # The downstream step got the upstream's URIs, not their contents.
+    handed = live.xcom(PIPELINE, run_id, "evaluation_inputs")
+    assert handed == [{"model": trained["outputs"]["model"], "dataset": prepared["outputs"]["dataset"]}]
+
+    log = live.task_log(PIPELINE, run_id, "prepare", 1)
+    deferred = any(line.strip().startswith(DEFERRED_LINE.rstrip(".")) for line in log)
+    assert deferred == (mode == "deferred"), f"prepare {'did not defer' if mode == 'deferred' else 'deferred'}:\n" \
+                                              + "\n".join(log)
+
+
+# -- 2. a worker SIGKILLed mid-step: the retry reattaches ------------------------------------------------
+
+def test_worker_sigkill_mid_step_retry_reattaches_to_the_one_job(live: Deployment, control: Path) -> None:
+    dag_id = HOLD["sync"]
+    run_id = live.trigger(dag_id, {"control_dir": str(control)})
+    _wait_for_file(control / "printed", live, dag_id, run_id)
+    ti = live.wait_for_task(dag_id, run_id, "hold", lambda ti: ti["state"] == "running", "running (try 1)")
+    assert ti["try_number"] == 1
+    runner = wait_for(f"the task runner 'airflow worker -- {ti['id']}'", lambda: live.task_runner(ti["id"]), 60)
+    step_pid = int((control / "pid").read_text())
+    # The worker dies the hard way (OOM killer, node loss): no on_kill, no cleanup.
+    runner.send_signal(signal.SIGKILL)
+    wait_for("the task runner to die", lambda: not runner.is_running() or runner.status() == psutil.STATUS_ZOMBIE, 30)
+    assert psutil.pid_exists(step_pid), "the step (its own session) must survive its worker"
+
+    live.wait_for_task(dag_id, run_id, "hold", lambda ti: ti["try_number"] == 2 and ti["state"] == "running",
+                       "the retry (try 2) running")
+    # The retry has attached once it streams the step's log into its own task log.
+    wait_for("the retry to stream the running step's log",
+             lambda: _step_lines(run_id)[0] in live.task_log(dag_id, run_id, "hold", 2), 120, interval=0.5,
+             on_timeout=lambda: live.describe_run(dag_id, run_id))
+    (control / "release").touch()
+    state = live.wait_for_run(dag_id, run_id)
+
+    starts = (control / "started").read_text().split()
+    jobs = _job_dirs(live, dag_id, run_id, "hold")
+    assert starts == [str(step_pid)], f"the step was started {len(starts)} times (pids {starts}); expected once"
+    assert len(jobs) == 1, f"{len(jobs)} remote jobs for one task instance: {jobs}"
+    assert state == "success", live.describe_run(dag_id, run_id)
+
+
+# -- 3. a running task marked failed: its step is gone ------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["sync", "deferred"])
+def test_marking_a_running_task_failed_ends_its_step(live: Deployment, control: Path, mode: str) -> None:
+    """A user marks the task failed in the UI/API: nothing of the step may keep running (and billing).
+
+    The step ignores SIGTERM, as training code that checkpoints on SIGTERM may: only a cancel that
+    escalates to SIGKILL and reaches the step's own process ends it.
+    """
+    dag_id = HOLD[mode]
+    run_id = live.trigger(dag_id, {"control_dir": str(control), "ignore_term": True})
+    _wait_for_file(control / "printed", live, dag_id, run_id)
+    waiting = "running" if mode == "sync" else "deferred"
+    live.wait_for_task(dag_id, run_id, "hold", lambda ti: ti["state"] == waiting, waiting)
+    step_pid = int((control / "pid").read_text())
+    assert processes_with_env("CTL", str(control)), "the step's processes should be running now"
+
+    live.set_task_state(dag_id, run_id, "hold", "failed")
+
+    def gone() -> bool:
+        return not processes_with_env("CTL", str(control))
+
+    with contextlib.suppress(DeploymentError):
+        wait_for("the step's processes to end", gone, STEP_GONE_TIMEOUT, interval=0.5)
+    alive = [f"{p.pid} {' '.join(p.cmdline())}" for p in processes_with_env("CTL", str(control))]
+    assert not alive, (f"{STEP_GONE_TIMEOUT:.0f} s after the task was marked failed ({mode}), the step (pid "
+                       f"{step_pid}) still runs:\n" + "\n".join(alive) + "\n" + live.describe_run(dag_id, run_id))
+    assert live.task_instance(dag_id, run_id, "hold")["state"] == "failed"
+
+
+# -- 4. the triggerer killed and restarted mid-wait -----------------------------------------------------------
+
+def test_triggerer_restart_mid_wait_succeeds_and_logs_each_line_once(live: Deployment, control: Path) -> None:
+    dag_id = HOLD["deferred"]
+    run_id = live.trigger(dag_id, {"control_dir": str(control)})
+    _wait_for_file(control / "printed", live, dag_id, run_id)
+    first = live.wait_for_task(dag_id, run_id, "hold",
+                               lambda ti: ti["state"] == "deferred" and bool((ti["trigger"] or {}).get("triggerer_id")),
+                               "deferred, its trigger running in the triggerer")
+    lines = _step_lines(run_id)
+    # The first triggerer has streamed the first half of the step's log into the task log.
+    wait_for("the triggerer to stream the step's first lines",
+             lambda: lines[2] in live.task_log(dag_id, run_id, "hold", 1), 120, interval=0.5,
+             on_timeout=lambda: live.describe_run(dag_id, run_id))
+
+    live.kill_component("triggerer", signal.SIGKILL)
+    live.start_component("triggerer")
+    live.wait_ready(["triggerer"])
+    # Release the step only once the new triggerer runs the trigger: the rest of the log is streamed by it.
+    live.wait_for_task(dag_id, run_id, "hold",
+                       lambda ti: ti["state"] == "deferred" and (ti["trigger"] or {}).get("triggerer_id") not in
+                       (None, first["trigger"]["triggerer_id"]), "its trigger adopted by the restarted triggerer")
+    (control / "release").touch()
+    state = live.wait_for_run(dag_id, run_id)
+    assert state == "success", live.describe_run(dag_id, run_id)
+
+    log = live.task_log(dag_id, run_id, "hold", 1)
+    counts = {line: sum(1 for event in log if event.strip() == line) for line in lines}
+    assert all(count == 1 for count in counts.values()), \
+        f"each step line must appear exactly once in the task log; counts: {counts}\n" + "\n".join(log)
+    assert (control / "started").read_text().split() == [(control / "pid").read_text().strip()]
