@@ -23,7 +23,7 @@ from airflow_remote_ml.core.status import RunHandle, RunStatus
 from airflow_remote_ml.core.validation import build_operator_spec, check_backend_name, validate_operator_arguments
 from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
-from airflow_remote_ml.triggers import RemoteStepTrigger, result_xcoms
+from airflow_remote_ml.triggers import RemoteStepTrigger, checkpoint_uri, result_xcoms
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -202,9 +202,10 @@ class RemoteExecutionOperator(BaseOperator):
                 raise
             # Everything from here on runs inside the guard: whatever fails (an XCom push, a state-store
             # write, a kill, Airflow's execution_timeout), the job is stopped first.
-            return lifecycle.guarded(lambda: self._follow(lifecycle, spec, started, ti))
+            return lifecycle.guarded(lambda: self._follow(lifecycle, spec, artifacts, started, ti))
 
-    def _follow(self, lifecycle: StepLifecycle, spec: StepSpec, started: float, ti: Any) -> Any:
+    def _follow(self, lifecycle: StepLifecycle, spec: StepSpec, artifacts: ArtifactStore, started: float,
+                ti: Any) -> Any:
         backend, handle = lifecycle.backend, lifecycle.handle
         assert handle is not None
         self._handle = handle
@@ -219,6 +220,7 @@ class RemoteExecutionOperator(BaseOperator):
             trigger = RemoteStepTrigger(backend=backend.name, backend_config=backend.config_json(),
                                         handle=handle.to_json(), deadline=deadline,
                                         secret_refs=_secret_refs(spec, backend),
+                                        checkpoint_uri=checkpoint_uri(artifacts, lifecycle.identity),
                                         end_task=self._may_end_in_triggerer())
             # From here the trigger owns the job: a SIGTERM that reaches this process after defer() (a slow
             # "deferred" report) must not cancel what the trigger is waiting for.

@@ -32,6 +32,8 @@ class RemoteStepTrigger(BaseTrigger):
         poll_policy: overrides the backend's poll policy (JSON of :class:`PollPolicy`).
         secret_refs: the step's secret references (``{"name", "key", "source"}``, never values): their
             values are resolved here only to be masked in every log line the trigger writes.
+        checkpoint_uri: where the log cursor is saved for a restarted trigger (see :func:`checkpoint_uri`);
+            by default beside the handle's result manifest, when it has one Airflow can write to.
         end_task: on success, end the task here with its XComs (``TaskSuccessEvent``): no worker slot, no
             DAG parse, no queue. Failures always resume on the worker, whose error names the reason.
 
@@ -52,6 +54,7 @@ class RemoteStepTrigger(BaseTrigger):
         log_cursor: Any = None,
         poll_policy: dict[str, Any] | None = None,
         secret_refs: list[dict[str, Any]] | None = None,
+        checkpoint_uri: str | None = None,
         end_task: bool = False,
     ) -> None:
         super().__init__()
@@ -65,7 +68,9 @@ class RemoteStepTrigger(BaseTrigger):
         self.poll_policy = PollPolicy.from_json(poll_policy) if poll_policy else None
         self.secret_refs = [dict(ref) for ref in secret_refs or []]
         self.end_task = bool(end_task)
-        self.checkpoint = CursorCheckpoint.for_handle(self.handle)
+        self.checkpoint_uri = checkpoint_uri
+        self.checkpoint = (CursorCheckpoint.at(checkpoint_uri, self.handle.job_id) if checkpoint_uri
+                           else CursorCheckpoint.for_handle(self.handle))
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -78,6 +83,7 @@ class RemoteStepTrigger(BaseTrigger):
                 "log_cursor": self.log_cursor,
                 "poll_policy": self.poll_policy.to_json() if self.poll_policy else None,
                 "secret_refs": self.secret_refs,
+                "checkpoint_uri": self.checkpoint_uri,
                 "end_task": self.end_task,
             },
         )
@@ -150,6 +156,12 @@ class RemoteStepTrigger(BaseTrigger):
             await backend.aclose()
 
 
+def checkpoint_uri(artifacts: Any, identity: Any) -> str:
+    """Where a step's trigger saves its log cursor: in the step's own folder of the artifact store, which
+    Airflow reads and writes whatever the backend keeps its outputs in (a Valohai datum, a DBFS path)."""
+    return artifacts.manifest_uri(identity).rsplit("/", 1)[0] + "/" + CursorCheckpoint.NAME
+
+
 def result_xcoms(xcom: dict[str, Any]) -> dict[str, Any]:
     """Every XCom a succeeded step leaves: its result, ``outputs``, ``metrics`` and each output's URI.
 
@@ -181,16 +193,21 @@ class CursorCheckpoint:
         manifest = handle.data.get("manifest_uri")
         if not isinstance(manifest, str) or "/" not in manifest:
             return None
+        return cls.at(manifest.rsplit("/", 1)[0] + "/" + cls.NAME, handle.job_id)
+
+    @classmethod
+    def at(cls, uri: str, job_id: str) -> CursorCheckpoint | None:
+        """A checkpoint at ``uri``, or None where Airflow cannot really write (see the class doc)."""
         from fsspec.core import split_protocol
         from fsspec.registry import known_implementations
 
-        protocol, _ = split_protocol(manifest)
+        protocol, _ = split_protocol(uri)
         if protocol is None:
-            if not manifest.startswith("/"):
+            if not uri.startswith("/"):
                 return None
         elif protocol in ("dbfs", "datum") or protocol not in known_implementations:
             return None
-        return cls(manifest.rsplit("/", 1)[0] + "/" + cls.NAME, handle.job_id)
+        return cls(uri, job_id)
 
     def load(self) -> Any:
         try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from airflow_remote_ml.core.errors import (
+    BackendAPIError,
     RemoteJobLostError,
     StepCancelledError,
     StepFailedError,
@@ -163,7 +164,7 @@ async def await_completion(
     while True:
         try:
             follower.feed(await backend.aread_logs(handle, follower.cursor))
-        except TransientBackendError as exc:
+        except BackendAPIError as exc:  # logs are best effort while waiting; the status decides the outcome
             log.warning("%s: reading logs failed: %s", backend.name, exc)
         if status.is_terminal:
             return follower.outcome(status)
@@ -180,8 +181,9 @@ async def await_completion(
 def _feed(follower: Follower, read: Callable[[], LogChunk]) -> None:
     try:
         follower.feed(read())
-    except TransientBackendError as exc:
-        # Logs are best effort while waiting; the status decides the outcome.
+    except BackendAPIError as exc:
+        # Logs are best effort while waiting (a job deleted remotely has no log any more); the status
+        # decides the outcome.
         log.warning("reading logs failed: %s", exc)
 
 

@@ -264,8 +264,10 @@ class FaultContract:
         assert journal.record["phase"] == "intent"
         retry = self.lifecycle(type(fault_backend).from_config(fault_backend.config_json()), journal, base)
         handle = retry.start(make)
+        # Counted before the end: a backend may remove a succeeded job's container when it finishes.
+        jobs = [job for job, _ in service.jobs(retry.identity)]
+        assert jobs == [handle.job_id], (jobs, handle.job_id)
         assert self.finish(retry).status.is_successful
-        assert [job for job, _ in service.jobs(retry.identity)] == [handle.job_id]
 
     @_requires("crash")
     def test_a_worker_killed_during_the_wait_then_retried_reattaches(self, service, fault_backend, artifact_root,
@@ -285,7 +287,7 @@ class FaultContract:
     @_requires("trigger_restart")
     def test_a_restarted_trigger_shows_each_log_line_once(self, service, fault_backend, artifact_root, image,
                                                           monkeypatch):
-        from airflow_remote_ml.triggers import RemoteStepTrigger
+        from airflow_remote_ml.triggers import RemoteStepTrigger, checkpoint_uri
 
         shown: list[str] = []
 
@@ -302,8 +304,8 @@ class FaultContract:
         lifecycle, handle = self.start(fault_backend, artifact_root, image, base, MemoryJournal(), code=code)
         lifecycle.hand_over()
         kwargs = json.loads(json.dumps(RemoteStepTrigger(
-            backend=fault_backend.name, backend_config=fault_backend.config_json(),
-            handle=handle.to_json()).serialize()[1]))
+            backend=fault_backend.name, backend_config=fault_backend.config_json(), handle=handle.to_json(),
+            checkpoint_uri=checkpoint_uri(ArtifactStore(artifact_root), lifecycle.identity)).serialize()[1]))
 
         def numbered() -> list[str]:
             return [line for line in shown if line.startswith("line ")]
@@ -326,7 +328,7 @@ class FaultContract:
         asyncio.run(first_run())
         payload = asyncio.run(second_run())
         assert payload["status"]["state"] == "succeeded", payload  # end_task is off: the event says it
-        assert numbered() == [f"line {i}" for i in range(6)]
+        assert numbered() == [f"line {i}" for i in range(6)], shown
 
     # -- how it ends -------------------------------------------------------------------------------
 
@@ -366,5 +368,5 @@ class FaultContract:
         assert outcome.status.state is RunState.FAILED, outcome
         assert outcome.status.reason, f"the platform's reason was lost: {outcome.status}"
         error = failure_error(fault_backend, handle, outcome.status, outcome.tail)
-        assert str(error).splitlines()[0].split(": ", 1)[1].startswith(outcome.status.reason)
+        assert outcome.status.reason in str(error).splitlines()[0], str(error)
         assert not self.running(service, lifecycle.identity)

@@ -16,6 +16,7 @@ from airflow_remote_ml.backends.docker import DockerBackend
 from airflow_remote_ml.core import StepIdentity
 from airflow_remote_ml.core.identity import LABEL_STEP_ID
 from tests.conftest import RUNNER_IMAGE
+from tests.contract.faults import FaultContract
 from tests.contract.suite import BackendContract
 
 TEST_LABEL = "org.airflow-remote-ml.test"
@@ -168,3 +169,18 @@ class TestDockerServiceAdapter:
         outcome = wait_for_completion(fault_backend, handle, deadline=time.monotonic() + 120)
         assert outcome.status.reason == "OOMKilled", outcome.status
         assert service.jobs(request.identity) == [(handle.job_id, False)]
+
+
+@pytest.mark.docker
+class TestDockerFaultContract(FaultContract):
+    """The shared fault contract (tests/contract/faults.py) on the real Docker engine."""
+
+    supports = DockerService.supports | {"crash", "kill", "defer", "trigger_restart", "ignores_sigterm"}
+
+    @pytest.fixture
+    def artifact_root(self, tmp_path) -> str:
+        return str(tmp_path / "artifacts")
+
+    @pytest.fixture
+    def image(self) -> str:
+        return RUNNER_IMAGE

@@ -24,6 +24,7 @@ from airflow_remote_ml.backends.local import LocalBackend
 from airflow_remote_ml.core import ArtifactStore, ConfigError, RunHandle, StepIdentity, StepRequest, StepSpec
 from airflow_remote_ml.core.status import RunState
 from airflow_remote_ml.core.wait import wait_for_completion
+from tests.contract.faults import FaultContract
 from tests.contract.suite import BackendContract
 
 #: A step that ignores SIGTERM, as training code that checkpoints on it (or never expects it) does. The
@@ -354,3 +355,17 @@ def test_a_python_that_cannot_run_is_a_config_error_naming_the_setting(tmp_path)
     backend = make_backend(tmp_path, python=str(tmp_path / "no-such-python"))
     with pytest.raises(ConfigError, match=r"backend_config\[local\]\.python"):
         backend.submit(make_request(tmp_path, command=["true"]))
+
+
+class TestLocalFaultContract(FaultContract):
+    """The shared fault contract (tests/contract/faults.py) on the worker's own process table."""
+
+    supports = LocalService.supports | {"crash", "kill", "defer", "trigger_restart", "ignores_sigterm"}
+
+    @pytest.fixture
+    def artifact_root(self, tmp_path) -> str:
+        return str(tmp_path / "artifacts")
+
+    @pytest.fixture
+    def image(self) -> None:
+        return None

@@ -36,6 +36,7 @@ import pytest
 
 from airflow_remote_ml.backends.valohai import IDENTITY_TAG_PREFIX, ValohaiBackend
 from airflow_remote_ml.core import ConfigError, RunState, StepIdentity
+from tests.contract.faults import FaultContract
 from tests.contract.suite import WRITE_MODEL, BackendContract
 from tests.fakes.valohai_api import INCOMPLETE_STATUSES, FakeValohai
 
@@ -178,9 +179,24 @@ class TestValohaiBackendDatumOutputs(TestValohaiBackend):
 
 # -- the fault contract ------------------------------------------------------------------------------------
 
-# The abstract fault suite (tests/contract/faults.py) runs here with one line, e.g.
-# ``class TestValohaiFaults(FaultContract): pass``, using the ``service`` and ``fault_backend`` fixtures
-# above. The adapter's own tests below check that each knob does what the contract expects of it.
+# The adapter's own tests below check that each knob does what the contract expects of it.
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+class TestValohaiFaultContract(FaultContract):
+    """The shared fault contract (tests/contract/faults.py) on the Valohai API double."""
+
+    # The double runs each execution as local processes and kills them on a stop, after its grace.
+    supports = ValohaiFaults.supports | {"crash", "kill", "defer", "trigger_restart", "ignores_sigterm"}
+
+    @pytest.fixture
+    def artifact_root(self, tmp_path) -> str:
+        return str(tmp_path / "artifacts")
+
+    @pytest.fixture
+    def image(self) -> None:
+        return None
 
 
 @pytest.mark.integration
