@@ -220,8 +220,7 @@ class RemoteExecutionOperator(BaseOperator):
             trigger = RemoteStepTrigger(backend=backend.name, backend_config=backend.config_json(),
                                         handle=handle.to_json(), deadline=deadline,
                                         secret_refs=_secret_refs(spec, backend),
-                                        checkpoint_uri=checkpoint_uri(artifacts, lifecycle.identity),
-                                        end_task=self._may_end_in_triggerer())
+                                        checkpoint_uri=checkpoint_uri(artifacts, lifecycle.identity))
             # From here the trigger owns the job: a SIGTERM that reaches this process after defer() (a slow
             # "deferred" report) must not cancel what the trigger is waiting for.
             lifecycle.hand_over()
@@ -236,21 +235,9 @@ class RemoteExecutionOperator(BaseOperator):
             self._ti = context["ti"]
             backend = self._backend = self._make_backend()
             lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
-            if not isinstance(event, Mapping):
-                # The trigger ended the task itself (TaskSuccessEvent), yet a runner resumed us with its bare
-                # state ("success"): `dag.test()` does so. Rebuild the result from the job the record names.
-                event = self._event_from_record(lifecycle, event)
             handle = self._handle = RunHandle.from_json(event["handle"])
             lifecycle.take_back(handle)
             return lifecycle.guarded(lambda: self._complete(lifecycle, event))
-
-    def _event_from_record(self, lifecycle: StepLifecycle, state: Any) -> dict[str, Any]:
-        record = lifecycle.load()
-        if record is None or record.handle is None:
-            raise RemoteMLError(f"resumed with {state!r} but no job is recorded for this task instance")
-        status = lifecycle.backend.poll(record.handle)
-        return {"handle": record.handle.to_json(), "status": status.to_json(), "tail": [], "error": None,
-                "timed_out": False}
 
     def _complete(self, lifecycle: StepLifecycle, event: dict[str, Any]) -> Any:
         backend, handle = lifecycle.backend, lifecycle.handle
@@ -261,10 +248,6 @@ class RemoteExecutionOperator(BaseOperator):
         status = RunStatus.from_json(event["status"])
         return self._finish(lifecycle, status, list(event.get("tail") or []), bool(event.get("timed_out")),
                             self._build_spec().timeout)
-
-    def _may_end_in_triggerer(self) -> bool:
-        """A success may end the task in the triggerer unless a subclass runs code of its own on resume."""
-        return type(self).execute_complete is RemoteExecutionOperator.execute_complete
 
     def on_kill(self) -> None:
         lifecycle = self._lifecycle

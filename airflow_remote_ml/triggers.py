@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_remote_ml.core.errors import ConfigError
 from airflow_remote_ml.core.poll import PollPolicy
@@ -34,8 +34,6 @@ class RemoteStepTrigger(BaseTrigger):
             values are resolved here only to be masked in every log line the trigger writes.
         checkpoint_uri: where the log cursor is saved for a restarted trigger (see :func:`checkpoint_uri`);
             by default beside the handle's result manifest, when it has one Airflow can write to.
-        end_task: on success, end the task here with its XComs (``TaskSuccessEvent``): no worker slot, no
-            DAG parse, no queue. Failures always resume on the worker, whose error names the reason.
 
     The event payload is ``{"status", "handle", "tail", "cursor", "timed_out", "error"}``.
 
@@ -55,7 +53,6 @@ class RemoteStepTrigger(BaseTrigger):
         poll_policy: dict[str, Any] | None = None,
         secret_refs: list[dict[str, Any]] | None = None,
         checkpoint_uri: str | None = None,
-        end_task: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(backend, str) or not backend:
@@ -67,7 +64,6 @@ class RemoteStepTrigger(BaseTrigger):
         self.log_cursor = log_cursor
         self.poll_policy = PollPolicy.from_json(poll_policy) if poll_policy else None
         self.secret_refs = [dict(ref) for ref in secret_refs or []]
-        self.end_task = bool(end_task)
         self.checkpoint_uri = checkpoint_uri
         self.checkpoint = (CursorCheckpoint.at(checkpoint_uri, self.handle.job_id) if checkpoint_uri
                            else CursorCheckpoint.for_handle(self.handle))
@@ -84,7 +80,6 @@ class RemoteStepTrigger(BaseTrigger):
                 "poll_policy": self.poll_policy.to_json() if self.poll_policy else None,
                 "secret_refs": self.secret_refs,
                 "checkpoint_uri": self.checkpoint_uri,
-                "end_task": self.end_task,
             },
         )
 
@@ -116,35 +111,12 @@ class RemoteStepTrigger(BaseTrigger):
                 status = await backend.apoll(self.handle)
             payload.update(status=status.to_json(), tail=outcome.tail, cursor=outcome.cursor,
                            timed_out=outcome.timed_out)
-            if self.end_task and status.is_successful and not outcome.timed_out:
-                xcoms = await self._result_xcoms(backend, status)
-                if xcoms is not None:
-                    yield TaskSuccessEvent(xcoms=xcoms)
-                    return
         except Exception as exc:  # the task must hear about it, not the triggerer's log only
             self.log.exception("Waiting for remote job %s failed", self.handle.job_id)
             payload["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             await backend.aclose()
         yield TriggerEvent(payload)
-
-    async def _result_xcoms(self, backend: Any, status: Any) -> dict[str, Any] | None:
-        """The task's XComs for a succeeded job, or None to let the worker say what went wrong."""
-        try:
-            result = await asyncio.to_thread(backend.fetch_result, self.handle)
-        except Exception as exc:  # e.g. a declared output is missing: execute_complete raises it properly
-            self.log.info("The job succeeded but its result is not usable here (%s); resuming on a worker", exc)
-            return None
-        for name, uri in result.outputs.items():
-            self.log.info("Output %s: %s", name, uri)
-        if result.metrics:
-            self.log.info("Metrics: %s", result.metrics)
-        for call in (backend.mark_finished, lambda handle: backend.cleanup(handle, status)):
-            try:
-                await asyncio.to_thread(call, self.handle)
-            except Exception:
-                self.log.warning("Cleaning up job %s failed", self.handle.job_id, exc_info=True)
-        return result_xcoms(result.to_xcom())
 
     async def on_kill(self) -> None:
         """A user killed the deferred task (mark failed/success, clear): stop the remote job too."""

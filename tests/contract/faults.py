@@ -327,7 +327,7 @@ class FaultContract:
 
         asyncio.run(first_run())
         payload = asyncio.run(second_run())
-        assert payload["status"]["state"] == "succeeded", payload  # end_task is off: the event says it
+        assert payload["status"]["state"] == "succeeded", payload
         assert numbered() == [f"line {i}" for i in range(6)], shown
 
     # -- how it ends -------------------------------------------------------------------------------

@@ -238,45 +238,18 @@ def test_deferred_mode_runs_through_the_trigger(tmp_path, config, store):
 
     async def first_event():
         async for event in rebuilt.run():
-            return event
+            return event.payload
 
-    # A success ends the task in the triggerer, XComs and all: no worker slot, no DAG parse.
-    from airflow.triggers.base import TaskSuccessEvent
-
-    event = asyncio.run(first_event())
-    assert isinstance(event, TaskSuccessEvent)
-    result = event.xcoms["return_value"]
+    payload = asyncio.run(first_event())
+    assert payload["status"]["state"] == "succeeded" and payload["error"] is None
+    result = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 0.5)).execute_complete(
+        context(ti, store), payload)
     assert result["metrics"] == {"score": 0.9}
-    assert event.xcoms["model"] == result["outputs"]["model"] and os.path.exists(result["outputs"]["model"])
-    assert event.xcoms["outputs"] == result["outputs"] and event.xcoms["metrics"] == {"score": 0.9}
-    json.dumps(event.xcoms)
+    assert ti.xcoms["model"] == result["outputs"]["model"]
     assert starts(tmp_path) == 1
     # The next try (a user's clear) runs anew rather than adopting this result.
     again = make(tmp_path, config, **counted_step(tmp_path, 0)).execute(context(FakeTI(try_number=2), store))
     assert again["job_id"] != result["job_id"] and starts(tmp_path) == 2
-
-
-def test_a_subclass_that_resumes_on_the_worker_gets_the_event(tmp_path, config, store):
-    class Audited(RemoteExecutionOperator):
-        def execute_complete(self, context, event):
-            result = super().execute_complete(context, event)
-            return {**result, "audited": True}
-
-    op = Audited(task_id="step", backend="local", backend_config=config, artifact_root=str(tmp_path / "art"),
-                 deferrable=True, **counted_step(tmp_path, 0))
-    ti = FakeTI()
-    with pytest.raises(TaskDeferred) as info:
-        op.execute(context(ti, store))
-
-    async def first_event():
-        async for event in info.value.trigger.run():
-            return event
-
-    event = asyncio.run(first_event())
-    assert event.payload["status"]["state"] == "succeeded" and event.payload["error"] is None
-    result = op.execute_complete(context(ti, store), event.payload)
-    assert result["audited"] and result["metrics"] == {"score": 0.9}
-    assert ti.xcoms["model"] == result["outputs"]["model"]
 
 
 def test_trigger_on_kill_cancels_the_job(tmp_path, config, store):
@@ -470,12 +443,10 @@ def test_a_restarted_trigger_does_not_repeat_log_lines(tmp_path, config, store, 
         trigger = RemoteStepTrigger(**json.loads(json.dumps(kwargs)))
         gate.write_text("go")
         async for event in trigger.run():
-            return event
-
-    from airflow.triggers.base import TaskSuccessEvent
+            return event.payload
 
     asyncio.run(run_until_two_lines())
-    assert isinstance(asyncio.run(run_to_end()), TaskSuccessEvent)
+    assert asyncio.run(run_to_end())["status"]["state"] == "succeeded"
     assert step_lines() == ["line-1", "line-2", "line-3"]
 
 
