@@ -407,7 +407,8 @@ def test_an_execution_deleted_remotely_is_lost(backend, valohai, tmp_path):
 # -- inputs are URLs --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("uri", ["/data/train.csv", "relative/train.csv", "file:///data/train.csv", "ftp://h/x"])
+# A relative path is refused earlier still, by StepSpec itself (tests/unit/test_validation.py).
+@pytest.mark.parametrize("uri", ["/data/train.csv", "file:///data/train.csv", "ftp://h/x"])
 def test_an_input_valohai_cannot_download_is_a_config_error_before_submit(backend, valohai, tmp_path, uri):
     """Before: accepted, and the project's own double read the worker's local file."""
     req = request(tmp_path, "train", inputs={"dataset": uri})
