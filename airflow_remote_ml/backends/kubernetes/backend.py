@@ -253,7 +253,7 @@ class KubernetesBackend(Backend):
 
     def validate(self, request: StepRequest) -> None:
         # What kube-apiserver would refuse, from every source, as one ConfigError (see .validation).
-        validation.check_config(self.config)
+        validation.check_sources(self.config, request)
         super().validate(request)
         if not request.spec.image:
             raise ConfigError("image", "is not set: the kubernetes backend needs an image",

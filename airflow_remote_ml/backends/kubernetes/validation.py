@@ -173,8 +173,10 @@ def check_env_name(field: str, value: Any) -> str:
 # -- maps and lists ------------------------------------------------------------------------------------------
 
 
-def _mapping(field: str, value: Any, example: str) -> Mapping[Any, Any]:
+def _mapping(field: str, value: Any, example: str, *, none: bool = True) -> Mapping[Any, Any]:
     if value is None:
+        if not none:
+            raise ConfigError(field, "is None", f"use e.g. {example}, or {{}} / leave it out for none")
         return {}
     if not isinstance(value, Mapping):
         raise ConfigError(field, f"expected a mapping, got {type_name(value)} {short_repr(value)}",
@@ -182,9 +184,9 @@ def _mapping(field: str, value: Any, example: str) -> Mapping[Any, Any]:
     return value
 
 
-def check_labels(field: str, value: Any) -> dict[str, str]:
+def check_labels(field: str, value: Any, *, none: bool = True) -> dict[str, str]:
     """Label keys are qualified names and values label values (metav1 ``ValidateLabels``)."""
-    labels = _mapping(field, value, "{'team': 'ml'}")
+    labels = _mapping(field, value, "{'team': 'ml'}", none=none)
     for key, item in labels.items():
         name = check_qualified_name(f"{field}.{short_repr(key)}" if not isinstance(key, str) else f"{field}.{key}",
                                     key, "a label key")
@@ -192,9 +194,9 @@ def check_labels(field: str, value: Any) -> dict[str, str]:
     return dict(labels)
 
 
-def check_annotations(field: str, value: Any) -> dict[str, str]:
+def check_annotations(field: str, value: Any, *, none: bool = True) -> dict[str, str]:
     """``ValidateAnnotations``: lower-cased keys are qualified names; values strings; 256 KiB in total."""
-    annotations = _mapping(field, value, "{'example.com/owner': 'ml'}")
+    annotations = _mapping(field, value, "{'example.com/owner': 'ml'}", none=none)
     total = 0
     for key, item in annotations.items():
         if not isinstance(key, str):
@@ -209,9 +211,9 @@ def check_annotations(field: str, value: Any) -> dict[str, str]:
     return dict(annotations)
 
 
-def check_node_selector(field: str, value: Any) -> dict[str, str]:
+def check_node_selector(field: str, value: Any, *, none: bool = True) -> dict[str, str]:
     """``nodeSelector`` is validated as labels (``ValidatePodSpec`` calls ``ValidateLabels`` on it)."""
-    selector = _mapping(field, value, "{'pool': 'gpu'}")
+    selector = _mapping(field, value, "{'pool': 'gpu'}", none=none)
     for key, item in selector.items():
         name = check_qualified_name(f"{field}.{key}" if isinstance(key, str) else f"{field}.{short_repr(key)}",
                                     key, "a node selector key", "'cloud.google.com/gke-nodepool'")
@@ -219,10 +221,12 @@ def check_node_selector(field: str, value: Any) -> dict[str, str]:
     return dict(selector)
 
 
-def check_tolerations(field: str, value: Any) -> None:
+def check_tolerations(field: str, value: Any, *, none: bool = True) -> None:
     """``validateTolerations`` of ``pkg/apis/core/validation/validation.go``."""
     example = "[{'key': 'gpu', 'operator': 'Exists', 'effect': 'NoSchedule'}]"
     if value is None:
+        if not none:
+            raise ConfigError(field, "is None", f"use e.g. {example}, or [] / leave it out for none")
         return
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
         raise ConfigError(field, f"expected a list of tolerations, got {type_name(value)} {short_repr(value)}",
@@ -353,14 +357,15 @@ def check_pod_settings(prefix: str, settings: Mapping[str, Any]) -> None:
     """The fields a profile, the configuration or a step's options share, each as the API would check it."""
     for key, value in settings.items():
         name = f"{prefix}.{key}"
+        # None is refused, not read as "none": the pod builder and the profile checks iterate these.
         if key == "labels":
-            check_labels(name, value)
+            check_labels(name, value, none=False)
         elif key == "annotations":
-            check_annotations(name, value)
+            check_annotations(name, value, none=False)
         elif key == "node_selector":
-            check_node_selector(name, value)
+            check_node_selector(name, value, none=False)
         elif key == "tolerations":
-            check_tolerations(name, value)
+            check_tolerations(name, value, none=False)
         elif key == "namespace" and value is not None:
             check_dns_label(name, value, "namespace name", "'ml-jobs'")
         elif key in _NAME_RULES and value is not None:
@@ -507,10 +512,9 @@ def check_config(config: KubernetesConfig) -> None:
                           "name one of the profiles")
 
 
-def check_request(config: KubernetesConfig, request: StepRequest, profile: Mapping[str, Any]) -> JSON:
-    """Every source of ``request``'s pod, then the built pod itself; returns the pod."""
-    from airflow_remote_ml.backends.kubernetes.pod import build_pod
-
+def check_sources(config: KubernetesConfig, request: StepRequest) -> None:
+    """The configuration, the step's options, secrets and env: each value where the user wrote it."""
+    check_config(config)
     check_pod_settings(OPTIONS, request.spec.options_for("kubernetes"))
     for name, ref in request.spec.secrets.items():
         # env[].valueFrom.secretKeyRef: name is a Secret's (ValidateSecretName), key IsConfigMapKey.
@@ -519,6 +523,12 @@ def check_request(config: KubernetesConfig, request: StepRequest, profile: Mappi
             check_secret_key(f"secrets.{name}", ref.key)
     for name in request.spec.env:
         check_env_name(f"env.{name}", name)
+
+
+def check_request(config: KubernetesConfig, request: StepRequest, profile: Mapping[str, Any]) -> JSON:
+    """Build ``request``'s pod (after :func:`check_sources`) and check it as a whole; returns the pod."""
+    from airflow_remote_ml.backends.kubernetes.pod import build_pod
+
     namespace = config.namespace or "default"
     pod = build_pod(config, request, profile, namespace)
     check_pod(pod, config.container_name)
