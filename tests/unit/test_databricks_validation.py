@@ -115,6 +115,12 @@ def test_existing_cluster_and_new_cluster_are_exclusive() -> None:
     refused(f"{CFG}.existing_cluster_id", backend(existing_cluster_id="0923-164208-meows279"), req())
 
 
+def test_none_where_a_list_belongs_is_a_config_error() -> None:
+    # Found by the property test: the payload builder iterated these.
+    refused(f"{CFG}.python_path", backend(python_path=None), req())
+    refused(f"{CFG}.libraries", backend(libraries=None), req())
+
+
 def test_existing_cluster_id_is_a_string() -> None:
     refused(f"{OPTS}.existing_cluster_id", backend(), options(existing_cluster_id=1234))
 
@@ -154,7 +160,7 @@ def test_a_secret_scope_or_key_that_cannot_be_referenced_is_refused(ref: str) ->
 # -- run and task fields -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("grace", [float("inf"), float("nan"), -1, "60", 10**12])
+@pytest.mark.parametrize("grace", [float("inf"), float("nan"), -1, "60", 10**12, 10**400])
 def test_timeout_seconds_stays_a_non_negative_int32(grace: Any) -> None:
     refused(f"{CFG}.timeout_grace_seconds", backend(timeout_grace_seconds=grace), req(timeout=600))
 

@@ -86,6 +86,9 @@ def test_none_or_a_list_of_labels_is_a_config_error_not_a_type_error() -> None:
     refused("backend_options.kubernetes.labels", backend(), options(labels=None))
     refused("backend_options.kubernetes.labels", backend(), options(labels=["team=ml"]))
     refused("backend_options.kubernetes.labels.team", backend(), options(labels={"team": 5}))
+    # Found by the property test: the pod builder iterated these.
+    refused("backend_config[kubernetes].image_pull_secrets", backend(image_pull_secrets=None), req())
+    refused("backend_config[kubernetes].tolerations", backend(tolerations=None), req())
 
 
 def test_annotation_keys_are_qualified_names_and_all_fit_256_kib() -> None:

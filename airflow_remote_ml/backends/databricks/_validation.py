@@ -223,6 +223,8 @@ def check_config(config: DatabricksConfig) -> None:
             raise ConfigError(f"{CONFIG}.existing_cluster_id", "is set together with new_cluster: a task runs on an "
                               "existing cluster or a new job cluster, not both", "drop one of them")
     check_libraries(f"{CONFIG}.libraries", config.libraries)
+    if config.python_path is None:  # the payload builder iterates it (a profile's None means none)
+        raise ConfigError(f"{CONFIG}.python_path", "is None", "use [] or leave it out for none")
     _python_path(f"{CONFIG}.python_path", config.python_path)
     for i, node in enumerate(_list(f"{CONFIG}.node_types", config.node_types,
                                    "[{'node_type_id': 'i3.xlarge', 'cpu': 4, 'memory': '30Gi'}]")):
@@ -235,7 +237,9 @@ def check_config(config: DatabricksConfig) -> None:
         parse_gpu(node.get("gpu"), f"{name}.gpu")
     # timeout_seconds (int32) = ceil(step timeout + this): a NaN, infinite or huge grace cannot be sent.
     grace = config.timeout_grace_seconds
-    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not math.isfinite(grace) \
+    # (math.isfinite of a huge int raises OverflowError: test floats only; ints compare exactly.)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) \
+            or (isinstance(grace, float) and not math.isfinite(grace)) \
             or not 0 <= grace <= INT32_MAX - MAX_TIMEOUT_SECONDS - 1:
         raise ConfigError(f"{CONFIG}.timeout_grace_seconds", f"{short_repr(grace)} is not a number of seconds "
                           "from 0 to a few days", "use e.g. 60")

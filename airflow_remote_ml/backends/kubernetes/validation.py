@@ -472,6 +472,8 @@ def check_config(config: KubernetesConfig) -> None:
     from airflow_remote_ml.backends.kubernetes.pod import PROFILE_NAMES
     from airflow_remote_ml.core.spec import reject_unknown_options
 
+    if config.image_pull_secrets is None:  # the builder iterates it (a profile's None means none)
+        raise ConfigError(f"{CONFIG}.image_pull_secrets", "is None", "use [] or leave it out for none")
     check_pod_settings(CONFIG, {
         "namespace": config.namespace, "service_account_name": config.service_account_name,
         "image_pull_policy": config.image_pull_policy, "image_pull_secrets": config.image_pull_secrets,
