@@ -183,6 +183,15 @@ def test_node_type_catalogue_entries_are_checked() -> None:
             req(resources={"cpu": 2}))
 
 
+# -- numeric settings ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value"), [("poll_cap", "30"), ("find_max_pages", 2.5), ("watch_interval", -1.0),
+                                            ("find_lookback_hours", float("nan"))])
+def test_numeric_settings_are_numbers(key: str, value: Any) -> None:
+    refused(f"{CFG}.{key}", backend(**{key: value}), req())
+
+
 # -- any value: only a ConfigError ---------------------------------------------------------------------------
 
 SOAK = os.environ.get("REMOTE_ML_FUZZ_EXAMPLES")

@@ -198,6 +198,15 @@ def test_quantity_grammar_accepts_what_the_api_accepts(text: str, resource: str,
     assert parse_quantity("q", text, resource) == Decimal(value)
 
 
+# -- numeric settings ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value"), [("watch_timeout", "300"), ("log_interval", float("inf")),
+                                            ("delete_grace_seconds", 2.5), ("session_linger", -1)])
+def test_numeric_settings_are_numbers(key: str, value: Any) -> None:
+    refused(f"backend_config[kubernetes].{key}", backend(**{key: value}), req())
+
+
 # -- any value: only a ConfigError ---------------------------------------------------------------------------
 
 SOAK = os.environ.get("REMOTE_ML_FUZZ_EXAMPLES")

@@ -467,8 +467,30 @@ def _number(field: str, value: Any, *, minimum: float, maximum: float) -> None:
                           "fix the value")
 
 
+def check_numbers(config: Any) -> None:
+    """Every numeric setting (a dataclass field whose default is an int or a float) is such a number, >= 0.
+
+    The client and the poll loop compute with them (timeouts, retries, backoff); a string or an infinity
+    there fails far from the setting. Ints stay ints (a count), floats may be ints.
+    """
+    import dataclasses
+
+    for item in dataclasses.fields(config):
+        default = item.default
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        value = getattr(config, item.name)
+        kinds: tuple[type, ...] = (int,) if isinstance(default, int) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kinds) \
+                or (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= 10**9:
+            what = "a whole number" if kinds == (int,) else "a number"
+            raise ConfigError(f"{CONFIG}.{item.name}", f"{short_repr(value)} is not {what} from 0 to 1e9",
+                              f"use e.g. {default!r} (the default)")
+
+
 def check_config(config: KubernetesConfig) -> None:
     """The configuration's pod settings and profiles, as the API server would check them."""
+    check_numbers(config)
     from airflow_remote_ml.backends.kubernetes.pod import PROFILE_NAMES
     from airflow_remote_ml.core.spec import reject_unknown_options
 
