@@ -480,10 +480,10 @@ def check_numbers(config: Any) -> None:
         if isinstance(default, bool) or not isinstance(default, (int, float)):
             continue
         value = getattr(config, item.name)
-        kinds: tuple[type, ...] = (int,) if isinstance(default, int) else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) \
+        whole = isinstance(default, int)
+        if isinstance(value, bool) or not (isinstance(value, int) or (not whole and isinstance(value, float))) \
                 or (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= 10**9:
-            what = "a whole number" if kinds == (int,) else "a number"
+            what = "a whole number" if whole else "a number"
             raise ConfigError(f"{CONFIG}.{item.name}", f"{short_repr(value)} is not {what} from 0 to 1e9",
                               f"use e.g. {default!r} (the default)")
 
