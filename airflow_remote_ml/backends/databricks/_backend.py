@@ -40,6 +40,7 @@ from airflow_remote_ml.backends.databricks._states import (
     task_run_id,
 )
 from airflow_remote_ml.backends.databricks._storage import WORKSPACE_ONLY, NotFound, Storage
+from airflow_remote_ml.backends.databricks._validation import check_sources
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest, result_from_manifest
 from airflow_remote_ml.core.errors import (
@@ -178,6 +179,8 @@ class DatabricksBackend(Backend):
     # -- validation and submission -------------------------------------------------------------------------
 
     def validate(self, request: StepRequest) -> None:
+        # What the Jobs API would refuse, checked by type before the payload builder reads it (see _validation).
+        check_sources(self.config, request)
         super().validate(request)
         validate_request(request, self.config)
 

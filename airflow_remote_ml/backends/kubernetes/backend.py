@@ -13,6 +13,7 @@ from typing import Any, ClassVar, TypeVar
 import kubernetes  # noqa: F401 - a missing SDK must surface as BackendUnavailableError when the module loads
 
 from airflow_remote_ml.backends.kubernetes import logs as logcursor
+from airflow_remote_ml.backends.kubernetes import validation
 from airflow_remote_ml.backends.kubernetes.client import (
     AlreadyExists,
     ConnectionSettings,
@@ -251,13 +252,15 @@ class KubernetesBackend(Backend):
         return self.config.profile(request.spec.resources.profile or self.config.default_profile, self.name)
 
     def validate(self, request: StepRequest) -> None:
+        # What kube-apiserver would refuse, from every source, as one ConfigError (see .validation).
+        validation.check_sources(self.config, request)
         super().validate(request)
         if not request.spec.image:
             raise ConfigError("image", "is not set: the kubernetes backend needs an image",
                               "set image='python:3.11-slim' (or any image with python3)")
         check_settings("backend_options.kubernetes", request.spec.options_for(self.name), self.option_names)
         # Building the pod once surfaces every remaining value error now rather than at submit.
-        build_pod(self.config, request, self._profile(request), self.config.namespace or "default")
+        validation.check_request(self.config, request, self._profile(request))
 
     # -- submit and find --------------------------------------------------------------------------------------
 
