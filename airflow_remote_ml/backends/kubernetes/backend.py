@@ -582,6 +582,14 @@ class KubernetesBackend(Backend):
             self._delete(namespace, name, self.config.delete_grace_seconds)
         except NotFound:
             return
+        finally:
+            follower = self._followers.get(key)
+            if follower is None or follower.ended:
+                # No watch saw the delete: what this object read before it (a running container) is stale, and
+                # a watch resumed from an older resourceVersion would only replay the delete after answering.
+                # The next look lists the pod instead (it is Terminating, or gone: cancelled).
+                self._followers.pop(key, None)
+                self._rv.pop(key, None)
         log.info("kubernetes: cancelled pod %s/%s (grace %ss)", namespace, name, self.config.delete_grace_seconds)
 
     def _delete(self, namespace: str, name: str, grace: int | None) -> None:
