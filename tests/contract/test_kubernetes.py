@@ -109,8 +109,13 @@ def service(k8s) -> Iterator[KubernetesFaults]:
 
 @pytest.fixture
 def fault_backend(k8s, artifact_root) -> Iterator[KubernetesBackend]:
-    """The backend with a 1 s client request timeout, so ``slow_create(3)`` outlasts it."""
-    backend = KubernetesBackend.from_config(_config(k8s, artifact_root, request_timeout=1.0))
+    """The backend with a 1 s client request timeout, so ``slow_create(3)`` outlasts it.
+
+    ``log_interval`` 0.5 s (default 10 s): the shared watch's log budget would otherwise allow the trigger one
+    read of a running step per 10 s, and the trigger-restart test's 3 s step is over before a second read, so
+    whether its first trigger run shows a line depends on whether line 0 was printed by the first read.
+    """
+    backend = KubernetesBackend.from_config(_config(k8s, artifact_root, request_timeout=1.0, log_interval=0.5))
     yield backend
     backend.close()
 
