@@ -312,3 +312,47 @@ def test_a_watch_the_apiserver_never_answers_raises_after_the_request_timeout(k8
         backend.cancel(handle)
         backend.close()
         plain.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_deferred_wait_during_an_outage_raises_instead_of_serving_the_cache(k8s, service, fault_backend,
+                                                                             artifact_root):
+    """The triggerer's twin: await_change/apoll raise while the shared watch is broken.
+
+    The shared watch used to retry in the background while await_change answered from its cache, so a deferred
+    task waited on a stale pod (each call "succeeding") for as long as an outage lasted.
+    """
+    import asyncio
+    import time
+
+    from airflow_remote_ml.core import RunState
+    from airflow_remote_ml.core.errors import TransientBackendError
+
+    handle = fault_backend.submit(_request(artifact_root, command=SLEEPS))
+
+    async def scenario() -> None:
+        deadline = time.monotonic() + 60
+        while (await fault_backend.apoll(handle)).state is not RunState.RUNNING:
+            assert time.monotonic() < deadline, "the step never ran"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(service.outage, 600)  # outlasts the test; the fixture ends it
+        with pytest.raises(TransientBackendError):
+            await fault_backend.await_change(handle, 60)
+        with pytest.raises(TransientBackendError):
+            await fault_backend.apoll(handle)
+        await asyncio.to_thread(k8s.clear_faults)
+        deadline = time.monotonic() + 120
+        while True:  # the shared watch resumes on its own once the apiserver is back
+            try:
+                assert (await fault_backend.await_change(handle, 0.1)).state is RunState.RUNNING
+                break
+            except TransientBackendError:
+                assert time.monotonic() < deadline, "the shared watch never resumed"
+                await asyncio.sleep(0.1)
+        await fault_backend.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        k8s.clear_faults()
+        fault_backend.cancel(handle)

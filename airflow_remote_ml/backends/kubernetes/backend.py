@@ -741,24 +741,44 @@ class KubernetesBackend(Backend):
         self._pods[key] = pod
         return self._status(handle, pod)
 
+    def _trusted(self, session: ClusterSession, status: RunStatus) -> RunStatus:
+        """``status`` unless it is a running pod's state from a cache the shared watch is not keeping current.
+
+        The twin of :meth:`_watching`: serving the cache through an outage would reset the core's budget at
+        every call and wait on a stale pod for as long as the outage lasts. A terminal state cannot go stale.
+        """
+        if not status.is_terminal and session.synced.is_set():
+            trouble = session.trouble(self.config.request_timeout)
+            if trouble is not None:
+                raise trouble
+        return status
+
     async def apoll(self, handle: RunHandle) -> RunStatus:
+        """The pod's status from the shared watch's cache; raises TransientBackendError while it is broken."""
         session = await self._session(handle)
         status = await self._astatus(session, handle)
         assert status is not None
-        return status
+        return self._trusted(session, status)
 
     async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
-        """Wait on the shared watch: returns as soon as the pod's status is terminal, or after ``timeout``."""
+        """Wait on the shared watch: returns as soon as the pod's status is terminal, or after ``timeout``.
+
+        Raises TransientBackendError as soon as the shared watch breaks, or its request goes unanswered for
+        ``request_timeout`` seconds (see :meth:`_trusted`).
+        """
         session = await self._session(handle)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         name = self._key(handle)[1]
         status = await self._astatus(session, handle)
         assert status is not None
-        while not status.is_terminal:
+        while not self._trusted(session, status).is_terminal:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            if session.asking_since is not None:
+                remaining = max(0.01, min(remaining, session.asking_since + self.config.request_timeout
+                                          - time.monotonic()))
             await session.wait_change(name, remaining)
             # The cache knows the pod, or says it is gone; only a pod it never saw needs a GET.
             status = await self._astatus(session, handle, ask=loop.time() >= deadline) or status
