@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import kubernetes  # noqa: F401 - a missing SDK must surface as BackendUnavailableError when the module loads
 
@@ -66,7 +66,6 @@ __all__ = ["KubernetesBackend", "KubernetesConfig"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 JSON = dict[str, Any]
 LOG_PATH = "/api/v1/namespaces/{namespace}/pods/{name}/log"
 #: What kubectl sends for a log. kube-apiserver negotiates pods/log against its serializers (json, yaml,
@@ -150,9 +149,6 @@ class KubernetesBackend(Backend):
 
             self._core = client.CoreV1Api(client.ApiClient(sync_configuration(self.settings())))
         return self._core
-
-    def _call(self, action: str, fn: Callable[[], T]) -> T:
-        return call_with_retries(action, fn, self.config.api_retries)
 
     def _json(self, action: str, fn: Callable[..., Any], *args: Any, attempts: int | None = None,
               **kwargs: Any) -> JSON:
