@@ -109,8 +109,13 @@ def service(k8s) -> Iterator[KubernetesFaults]:
 
 @pytest.fixture
 def fault_backend(k8s, artifact_root) -> Iterator[KubernetesBackend]:
-    """The backend with a 1 s client request timeout, so ``slow_create(3)`` outlasts it."""
-    backend = KubernetesBackend.from_config(_config(k8s, artifact_root, request_timeout=1.0))
+    """The backend with a 1 s client request timeout, so ``slow_create(3)`` outlasts it.
+
+    ``log_interval`` 0.5 s (default 10 s): the shared watch's log budget would otherwise allow the trigger one
+    read of a running step per 10 s, and the trigger-restart test's 3 s step is over before a second read, so
+    whether its first trigger run shows a line depends on whether line 0 was printed by the first read.
+    """
+    backend = KubernetesBackend.from_config(_config(k8s, artifact_root, request_timeout=1.0, log_interval=0.5))
     yield backend
     backend.close()
 
@@ -192,3 +197,162 @@ class TestKubernetesFaultContract(FaultContract):
     @pytest.fixture
     def image(self) -> str:
         return "python:3.11-slim"
+
+
+# -- an outage reaches the core's wait loop ------------------------------------------------------------------
+
+SLEEPS = ["python3", "-c", "import time; print('started', flush=True); time.sleep(300)"]
+
+
+def _until(condition: Any, what: str, timeout: float = 60.0) -> None:
+    """Poll ``condition()`` with a generous bound (an event, never a fixed sleep)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.05)
+
+
+def _running(backend: KubernetesBackend, handle: Any) -> bool:
+    from airflow_remote_ml.core import RunState
+
+    return backend.poll(handle).state is RunState.RUNNING
+
+
+def _raises_transient(call: Any) -> bool:
+    from airflow_remote_ml.core.errors import TransientBackendError
+
+    try:
+        call()
+    except TransientBackendError:
+        return True
+    return False
+
+
+@pytest.mark.timeout(180)
+def test_every_call_during_an_outage_raises_with_one_request(k8s, service, fault_backend, artifact_root):
+    """poll/wait/read_logs that cannot reach the apiserver raise TransientBackendError, one request each.
+
+    wait() used to restart the cut watch in a loop within the call (dozens of watch requests a second) and
+    then return the pod's last state as if it were current; poll() restarted it and did the same; a log read
+    retried for ~15 s. Each call "succeeded", the core's transient budget was reset by every one, and a task
+    waited on a stale pod for as long as the outage lasted (the fault contract's outage test hung).
+    """
+    from airflow_remote_ml.core.errors import TransientBackendError
+
+    handle = fault_backend.submit(_request(artifact_root, command=SLEEPS))
+    try:
+        _until(lambda: _running(fault_backend, handle), "the step runs")
+        _until(lambda: "started" in fault_backend.read_logs(handle, None).lines, "the log stream sends")
+        service.outage(600)  # outlasts the test; the fixture ends it
+        for name, call in (("wait", lambda: fault_backend.wait(handle, 60)), ("poll", lambda: fault_backend.poll(handle)),
+                           ("wait again", lambda: fault_backend.wait(handle, 60))):
+            k8s.reset_counts()
+            with pytest.raises(TransientBackendError):
+                call()
+            assert k8s.count(method="GET", kind="pods", watch=True) <= 1, name
+        # The cut log stream is read the classic way: one request per read while the step runs, no retry loop.
+        _until(lambda: _raises_transient(lambda: fault_backend.read_logs(handle, None)), "the log read fails")
+        k8s.reset_counts()
+        with pytest.raises(TransientBackendError):
+            fault_backend.read_logs(handle, None)
+        assert k8s.count(method="GET", kind="pods/{name}/log") == 1
+        # Once the apiserver is back, the same backend follows the pod again from its watch.
+        k8s.clear_faults()
+        _until(lambda: not _raises_transient(lambda: fault_backend.wait(handle, 0.1)), "the watch resumes")
+        assert _running(fault_backend, handle)
+    finally:
+        k8s.clear_faults()
+        fault_backend.cancel(handle)
+
+
+class _UnansweredWatches:
+    """A CoreV1Api whose pod watches go unanswered while ``held`` is set (an apiserver that accepted the
+    connection and never answers: overloaded, or its etcd stalled), all else passed through."""
+
+    def __init__(self, core: Any) -> None:
+        import threading
+
+        self._core = core
+        self.held = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+    def list_namespaced_pod(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("watch") and self.held.is_set():
+            self.release.wait(120)
+            raise ConnectionResetError("the test released the held watch")
+        return self._core.list_namespaced_pod(*args, **kwargs)
+
+
+@pytest.mark.timeout(180)
+def test_a_watch_the_apiserver_never_answers_raises_after_the_request_timeout(k8s, artifact_root):
+    from airflow_remote_ml.backends.kubernetes.config import KubernetesConfig
+    from airflow_remote_ml.core.errors import TransientBackendError
+
+    config = KubernetesConfig.from_mapping(_config(k8s, artifact_root, request_timeout=1.0), "kubernetes")
+    plain = KubernetesBackend(config)
+    core = _UnansweredWatches(plain.core)
+    backend = KubernetesBackend(config, core_v1=core)
+    handle = backend.submit(_request(artifact_root, command=SLEEPS))
+    try:
+        _until(lambda: _running(backend, handle), "the step runs")
+        core.held.set()
+        k8s.drop_watches()  # the server ends the open watch; the one that resumes it is never answered
+        with pytest.raises(TransientBackendError, match="has not answered"):
+            backend.wait(handle, 60)
+        with pytest.raises(TransientBackendError, match="has not answered"):
+            backend.poll(handle)
+    finally:
+        core.held.clear()
+        core.release.set()
+        backend.cancel(handle)
+        backend.close()
+        plain.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_deferred_wait_during_an_outage_raises_instead_of_serving_the_cache(k8s, service, fault_backend,
+                                                                             artifact_root):
+    """The triggerer's twin: await_change/apoll raise while the shared watch is broken.
+
+    The shared watch used to retry in the background while await_change answered from its cache, so a deferred
+    task waited on a stale pod (each call "succeeding") for as long as an outage lasted.
+    """
+    import asyncio
+    import time
+
+    from airflow_remote_ml.core import RunState
+    from airflow_remote_ml.core.errors import TransientBackendError
+
+    handle = fault_backend.submit(_request(artifact_root, command=SLEEPS))
+
+    async def scenario() -> None:
+        deadline = time.monotonic() + 60
+        while (await fault_backend.apoll(handle)).state is not RunState.RUNNING:
+            assert time.monotonic() < deadline, "the step never ran"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(service.outage, 600)  # outlasts the test; the fixture ends it
+        with pytest.raises(TransientBackendError):
+            await fault_backend.await_change(handle, 60)
+        with pytest.raises(TransientBackendError):
+            await fault_backend.apoll(handle)
+        await asyncio.to_thread(k8s.clear_faults)
+        deadline = time.monotonic() + 120
+        while True:  # the shared watch resumes on its own once the apiserver is back
+            try:
+                assert (await fault_backend.await_change(handle, 0.1)).state is RunState.RUNNING
+                break
+            except TransientBackendError:
+                assert time.monotonic() < deadline, "the shared watch never resumed"
+                await asyncio.sleep(0.1)
+        await fault_backend.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        k8s.clear_faults()
+        fault_backend.cancel(handle)

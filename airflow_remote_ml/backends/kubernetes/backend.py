@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import kubernetes  # noqa: F401 - a missing SDK must surface as BackendUnavailableError when the module loads
 
@@ -67,7 +67,6 @@ __all__ = ["KubernetesBackend", "KubernetesConfig"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 JSON = dict[str, Any]
 LOG_PATH = "/api/v1/namespaces/{namespace}/pods/{name}/log"
 #: What kubectl sends for a log. kube-apiserver negotiates pods/log against its serializers (json, yaml,
@@ -152,16 +151,17 @@ class KubernetesBackend(Backend):
             self._core = client.CoreV1Api(client.ApiClient(sync_configuration(self.settings())))
         return self._core
 
-    def _call(self, action: str, fn: Callable[[], T]) -> T:
-        return call_with_retries(action, fn, self.config.api_retries)
+    def _json(self, action: str, fn: Callable[..., Any], *args: Any, attempts: int | None = None,
+              **kwargs: Any) -> JSON:
+        """Call a client method without model deserialisation; the API's JSON is what we map.
 
-    def _json(self, action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> JSON:
-        """Call a client method without model deserialisation; the API's JSON is what we map."""
+        ``attempts``: transient errors retried here (default ``api_retries``).
+        """
         def call() -> JSON:
             resp = fn(*args, _preload_content=False, _request_timeout=self.config.request_timeout, **kwargs)
             return json.loads(resp.data)
 
-        return self._call(action, call)
+        return call_with_retries(action, call, self.config.api_retries if attempts is None else attempts)
 
     # -- handles, statuses ------------------------------------------------------------------------------------
 
@@ -319,10 +319,14 @@ class KubernetesBackend(Backend):
         return pod
 
     def _relist_one(self, handle: RunHandle) -> tuple[JSON | None, str]:
-        """The pod and a resourceVersion to watch it from, in one request."""
+        """The pod and a resourceVersion to watch it from, in one request.
+
+        One attempt: it is part of following the pod, whose transient errors go to the core's wait loop
+        (its backoff and its budget), not into a retry loop of its own that would hide an outage.
+        """
         namespace, name = self._key(handle)
         body = self._json(f"listing pod {name}", self.core.list_namespaced_pod, namespace,
-                          field_selector=f"metadata.name={name}")
+                          field_selector=f"metadata.name={name}", attempts=0)
         items = [p for p in body.get("items") or [] if self._same_pod(handle, p)]
         return (items[0] if items else None), (body.get("metadata") or {}).get("resourceVersion") or ""
 
@@ -330,7 +334,9 @@ class KubernetesBackend(Backend):
         """The live watch of the pod, started on first use; None when the pod is gone.
 
         It watches from the resourceVersion the create (or find's list) answered with, so following a pod
-        just submitted costs the watch alone; only a pod this object never saw is listed first.
+        just submitted costs the watch alone; only a pod this object never saw is listed first. A follower
+        that ended on a transient error is replaced by one resuming from its last resourceVersion (the
+        caller then sees whether that one gets through: :meth:`_watching`).
         """
         key = self._key(handle)
         current = self._followers.get(key)
@@ -357,6 +363,39 @@ class KubernetesBackend(Backend):
             return follower
         return follower.start()
 
+    def _watching(self, handle: RunHandle) -> PodFollower | None:
+        """The pod's follower once its watch request has been answered; raises when it cannot be.
+
+        A follower's state is only as current as its watch. Serving the last state while the watch cannot be
+        opened would hide an apiserver outage from the core's wait loop: every ``poll``/``wait`` would
+        "succeed", reset the transient-error budget, and the task would wait on a stale pod for as long as the
+        outage lasts. So a watch that broke is resumed once per call, and this call reports whether that got
+        through: it raises :class:`TransientBackendError` when the new request fails or goes unanswered for
+        ``request_timeout`` seconds; the core backs off, calls again, and gives up once the streak outlasts
+        its budget. A first watch (no error before it) is not waited for: the state it starts from is the
+        create's or the list's answer, as current as any.
+        """
+        previous = self._followers.get(self._key(handle))
+        resumed = previous is not None and previous.ended and previous.error is not None
+        follower = self._follower(handle)
+        if follower is None or (follower.ended and follower.error is None):
+            return follower
+        if resumed or follower.ended:
+            if not follower.wait_answered(self.config.request_timeout):
+                raise self._unanswered(follower)
+        else:
+            unanswered = follower.unanswered(time.monotonic())
+            if unanswered is not None and unanswered >= self.config.request_timeout:
+                raise self._unanswered(follower)
+        if follower.ended and follower.error is not None:
+            raise follower.error
+        return follower
+
+    def _unanswered(self, follower: PodFollower) -> TransientBackendError:
+        return TransientBackendError(self.name, f"watching pod {follower.namespace}/{follower.name}: the API "
+                                     f"server has not answered in {self.config.request_timeout:g}s "
+                                     "(request_timeout)")
+
     def _followed_status(self, handle: RunHandle, follower: PodFollower) -> RunStatus:
         key = self._key(handle)
         with follower.cond:
@@ -367,29 +406,45 @@ class KubernetesBackend(Backend):
         return self._status(handle, pod)
 
     def poll(self, handle: RunHandle) -> RunStatus:
-        """The pod's status as its watch last told (a list first when this object has not seen the pod)."""
-        follower = self._follower(handle)
+        """The pod's status as its open watch last told (a list first when this object has not seen the pod).
+
+        Raises :class:`TransientBackendError` when the watch cannot be (re)opened (see :meth:`_watching`).
+        """
+        follower = self._watching(handle)
         if follower is None:
             return self._status_gone(handle, self._pods.get(self._key(handle)))
         return self._followed_status(handle, follower)
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
-        """Until the pod ends or ``timeout`` seconds pass, on the pod's one watch (no request of its own)."""
+        """Until the pod ends or ``timeout`` seconds pass, on the pod's one watch (no request of its own).
+
+        Raises :class:`TransientBackendError` as soon as the watch breaks and cannot be resumed, or its
+        request goes unanswered for ``request_timeout`` seconds: the core's wait loop, not this method, decides
+        how long an outage is borne (see :meth:`_watching`).
+        """
         deadline = time.monotonic() + timeout
+        follower = self._watching(handle)
+        if follower is None:
+            return self._status_gone(handle, self._pods.get(self._key(handle)))
         while True:
-            follower = self._follower(handle)
-            if follower is None:
-                return self._status_gone(handle, self._pods.get(self._key(handle)))
             version = follower.version
             status = self._followed_status(handle, follower)
-            remaining = deadline - time.monotonic()
-            if status.is_terminal or remaining <= 0:
+            if status.is_terminal:
                 return status
             if follower.ended:
                 if follower.error is not None:
-                    # The core's wait loop backs off and calls again; the next follower resumes the watch.
+                    # Broke during this call: the core backs off and calls again, which resumes the watch.
                     raise follower.error
-                continue
+                return status  # stopped by close(): the next call starts a new watch
+            now = time.monotonic()
+            unanswered = follower.unanswered(now)
+            if unanswered is not None and unanswered >= self.config.request_timeout:
+                raise self._unanswered(follower)
+            remaining = deadline - now
+            if remaining <= 0:
+                return status
+            if unanswered is not None:
+                remaining = min(remaining, self.config.request_timeout - unanswered)
             follower.wait_change(version, remaining)
 
     # -- logs -------------------------------------------------------------------------------------------------
@@ -408,7 +463,8 @@ class KubernetesBackend(Backend):
             query.append(("follow", "true"))
         return query
 
-    def _raw_log(self, handle: RunHandle, query: list[tuple[str, str]]) -> bytes | None:
+    def _raw_log(self, handle: RunHandle, query: list[tuple[str, str]], attempts: int | None = None) -> bytes | None:
+        """One log read; ``attempts``: transient errors retried here (default ``api_retries``)."""
         namespace, name = self._key(handle)
 
         def call() -> bytes:
@@ -419,7 +475,8 @@ class KubernetesBackend(Backend):
             return bytes(resp.data)
 
         try:
-            return self._call(f"reading the log of pod {name}", call)
+            return call_with_retries(f"reading the log of pod {name}", call,
+                                     self.config.api_retries if attempts is None else attempts)
         except NotFound:
             return None
         except BackendAPIError as exc:
@@ -481,10 +538,14 @@ class KubernetesBackend(Backend):
                 if not stream.broken and not (terminated and stream.premature):
                     entries = logcursor.parse_entries(stream.snapshot(), complete=stream.ended)
                     return logcursor.next_chunk(logcursor.entries_since(entries, since), cursor)
-        raw = self._raw_log(handle, self._log_query(handle, cursor))
+        complete = self._log_complete(handle)
+        # While the step runs, one attempt: a failed read is retried by the next one from the same cursor,
+        # and a retry loop here would hold the core's wait loop (which only logs a log error) for as long as an
+        # outage lasts. The read of a finished step's log has no next one: it retries.
+        raw = self._raw_log(handle, self._log_query(handle, cursor), attempts=None if complete else 0)
         if raw is None:
             return LogChunk([], cursor)
-        return logcursor.next_chunk(logcursor.parse_entries(raw, complete=self._log_complete(handle)), cursor)
+        return logcursor.next_chunk(logcursor.parse_entries(raw, complete=complete), cursor)
 
     def log_tail(self, handle: RunHandle, lines: int = TAIL_LINES) -> list[str]:
         stream = self._logs.get(self._key(handle))
@@ -520,6 +581,14 @@ class KubernetesBackend(Backend):
             self._delete(namespace, name, self.config.delete_grace_seconds)
         except NotFound:
             return
+        finally:
+            follower = self._followers.get(key)
+            if follower is None or follower.ended:
+                # No watch saw the delete: what this object read before it (a running container) is stale, and
+                # a watch resumed from an older resourceVersion would only replay the delete after answering.
+                # The next look lists the pod instead (it is Terminating, or gone: cancelled).
+                self._followers.pop(key, None)
+                self._rv.pop(key, None)
         log.info("kubernetes: cancelled pod %s/%s (grace %ss)", namespace, name, self.config.delete_grace_seconds)
 
     def _delete(self, namespace: str, name: str, grace: int | None) -> None:
@@ -671,24 +740,44 @@ class KubernetesBackend(Backend):
         self._pods[key] = pod
         return self._status(handle, pod)
 
+    def _trusted(self, session: ClusterSession, status: RunStatus) -> RunStatus:
+        """``status`` unless it is a running pod's state from a cache the shared watch is not keeping current.
+
+        The twin of :meth:`_watching`: serving the cache through an outage would reset the core's budget at
+        every call and wait on a stale pod for as long as the outage lasts. A terminal state cannot go stale.
+        """
+        if not status.is_terminal and session.synced.is_set():
+            trouble = session.trouble(self.config.request_timeout)
+            if trouble is not None:
+                raise trouble
+        return status
+
     async def apoll(self, handle: RunHandle) -> RunStatus:
+        """The pod's status from the shared watch's cache; raises TransientBackendError while it is broken."""
         session = await self._session(handle)
         status = await self._astatus(session, handle)
         assert status is not None
-        return status
+        return self._trusted(session, status)
 
     async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
-        """Wait on the shared watch: returns as soon as the pod's status is terminal, or after ``timeout``."""
+        """Wait on the shared watch: returns as soon as the pod's status is terminal, or after ``timeout``.
+
+        Raises TransientBackendError as soon as the shared watch breaks, or its request goes unanswered for
+        ``request_timeout`` seconds (see :meth:`_trusted`).
+        """
         session = await self._session(handle)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         name = self._key(handle)[1]
         status = await self._astatus(session, handle)
         assert status is not None
-        while not status.is_terminal:
+        while not self._trusted(session, status).is_terminal:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
+            if session.asking_since is not None:
+                remaining = max(0.01, min(remaining, session.asking_since + self.config.request_timeout
+                                          - time.monotonic()))
             await session.wait_change(name, remaining)
             # The cache knows the pod, or says it is gone; only a pod it never saw needs a GET.
             status = await self._astatus(session, handle, ask=loop.time() >= deadline) or status

@@ -6,8 +6,11 @@ seconds. Here each of the two questions is asked once and answered as the cluste
 * :class:`PodFollower` holds one watch of the pod (field selector on its name) from the resourceVersion
   the create (or the reattaching list) answered with, and keeps the pod's latest state. ``poll`` and
   ``wait`` read that state; they are as current as the watch. The follower ends when the pod reaches
-  Succeeded/Failed or is deleted (nothing more to learn), on ``stop()``, or on an API error, which the
-  next ``wait``/``poll`` re-raises (a transient one is retried by resuming from the last resourceVersion).
+  Succeeded/Failed or is deleted (nothing more to learn), on ``stop()``, or on an API error. It also
+  tells how long its current watch (or relist) request has gone unanswered, so ``wait``/``poll`` can
+  say "the apiserver is not answering" instead of serving a stale state as if it were current. The
+  backend resumes a watch that broke transiently once per call, from the last resourceVersion, and
+  raises if that fails too (see ``KubernetesBackend.wait``).
 * :class:`LogFollower` holds one ``follow=true`` log request of the step's container and keeps every
   timestamped line it sent. The kubelet ends the stream when the container exits, so the final read of a
   finished step is already in hand. A stream that breaks early is reported ``broken``; the backend then
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -60,13 +64,18 @@ class PodFollower:
         self.gone = False
         self.ended = False
         self.error: BackendAPIError | None = None
+        #: Bumped on every change a waiter may care about: a new pod state, a request sent or answered.
         self.version = 0
+        #: ``time.monotonic()`` when the request now in flight (a watch, or the relist after a 410) was sent;
+        #: None while a watch is open (its response arrived) and once the follower ended.
+        self.asking_since: float | None = None
         self.cond = threading.Condition()
         self._stopping = False
         self._resp: Any = None
         self._thread = threading.Thread(target=self._run, name=f"remote-ml-watch-{name}", daemon=True)
 
     def start(self) -> PodFollower:
+        self._asking()  # before the thread runs: a caller must not read the old state as the watch's
         self._thread.start()
         return self
 
@@ -83,6 +92,23 @@ class PodFollower:
         with self.cond:
             self.cond.wait_for(lambda: self.version != version or self.ended, timeout)
 
+    def unanswered(self, now: float) -> float | None:
+        """Seconds the request in flight has gone unanswered at ``now`` (None: a watch is open, or it ended)."""
+        with self.cond:
+            since = self.asking_since
+        return None if since is None else max(0.0, now - since)
+
+    def wait_answered(self, limit: float) -> bool:
+        """Wait until the request in flight is answered (or the follower ended), at most until it has gone
+        unanswered for ``limit`` seconds; False when it still has no answer then."""
+        with self.cond:
+            while self.asking_since is not None and not self.ended:
+                left = self.asking_since + limit - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+            return True
+
     def _publish(self, pod: JSON, gone: bool = False) -> None:
         with self.cond:
             self.pod = pod
@@ -90,8 +116,21 @@ class PodFollower:
             self.version += 1
             self.cond.notify_all()
 
+    def _asking(self) -> None:
+        with self.cond:
+            self.asking_since = time.monotonic()
+            self.version += 1
+            self.cond.notify_all()
+
+    def _answered(self) -> None:
+        with self.cond:
+            self.asking_since = None
+            self.version += 1
+            self.cond.notify_all()
+
     def _keep(self, resp: Any) -> None:
         self._resp = resp
+        self._answered()  # the watch's response arrived: from here on its silence means "no change"
         if self._stopping:
             _shutdown(resp)
 
@@ -99,6 +138,7 @@ class PodFollower:
         rv = self.rv
         try:
             while not self._stopping:
+                self._asking()  # a new watch: the first, one after a relist, or one resuming after timeoutSeconds
                 try:
                     for kind, obj in watch_pod_events(self.core, self.namespace, self.name, rv, self.watch_timeout,
                                                       on_response=self._keep):
@@ -113,6 +153,7 @@ class PodFollower:
                         if (obj.get("status") or {}).get("phase") in FINAL_PHASES:
                             return  # its final state: nothing more to learn from this pod
                 except Expired:
+                    self._asking()
                     pod, rv = self.relist()  # too old: one list, and watch from its resourceVersion
                     self.rv = rv
                     if pod is None:
@@ -130,6 +171,8 @@ class PodFollower:
         finally:
             with self.cond:
                 self.ended = True
+                self.asking_since = None
+                self.version += 1
                 self.cond.notify_all()
 
 

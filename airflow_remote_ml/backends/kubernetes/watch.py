@@ -173,6 +173,10 @@ class ClusterSession:
         self._close_timer: asyncio.TimerHandle | None = None
         self._ready: asyncio.Future[None] | None = None
         self._closed = False
+        #: The error the watch last broke with, until a watch (or list) request is answered again.
+        self.broken: BackendAPIError | None = None
+        #: ``time.monotonic()`` when the list or watch request in flight was sent; None once it was answered.
+        self.asking_since: float | None = None
         self._last_log: dict[str, float] = {}
         self._tokens = max(1.0, options.max_log_requests_per_second)
         self._tokens_at = time.monotonic()
@@ -262,6 +266,19 @@ class ClusterSession:
                 if not waiters:
                     del self._waiters[name]
 
+    def trouble(self, limit: float) -> TransientBackendError | None:
+        """Why the cache may be stale now: the watch broke and is not back, or its request has gone
+        unanswered for ``limit`` seconds. None while the watch is open (its silence means "no change")."""
+        if self.broken is not None:
+            if isinstance(self.broken, TransientBackendError):
+                return self.broken
+            return TransientBackendError("kubernetes", str(self.broken), self.broken.status_code)
+        since = self.asking_since
+        if since is not None and time.monotonic() - since >= limit:
+            return TransientBackendError("kubernetes", f"watching pods in {self.namespace}: the API server has "
+                                         f"not answered in {limit:g}s (request_timeout)")
+        return None
+
     def may_read_logs(self, name: str, final: bool) -> bool:
         """Whether a log read of pod ``name`` fits the budget now (a final read always does)."""
         now = time.monotonic()
@@ -318,6 +335,12 @@ class ClusterSession:
                     self.stats.errors += 1
                     failures += 1
                     ours = exc if isinstance(exc, BackendAPIError) else map_exception(exc, "watching pods")
+                    # Until a request gets through again the cache may be stale: waiters are told (they raise,
+                    # so the core's transient-error budget counts the outage) instead of being served from it.
+                    self.broken = ours or TransientBackendError("kubernetes", f"watching pods in "
+                                                                f"{self.namespace}: {type(exc).__name__}: {exc}")
+                    self.asking_since = None
+                    self._notify()
                     delay = min(30.0, 0.5 * 2 ** min(failures, 6))
                     retry_after = getattr(ours, "retry_after", None)
                     if retry_after:
@@ -342,6 +365,7 @@ class ClusterSession:
         items: dict[str, JSON] = {}
         token: str | None = None
         rv: str | None = None
+        self.asking_since = time.monotonic()
         while True:
             self.stats.lists += 1
             kwargs: JSON = {"label_selector": MANAGED_SELECTOR, "limit": LIST_PAGE, "_preload_content": False}
@@ -366,6 +390,8 @@ class ClusterSession:
             self.gone.pop(name, None)
         self.pods = items
         self._rv = rv
+        self.broken = None
+        self.asking_since = None
         self.synced.set()
         self._notify()
 
@@ -379,6 +405,7 @@ class ClusterSession:
 
     async def _watch(self) -> None:
         self.stats.watches += 1
+        self.asking_since = time.monotonic()
         timeout = max(1, int(self.options.watch_timeout))
         with mapped(f"watching pods in {self.namespace}"):
             resp = await self.core.list_namespaced_pod(
@@ -386,6 +413,8 @@ class ClusterSession:
                 allow_watch_bookmarks=True, timeout_seconds=timeout, _preload_content=False,
                 _request_timeout=timeout + 30)
         await check_response(resp, f"watching pods in {self.namespace}")
+        self.broken = None
+        self.asking_since = None
         try:
             buffer = bytearray()
             with mapped(f"watching pods in {self.namespace}"):
