@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 import uuid
@@ -300,7 +301,13 @@ class FaultContract:
 
         monkeypatch.setattr(RemoteStepTrigger, "log", property(lambda self: TaskLog()))
         base = self.identity()
-        code = ("import time\nfor i in range(6):\n    print(f'line {i}', flush=True)\n    time.sleep(0.5)\n")
+        # Half the log, then the step waits for the test's go (a file in the shared artifact root): the first
+        # trigger run is stopped while the step still runs, whatever the machine's load.
+        gate = os.path.join(artifact_root, f"go-{uuid.uuid4().hex[:8]}")
+        os.makedirs(artifact_root, exist_ok=True)
+        code = ("import os, time\nfor i in range(3):\n    print(f'line {i}', flush=True)\n"
+                f"while not os.path.exists({gate!r}):\n    time.sleep(0.05)\n"
+                "for i in range(3, 6):\n    print(f'line {i}', flush=True)\n")
         lifecycle, handle = self.start(fault_backend, artifact_root, image, base, MemoryJournal(), code=code)
         lifecycle.hand_over()
         kwargs = json.loads(json.dumps(RemoteStepTrigger(
@@ -321,6 +328,8 @@ class FaultContract:
                 await task
 
         async def second_run() -> Any:
+            with open(gate, "w") as fh:
+                fh.write("go")
             async for event in RemoteStepTrigger(**kwargs).run():
                 return event.payload
             raise AssertionError("no event")
