@@ -3,7 +3,7 @@
     make bench            # or: .venv/bin/python bench/run_all.py [--only docker] [--list]
 
 Each run is printed with its exact command, the commit and the load average before it, which is what
-docs/benchmarks.md records next to each figure. On a 2-core machine the whole set takes about 15 minutes.
+docs/benchmarks.md records next to each figure. On a 2-core machine the whole set takes about 11 minutes.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 #: (backend, script, arguments): the runs behind docs/benchmarks.md. Some scripts need more than one run
 #: (docker's chatty step, kubernetes' per-step request counts are separate modes), so this is a list of
-#: runs, not of scripts. Iteration counts are kept modest so the set fits in a quarter of an hour.
+#: runs, not of scripts. Iteration counts are kept modest so the set takes about 11 minutes.
 RUNS: list[tuple[str, str, list[str]]] = [
     ("local", "bench_local.py", ["--iterations", "20"]),
     ("local", "bench_local_chatty.py", ["--iterations", "5", "--lines", "200000"]),
