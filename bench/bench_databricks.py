@@ -11,7 +11,13 @@ their default poll settings.
 * **Short run** (20 s, real time): the delay between the run's end (the server's ``end_time``) and the
   moment the waiter knows, and the calls it made.
 
+* **Many waiting** (``--many 10,50``): N deferred steps waiting in one event loop (one triggerer), each
+  with its own backend object as ``RemoteStepTrigger`` has, on one server: API requests per minute per
+  step while they all wait, with the manifest watched and API only. The provider's
+  ``DatabricksExecutionTrigger`` makes one ``runs/get`` per run every 30 s (2/min per step, analytic).
+
     .venv/bin/python bench/bench_databricks.py            # about 1.5 minutes
+    .venv/bin/python bench/bench_databricks.py --many 10,50   # only the many-waiting rows, about 3 minutes
     .venv/bin/python bench/bench_databricks.py --scale 0.1 --short 20
 """
 
@@ -23,6 +29,7 @@ import itertools
 import logging
 import math
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -111,9 +118,10 @@ def _script(server: FakeDatabricks, seconds: float) -> str:
 def run_ours(server: FakeDatabricks, conn_id: str, seconds: float, scale: float, deferred: bool,
              workdir: Path, watch: bool = True) -> Outcome:
     from airflow.sdk.exceptions import TaskDeferred
+    from airflow.triggers.base import TaskSuccessEvent
 
     from airflow_remote_ml.operators import RemoteExecutionOperator
-    from tests.system.helpers import FakeTI
+    from tests.system.helpers import FakeTI, FileStateStore
 
     outcome = Outcome("ours")
     default = DatabricksPollPolicy()
@@ -135,13 +143,18 @@ def run_ours(server: FakeDatabricks, conn_id: str, seconds: float, scale: float,
         deferrable=deferred,
     )
     ti = FakeTI(dag_id="bench", task_id=operator.task_id, run_id=f"bench-{uuid.uuid4().hex[:8]}")
-    context: dict[str, Any] = {"ti": ti, "task_state_store": None}
+    # A task state store, as Airflow 3.3 gives every task: with none, the operator cannot tell a first try
+    # from a crashed one and looks the run up (two runs/list calls) before it submits.
+    context: dict[str, Any] = {"ti": ti, "task_state_store": FileStateStore(str(workdir / "task-state.json"))}
     try:
         operator.execute(context)  # type: ignore[arg-type]
     except TaskDeferred as deferral:
         event = asyncio.run(_first_event(deferral.trigger))
         outcome.detected_at = time.time()
-        operator.execute_complete(context, event.payload)  # type: ignore[arg-type]
+        # On success the trigger ends the task itself (TaskSuccessEvent, XComs included): no resume on a
+        # worker. Anything else resumes the operator, as the task runner would.
+        if not isinstance(event, TaskSuccessEvent):
+            operator.execute_complete(context, event.payload)  # type: ignore[arg-type]
     else:
         outcome.detected_at = time.time()
     return outcome
@@ -219,14 +232,103 @@ def measure(seconds: float, scale: float) -> list[Outcome]:
     return [results[w] for w in WAITERS]
 
 
+def measure_many(n: int, seconds: float, watch: bool) -> dict[str, float]:
+    """N deferred steps of ``seconds`` waiting in one event loop: requests/min per step while all wait."""
+    from airflow_remote_ml.backends.databricks import DatabricksBackend
+    from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
+    from airflow_remote_ml.core.wait import await_completion
+
+    conn = f"bench_many_{'watch' if watch else 'api'}_{n}"
+    with tempfile.TemporaryDirectory(prefix="bench-dbx-many-") as tmp, \
+            FakeDatabricks(token=f"dapi-{conn}") as server:
+        os.environ[f"AIRFLOW_CONN_{conn.upper()}"] = server.connection_json()
+        config = {"databricks_conn_id": conn, "new_cluster": CLUSTER, "runtime_dir": "dbfs:/bench/runtime",
+                  "local_mounts": {"dbfs:/": str(server.dbfs_root)}, "watch_manifest": watch}
+        store = ArtifactStore(f"{tmp}/artifacts")
+        detected: dict[str, float] = {}
+        submit_lock: asyncio.Lock | None = None
+
+        async def one(i: int) -> None:
+            backend = DatabricksBackend.from_config(config)
+            spec = StepSpec.build(command=["python3", "-c", f"import time; time.sleep({seconds})"])
+            request = StepRequest.create(spec, StepIdentity("bench", f"many{i}", uuid.uuid4().hex[:8]), store)
+            # One submit at a time, as from separate workers. Two threads of one process uploading the
+            # runtime to a mounted path at once collide: _storage.py names its temporary file by pid only.
+            assert submit_lock is not None
+            async with submit_lock:
+                handle = await asyncio.to_thread(backend.submit, request)
+            try:
+                outcome = await await_completion(backend, handle, on_line=lambda line: None)
+                detected[handle.job_id] = time.time()
+                assert outcome.status.is_successful, outcome.status
+            finally:
+                await backend.aclose()
+
+        async def all_steps() -> tuple[float, float]:
+            nonlocal submit_lock
+            submit_lock = asyncio.Lock()
+            submitted = time.time()
+            await asyncio.gather(*(one(i) for i in range(n)))
+            return submitted, time.time()
+
+        started, _ = asyncio.run(all_steps())
+        runs = {str(run_id): server.get_run(run_id) for run_id in server.run_ids}
+        submits = [r.timestamp for r in server.requests if r.endpoint == "jobs/runs/submit"]
+        ends = [run["end_time"] / 1000 for run in runs.values()]
+        # Waiting: from 10 s after the last submit (the first checks are behind) to the first run's end.
+        window = (max(submits) + 10.0, min(ends))
+        waiting = [r for r in server.requests if window[0] <= r.timestamp < window[1]]
+        delays = [detected[job] - runs[job]["end_time"] / 1000 for job in detected]
+    minutes = (window[1] - window[0]) / 60
+    return {"total_per_min": len(waiting) / minutes, "per_step": len(waiting) / minutes / n,
+            "window": window[1] - window[0], "delay_median": statistics.median(delays),
+            "delay_max": max(delays), "noticed": len(detected), "started": started}
+
+
+def print_many(counts: list[int], seconds: float) -> None:
+    rows = []
+    for n in counts:
+        results: dict[bool, dict[str, float]] = {}
+
+        def work(watch: bool, n: int = n, results: dict[bool, dict[str, float]] = results) -> None:
+            results[watch] = measure_many(n, seconds, watch)
+
+        # Watched and API only side by side, each on its own server.
+        threads = [threading.Thread(target=work, args=(w,)) for w in (True, False)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for watch in (True, False):
+            r = results[watch]
+            label = "ours, deferred, manifest watched" if watch else "ours, deferred, API only"
+            rows.append(f"| {label} | {n} | {r['total_per_min']:.1f} | {r['per_step']:.2f} | "
+                        f"{r['delay_median']:.2f} s ({r['delay_max']:.2f}) | {r['noticed']:g}/{n} |")
+        rows.append(f"| provider, deferrable (30 s poll, analytic) | {n} | {2.0 * n:.1f} | 2.00 | 15 s (30) | |")
+    print(f"\n### Databricks: N deferred steps of {seconds:g} s waiting in one event loop "
+          f"({time.strftime('%Y-%m-%d')})\n")
+    print("| waiter | steps | requests/min while all wait | per step | detection delay, median (max) | noticed |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for line in rows:
+        print(line)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}; command: .venv/bin/python "
+          f"bench/bench_databricks.py --many {','.join(map(str, counts))} --many-seconds {seconds:g}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--long", type=float, default=600.0, help="long run, seconds (before scaling)")
     parser.add_argument("--short", type=float, default=20.0, help="short run, seconds (real time)")
     parser.add_argument("--scale", type=float, default=0.05, help="time scale of the long run's verification")
+    parser.add_argument("--many", default="", metavar="N,N",
+                        help="only N deferred steps waiting in one event loop, for each N (e.g. 10,50)")
+    parser.add_argument("--many-seconds", type=float, default=75.0, help="length of each --many step")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("airflow").setLevel(logging.ERROR)
+    if args.many:
+        print_many([int(x) for x in args.many.split(",") if x], args.many_seconds)
+        return 0
 
     policy = DatabricksPollPolicy()
     analytic = {

@@ -8,14 +8,19 @@ flips every iteration so neither side always runs on a warmer engine). Each side
   ``mark_finished``, ``cleanup`` (removal_policy on_success removes it), ``close``; as
   ``RemoteExecutionOperator.execute`` does, without Airflow's task bookkeeping;
 * theirs: ``DockerOperator(...).execute(context)`` with its defaults except ``auto_remove="success"``
-  (so both remove their container) and ``network_mode="none"`` (both).
+  (so both remove their container) and ``network_mode="none"`` (both);
+* bare: ``docker run --rm --network none IMAGE COMMAND`` through the CLI, its output to a log file: what
+  a user without Airflow's operators would run (issue 11's second chatty-step peer).
+
+The three take turns, and the order rotates every iteration.
 
 It also reports how soon our wait noticed each container's exit: the moment ``wait`` returned minus the
 engine's ``State.FinishedAt`` (same host clock).
 
 Run (needs the engine and the runner image: ``bash .ci/docker-engine.sh && bash backends/docker/build-images.sh``)::
 
-    .venv/bin/python bench/bench_docker.py --iterations 10
+    .venv/bin/python bench/bench_docker.py --iterations 10 --phases   # no-op and 1-second steps
+    .venv/bin/python bench/bench_docker.py --chatty --iterations 5     # 200k lines
 
 Prints a markdown table.
 """
@@ -25,7 +30,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +40,10 @@ import uuid
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
+
+# This checkout's code, not whatever copy of the package happens to be installed (run_all.py starts us
+# as `python bench/bench_docker.py`, which puts only bench/ on the path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RUNNER_IMAGE = "airflow-remote-ml/runner:latest"
 STEPS = {
@@ -150,6 +161,15 @@ def run_theirs(command: list[str], probe: Probe) -> dict[str, float]:
     return {"total": total, "wait_api_ms": (probe.wait_returned - probe.exited) * 1000, "ran_ms": probe.ran * 1000}
 
 
+def run_bare(command: list[str], log_dir: str) -> float:
+    """``docker run --rm`` through the CLI, attached, its output to a file: the step without Airflow."""
+    started = time.perf_counter()
+    with open(os.path.join(log_dir, f"{uuid.uuid4().hex}.log"), "wb") as log:
+        subprocess.run(["docker", "run", "--rm", "--network", "none", RUNNER_IMAGE, *command],
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--iterations", "-n", type=int, default=10)
@@ -180,30 +200,43 @@ def main(argv: list[str] | None = None) -> int:
     backend_class = make_timed_backend_class()
     ours: dict[str, list[dict[str, float]]] = defaultdict(list)
     theirs: dict[str, list[dict[str, float]]] = defaultdict(list)
+    bare: dict[str, list[float]] = defaultdict(list)
+    if not shutil.which("docker"):
+        raise SystemExit("the docker CLI is needed for the bare `docker run` peer")
     with tempfile.TemporaryDirectory(prefix="bench-docker-") as artifact_root:
-        for command in steps.values():  # warm-up, untimed: first-use costs on both sides
+        log_dir = os.path.join(artifact_root, "bare-logs")
+        os.makedirs(log_dir)
+        for command in steps.values():  # warm-up, untimed: first-use costs on every side
             run_ours(backend_class, command, artifact_root, probe)
             run_theirs(command, probe)
+            run_bare(command, log_dir)
         for i in range(args.iterations):
             for name, command in steps.items():
-                pair = [lambda c=command, n=name: ours[n].append(run_ours(backend_class, c, artifact_root, probe)),
-                        lambda c=command, n=name: theirs[n].append(run_theirs(c, probe))]
-                for run in pair if i % 2 == 0 else reversed(pair):
+                turns = [lambda c=command, n=name: ours[n].append(run_ours(backend_class, c, artifact_root, probe)),
+                         lambda c=command, n=name: theirs[n].append(run_theirs(c, probe)),
+                         lambda c=command, n=name: bare[n].append(run_bare(c, log_dir))]
+                for run in turns[i % 3:] + turns[:i % 3]:
                     run()
             print(f"iteration {i + 1}/{args.iterations} done", file=sys.stderr)
 
     sys.stdout.close()
     sys.stdout = table
     print(f"Docker engine {version['Version']} (API {version['ApiVersion']}, storage {info['Driver']}), "
-          f"image `{RUNNER_IMAGE}`, {args.iterations} iterations per step, alternating.\n")
-    print("| step | docker backend, median s (min–max) | DockerOperator, median s (min–max) | ratio |")
-    print("|---|---:|---:|---:|")
+          f"image `{RUNNER_IMAGE}`, {args.iterations} iterations per step, rotating; "
+          f"load {os.getloadavg()[0]:.1f}.\n")
+    print("| step | docker backend, median s (min–max) | DockerOperator, median s (min–max) | ratio | "
+          "bare `docker run`, median s (min–max) | ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+
+    def span(values: list[float]) -> str:
+        return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
     for name in steps:
         mine_all = [r["total"] for r in ours[name]]
         other_all = [r["total"] for r in theirs[name]]
-        mine, other = statistics.median(mine_all), statistics.median(other_all)
-        print(f"| {name} | {mine:.3f} ({min(mine_all):.3f}–{max(mine_all):.3f}) | "
-              f"{other:.3f} ({min(other_all):.3f}–{max(other_all):.3f}) | {mine / other:.2f}× |")
+        mine = statistics.median(mine_all)
+        print(f"| {name} | {span(mine_all)} | {span(other_all)} | {mine / statistics.median(other_all):.2f}× | "
+              f"{span(bare[name])} | {mine / statistics.median(bare[name]):.2f}× |")
     print("\nMilliseconds from the container's exit (`State.FinishedAt`) to ... (median / max over all runs):\n")
     print("| | docker backend | DockerOperator |")
     print("|---|---:|---:|")
@@ -228,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in steps:
             med = {k: statistics.median(r[k] for r in ours[name]) for k in ("submit", "wait", "finish")}
             print(f"| {name} | {med['submit']:.3f} | {med['wait']:.3f} | {med['finish']:.3f} |")
+    flags = (" --chatty" if args.chatty else "") + (" --phases" if args.phases else "")
+    print(f"\ncommand: .venv/bin/python bench/bench_docker.py{flags} --iterations {args.iterations}")
     return 0
 
 

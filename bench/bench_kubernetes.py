@@ -266,33 +266,14 @@ def main() -> None:
             print(f"command: .venv/bin/python bench/bench_kubernetes.py --per-step {args.per_step}")
             return
 
-        # 1. One waiting step, each way of waiting.
-        noticed: dict[str, float] = {}
-        handle = our_pod(k8s, root, "w")
-        wait_running(k8s, [handle.data["pod"]])
-        rows.append(row("ours, worker (per-pod watch)", 1,
-                        *measure_threads(k8s, [handle.data["pod"]], [ours_worker(k8s, root, handle, noticed)],
-                                         args.window, noticed)))
-        name = kpo_pod(k8s, "w")
-        wait_running(k8s, [name])
-        rows.append(row("KPO, worker (PodManager, get_logs)", 1,
-                        *measure_threads(k8s, [name], [kpo_worker(k8s, name, noticed)], args.window, noticed)))
-
-        # 2. Steps waiting in one event loop (a triggerer).
-        for n in [1, *counts]:
-            handles = {h.data["pod"]: h for h in (our_pod(k8s, root, f"d{n}-{i}") for i in range(n))}
-            wait_running(k8s, list(handles))
-            rows.append(row("ours, deferred (shared watch)", n,
-                            *measure_loop(k8s, list(handles), lambda j: ours_deferred(k8s, root, handles[j], noticed),  # noqa: B023
-                                          args.window, noticed)))
-            names = [kpo_pod(k8s, f"d{n}-{i}") for i in range(n)]
-            wait_running(k8s, names)
-            rows.append(row("KPO, deferred (KubernetesPodTrigger)", n,
-                            *measure_loop(k8s, names, lambda j: kpo_deferred(k8s, j, noticed), args.window,
-                                          noticed)))
-            for pod in k8s.list_pods():  # keep the namespace small for the next round
-                if pod["status"].get("phase") in ("Succeeded", "Failed"):
-                    k8s.core_v1().delete_namespaced_pod(pod["metadata"]["name"], NS, grace_period_seconds=0)
+        # The task SDK's structlog loggers print every KPO poll to sys.stdout whatever logging's levels say
+        # (2,000 lines per run buried the table): hide stdout while waiting, the table is printed after.
+        table, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115 - restored below
+        try:
+            measure_waiting(k8s, root, args.window, counts, rows)
+        finally:
+            sys.stdout.close()
+            sys.stdout = table
 
     print()
     print(f"Waiting for pods: {args.window:g} s of waiting counted per row, same API test double for all.")
@@ -303,7 +284,39 @@ def main() -> None:
     for line in rows:
         print(line)
     print()
-    print(f"command: .venv/bin/python bench/bench_kubernetes.py --window {args.window:g} --steps {args.steps}")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}; "
+          f"command: .venv/bin/python bench/bench_kubernetes.py --window {args.window:g} --steps {args.steps}")
+
+
+def measure_waiting(k8s: FakeKubernetes, root: str, window: float, counts: list[int], rows: list[str]) -> None:
+    """1 step on a worker each way, then 1 and each of ``counts`` steps waiting in one event loop."""
+    # 1. One waiting step, each way of waiting.
+    noticed: dict[str, float] = {}
+    handle = our_pod(k8s, root, "w")
+    wait_running(k8s, [handle.data["pod"]])
+    rows.append(row("ours, worker (per-pod watch)", 1,
+                    *measure_threads(k8s, [handle.data["pod"]], [ours_worker(k8s, root, handle, noticed)],
+                                     window, noticed)))
+    name = kpo_pod(k8s, "w")
+    wait_running(k8s, [name])
+    rows.append(row("KPO, worker (PodManager, get_logs)", 1,
+                    *measure_threads(k8s, [name], [kpo_worker(k8s, name, noticed)], window, noticed)))
+
+    # 2. Steps waiting in one event loop (a triggerer).
+    for n in [1, *counts]:
+        handles = {h.data["pod"]: h for h in (our_pod(k8s, root, f"d{n}-{i}") for i in range(n))}
+        wait_running(k8s, list(handles))
+        rows.append(row("ours, deferred (shared watch)", n,
+                        *measure_loop(k8s, list(handles), lambda j: ours_deferred(k8s, root, handles[j], noticed),  # noqa: B023
+                                      window, noticed)))
+        names = [kpo_pod(k8s, f"d{n}-{i}") for i in range(n)]
+        wait_running(k8s, names)
+        rows.append(row("KPO, deferred (KubernetesPodTrigger)", n,
+                        *measure_loop(k8s, names, lambda j: kpo_deferred(k8s, j, noticed), window,
+                                      noticed)))
+        for pod in k8s.list_pods():  # keep the namespace small for the next round
+            if pod["status"].get("phase") in ("Succeeded", "Failed"):
+                k8s.core_v1().delete_namespaced_pod(pod["metadata"]["name"], NS, grace_period_seconds=0)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ import tempfile
 import time
 import uuid
 
+# This checkout's code, not whatever copy of the package happens to be installed (run_all.py starts us
+# as `python bench/bench_local_chatty.py`, which puts only bench/ on the path).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from airflow_remote_ml.backends.local import LocalBackend
 from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
 from airflow_remote_ml.core.wait import wait_for_completion
@@ -88,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         a, b = statistics.median(theirs[mode]), statistics.median(mine[mode])
         print(f"| {mode} | {a:.3f} s ({min(theirs[mode]):.3f}–{max(theirs[mode]):.3f}) | "
               f"{b:.3f} s ({min(mine[mode]):.3f}–{max(mine[mode]):.3f}) | {b / a:.2f}× |")
+    print(f"\ncommand: .venv/bin/python bench/bench_local_chatty.py --iterations {args.iterations} --lines {args.lines}")
     return 0
 
 

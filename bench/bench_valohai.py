@@ -213,6 +213,9 @@ def main() -> None:
         print(f"| ours, {kind} | {s['per_min']:.2f} | {s['steady_per_min']:.2f}, {s['steady_max']:.2f} | "
               f"{s['events_reads']:g} | {s['delay_median']:.1f} s ({s['delay_min']:.1f}-{s['delay_max']:.1f}) |")
     print("| old airflow-valohai-plugin (30 s period, analytic) | 2.00 | 2.00, 2.00 | 0 | 15.0 s (0-30) |")
+    flags = (" --deferred" if args.deferred else "") + (f" --many {args.many}" if args.many else "")
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}; command: .venv/bin/python bench/bench_valohai.py "
+          f"-n {args.n} --duration {args.duration:g} --spread {args.spread:g}{flags}")
 
 
 if __name__ == "__main__":
