@@ -151,8 +151,8 @@ def run_ours(server: FakeDatabricks, conn_id: str, seconds: float, scale: float,
     except TaskDeferred as deferral:
         event = asyncio.run(_first_event(deferral.trigger))
         outcome.detected_at = time.time()
-        # On success the trigger ends the task itself (TaskSuccessEvent, XComs included): no resume on a
-        # worker. Anything else resumes the operator, as the task runner would.
+        # The trigger's event resumes the operator on a worker, as the task runner would (a trigger that
+        # ends the task itself, TaskSuccessEvent, needs no resume).
         if not isinstance(event, TaskSuccessEvent):
             operator.execute_complete(context, event.payload)  # type: ignore[arg-type]
     else:
