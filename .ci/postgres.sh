@@ -48,9 +48,13 @@ if ! command -v pg_createcluster >/dev/null 2>&1 || ! ls /usr/lib/postgresql/*/b
     fi
     echo "postgres.sh: installing Debian's postgresql package" >&2
     export DEBIAN_FRONTEND=noninteractive
-    # Wait for another apt/dpkg (CI's docker-engine.sh, a parallel session) instead of failing at once.
-    apt-get -o DPkg::Lock::Timeout=600 update -q >&2
-    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends postgresql >&2
+    say() { printf 'postgres.sh: %s\n' "$*" >&2; }
+    # Wait for another apt/dpkg (CI's docker-engine.sh, a parallel session) instead of failing at once;
+    # `apt-get update` needs the retry of apt.sh: it does not wait for the lists lock by itself.
+    # shellcheck source=/dev/null
+    source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
+    apt_get update -q >&2
+    apt_get install -y -q --no-install-recommends postgresql >&2
 fi
 
 VERSION="$(ls /usr/lib/postgresql | sort -V | tail -n 1)"

@@ -391,3 +391,26 @@ def build_operator_spec(values: Mapping[str, Any], *,
     except ConfigError as exc:
         raise renamed_for_operator(exc) from None
 
+
+
+def check_numeric_settings(config: Any, prefix: str) -> None:
+    """Every numeric setting of a backend's config (a dataclass field whose default is an int or a float)
+    is such a number from 0 to 1e9; ``prefix`` names the config in the error (``backend_config[x]``).
+
+    The client and the poll loop compute with them (timeouts, retries, backoff); a string or an infinity
+    there fails far from the setting. Ints stay ints (a count), floats may be ints.
+    """
+    import dataclasses
+    import math
+
+    for item in dataclasses.fields(config):
+        default = item.default
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        value = getattr(config, item.name)
+        whole = isinstance(default, int)
+        if isinstance(value, bool) or not (isinstance(value, int) or (not whole and isinstance(value, float))) \
+                or (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= 10**9:
+            what = "a whole number" if whole else "a number"
+            raise ConfigError(f"{prefix}.{item.name}", f"{short_repr(value)} is not {what} from 0 to 1e9",
+                              f"use e.g. {default!r} (the default)")

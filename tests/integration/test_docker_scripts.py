@@ -1,7 +1,7 @@
 """The engine and image scripts wait for another apt instead of failing at once (issue 8 item 11).
 
-A loaded CI machine often has another apt running (unattended-upgrades, a second job). Each script's
-``apt_get`` is run here with a stand-in ``apt-get`` on PATH that answers the way apt 2.6 does while another
+A loaded CI machine often has another apt running (unattended-upgrades, a second job). Every script
+installs through the one ``apt_get`` of ``.ci/apt.sh``, which is run here with a stand-in ``apt-get`` on PATH that answers the way apt 2.6 does while another
 process holds the lists lock: ``E: Could not get lock /var/lib/apt/lists/lock. It is held by process N
 (apt-get)`` and exit 100 (``apt-get update`` does not wait for that lock even with DPkg::Lock::Timeout).
 """
@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = [REPO / ".ci" / "docker-engine.sh", REPO / "backends" / "docker" / "build-images.sh"]
+SCRIPTS = [REPO / ".ci" / "docker-engine.sh", REPO / "backends" / "docker" / "build-images.sh",
+           REPO / ".ci" / "postgres.sh"]
+APT_LIB = REPO / ".ci" / "apt.sh"
 
 FAKE_APT = """#!/bin/sh
 echo "$*" >> "{log}"
@@ -30,7 +32,7 @@ exit 0
 """
 
 
-def run_apt_get(tmp_path: Path, script: Path, *args: str, busy: int = 0, fail: bool = False):
+def run_apt_get(tmp_path: Path, *args: str, busy: int = 0, fail: bool = False):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     log = tmp_path / "calls.log"
@@ -38,30 +40,24 @@ def run_apt_get(tmp_path: Path, script: Path, *args: str, busy: int = 0, fail: b
     fake = bin_dir / "apt-get"
     fake.write_text(FAKE_APT.format(log=log, busy=busy, fail="yes" if fail else ""))
     fake.chmod(0o755)
-    # Only the script's helpers, not its main: say, the lock settings and apt_get.
-    helpers = subprocess.run(
-        ["sed", "-n", r"/^say() /p; /^APT_LOCK/p; /^apt_get() {/,/^}/p", str(script)],
-        capture_output=True, text=True, check=True).stdout
-    assert "apt_get()" in helpers, f"{script.name} has no apt_get helper"
-    proc = subprocess.run(["bash", "-c", f"set -euo pipefail\n{helpers}\napt_get \"$@\"", "apt", *args],
+    script = f"set -euo pipefail\nsay() {{ printf '%s\\n' \"$*\" >&2; }}\nsource {APT_LIB}\napt_get \"$@\""
+    proc = subprocess.run(["bash", "-c", script, "apt", *args],
                           capture_output=True, text=True, timeout=120,
                           env={"PATH": f"{bin_dir}:/usr/bin:/bin", "APT_LOCK_WAIT": "60",
                                "APT_LOCK_RETRY_SECONDS": "0.05"})
     return proc, log.read_text().splitlines()
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_apt_get_waits_while_another_apt_holds_the_lock(tmp_path, script):
-    proc, calls = run_apt_get(tmp_path, script, "update", "-qq", busy=3)
+def test_apt_get_waits_while_another_apt_holds_the_lock(tmp_path):
+    proc, calls = run_apt_get(tmp_path, "update", "-qq", busy=3)
     assert proc.returncode == 0, proc.stderr
     assert len(calls) == 4  # three refusals while the lock was held, then the run that got it
     assert all(call.startswith("-o DPkg::Lock::Timeout=60 update") for call in calls)
     assert "another apt holds its lock (held by process 4242 (apt-get))" in proc.stderr
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_apt_get_fails_at_once_on_any_other_error(tmp_path, script):
-    proc, calls = run_apt_get(tmp_path, script, "install", "-y", "nosuch", fail=True)
+def test_apt_get_fails_at_once_on_any_other_error(tmp_path):
+    proc, calls = run_apt_get(tmp_path, "install", "-y", "nosuch", fail=True)
     assert proc.returncode == 100
     assert len(calls) == 1
     assert "Unable to locate package nosuch" in proc.stderr
@@ -70,12 +66,10 @@ def test_apt_get_fails_at_once_on_any_other_error(tmp_path, script):
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_every_apt_call_on_the_host_goes_through_apt_get(script):
     text = script.read_text()
-    body = re.search(r"^apt_get\(\) \{\n.*?^\}\n", text, re.S | re.M)
-    assert body, f"{script.name} has no apt_get helper"
-    outside = text[:body.start()] + text[body.end():]
-    direct = [line.strip() for line in outside.splitlines()
+    assert re.search(r"^\s*source .*/apt\.sh\"$", text, re.M), f"{script.name} does not source .ci/apt.sh"
+    direct = [line.strip() for line in text.splitlines()
               if re.search(r"(^|[\s;&|(])apt-get\s", line) and not line.strip().startswith("#")
-              and "say " not in line and "die " not in line]
+              and "say " not in line and "die " not in line and not line.strip().startswith("echo ")]
     # The one exception: apt inside the freshly debootstrapped root, whose locks nobody else can hold.
     direct = [line for line in direct if not line.startswith('sh -c "apt-get update -qq && apt-get install')]
     assert direct == [], f"apt-get called without the lock wait in {script.name}: {direct}"

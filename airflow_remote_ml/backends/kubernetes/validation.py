@@ -37,6 +37,7 @@ from airflow_remote_ml.core.validation import (
     MAX_MEMORY_BYTES,
     MAX_NESTING,
     MAX_TIMEOUT_SECONDS,
+    check_numeric_settings,
     short_repr,
     type_name,
 )
@@ -468,24 +469,8 @@ def _number(field: str, value: Any, *, minimum: float, maximum: float) -> None:
 
 
 def check_numbers(config: Any) -> None:
-    """Every numeric setting (a dataclass field whose default is an int or a float) is such a number, >= 0.
-
-    The client and the poll loop compute with them (timeouts, retries, backoff); a string or an infinity
-    there fails far from the setting. Ints stay ints (a count), floats may be ints.
-    """
-    import dataclasses
-
-    for item in dataclasses.fields(config):
-        default = item.default
-        if isinstance(default, bool) or not isinstance(default, (int, float)):
-            continue
-        value = getattr(config, item.name)
-        whole = isinstance(default, int)
-        if isinstance(value, bool) or not (isinstance(value, int) or (not whole and isinstance(value, float))) \
-                or (isinstance(value, float) and not math.isfinite(value)) or not 0 <= value <= 10**9:
-            what = "a whole number" if whole else "a number"
-            raise ConfigError(f"{CONFIG}.{item.name}", f"{short_repr(value)} is not {what} from 0 to 1e9",
-                              f"use e.g. {default!r} (the default)")
+    """Every numeric setting is a number in range (the shared check, named for this backend)."""
+    check_numeric_settings(config, CONFIG)
 
 
 def check_config(config: KubernetesConfig) -> None:
