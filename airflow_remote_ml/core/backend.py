@@ -116,8 +116,14 @@ class BackendConfig:
 
     @classmethod
     def from_mapping(cls: type[Any], data: Mapping[str, Any], backend: str = "backend") -> Any:
-        names = {f.name for f in dataclasses.fields(cls)}
-        reject_unknown_options(f"backend_config[{backend}]", data, names)
+        prefix = f"backend_config[{backend}]"
+        if not isinstance(data, Mapping):
+            raise ConfigError(prefix, f"must be a mapping of settings, not {type(data).__name__}",
+                              "use e.g. {'namespace': 'ml'}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        reject_unknown_options(prefix, data, set(fields))
+        for name, value in data.items():
+            _check_container_type(f"{prefix}.{name}", value, fields[name])
         return cls(**dict(data))
 
     def to_json(self) -> dict[str, Any]:
@@ -142,6 +148,17 @@ class BackendConfig:
                 else f"define it in the {backend} backend's 'profiles' setting")
             raise ConfigError("resources.profile", f"{name!r} is not a profile of the {backend} backend", hint)
         return dict(self.profiles[name])
+
+
+def _check_container_type(field: str, value: Any, spec: dataclasses.Field[Any]) -> None:
+    """A setting whose default is a mapping or a list must be one: a backend iterates it while it starts."""
+    factory = spec.default_factory
+    default = factory() if factory is not dataclasses.MISSING else spec.default
+    if isinstance(default, dict) and not isinstance(value, Mapping):
+        raise ConfigError(field, f"must be a mapping, not {type(value).__name__}", "use {...}, or leave it out")
+    if isinstance(default, (list, tuple)) and (isinstance(value, (str, bytes, Mapping))
+                                               or not isinstance(value, (list, tuple))):
+        raise ConfigError(field, f"must be a list, not {type(value).__name__}", "use [...], or leave it out")
 
 
 class Backend(ABC):

@@ -28,7 +28,20 @@ CFG = "backend_config[databricks]"
 
 def backend(**settings: Any) -> DatabricksBackend:
     settings.setdefault("new_cluster", dict(CLUSTER))
-    return DatabricksBackend(DatabricksConfig.from_mapping(settings, "databricks"))
+    try:
+        return DatabricksBackend(DatabricksConfig.from_mapping(settings, "databricks"))
+    except ConfigError as exc:  # refused while the backend is built: earlier still than validate()
+        return _Refused(exc)  # type: ignore[return-value]
+
+
+class _Refused:
+    """A backend whose configuration was refused when it was built: validate() raises that error."""
+
+    def __init__(self, error: ConfigError) -> None:
+        self.error = error
+
+    def validate(self, request: Any) -> None:
+        raise self.error
 
 
 def req(**spec: Any) -> StepRequest:

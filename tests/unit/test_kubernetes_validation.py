@@ -28,8 +28,21 @@ GOOD_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoS
 
 
 def backend(**config: Any) -> KubernetesBackend:
-    return KubernetesBackend(KubernetesConfig.from_mapping({"namespace": "ml", **config}, "kubernetes"),
-                             core_v1=object())
+    try:
+        return KubernetesBackend(KubernetesConfig.from_mapping({"namespace": "ml", **config}, "kubernetes"),
+                                 core_v1=object())
+    except ConfigError as exc:  # refused while the backend is built: earlier still than validate()
+        return _Refused(exc)  # type: ignore[return-value]
+
+
+class _Refused:
+    """A backend whose configuration was refused when it was built: validate() raises that error."""
+
+    def __init__(self, error: ConfigError) -> None:
+        self.error = error
+
+    def validate(self, request: Any) -> None:
+        raise self.error
 
 
 def req(**spec: Any) -> StepRequest:

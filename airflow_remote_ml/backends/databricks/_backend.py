@@ -40,7 +40,7 @@ from airflow_remote_ml.backends.databricks._states import (
     task_run_id,
 )
 from airflow_remote_ml.backends.databricks._storage import WORKSPACE_ONLY, NotFound, Storage
-from airflow_remote_ml.backends.databricks._validation import check_sources
+from airflow_remote_ml.backends.databricks._validation import check_config, check_sources
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest, result_from_manifest
 from airflow_remote_ml.core.errors import (
@@ -95,6 +95,7 @@ class DatabricksBackend(Backend):
     config: DatabricksConfig
 
     def __init__(self, config: DatabricksConfig) -> None:
+        check_config(config)  # every setting by type and range before anything computes with it
         super().__init__(config)
         self.poll_policy = DatabricksPollPolicy(  # type: ignore[misc]
             first_delay=config.poll_first_delay,

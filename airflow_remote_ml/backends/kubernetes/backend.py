@@ -95,6 +95,8 @@ class KubernetesBackend(Backend):
 
     def __init__(self, config: KubernetesConfig, core_v1: Any = None) -> None:
         """``core_v1``: a ready ``kubernetes.client.CoreV1Api`` to use instead of connecting from the config."""
+        # Every setting by type and range first: the checks below compute with them.
+        validation.check_config(config)
         super().__init__(config)
         prefix = "backend_config[kubernetes]"
         if config.delete_policy not in DELETE_POLICIES:
