@@ -75,6 +75,23 @@ class TransientBackendError(BackendAPIError):
         self.retry_after = retry_after
 
 
+class InvalidRequestError(ConfigError, BackendAPIError):
+    """The remote API refused the request as invalid (a 400/422 naming a field): fail once, never retry.
+
+    What the spec lets us know is refused before submit; this is for what only the remote side knows.
+    It is both a ``ConfigError`` (the task fails without retries) and a ``BackendAPIError`` (it carries
+    the backend and the HTTP status).
+    """
+
+    def __init__(self, backend: str, field: str, message: str, status_code: int | None = None,
+                 fix: str | None = None) -> None:
+        problem = f"{backend} refused it: {message}" + (f" (HTTP {status_code})" if status_code else "")
+        self.field, self.problem, self.fix = field, problem, fix
+        self.backend = backend
+        self.status_code = status_code
+        RemoteMLError.__init__(self, f"{field}: {problem}" + (f"; {fix}" if fix else ""))
+
+
 class StepFailedError(RemoteMLError):
     """The step ran and failed. Carries the exit code, the log tail and the remote URL."""
 

@@ -125,7 +125,9 @@ def test_existing_cluster_and_new_cluster_are_exclusive() -> None:
     refused(f"{CFG}.profiles.p.existing_cluster_id",
             backend(profiles={"p": {"existing_cluster_id": "0923-164208-meows279", "node_type_id": "i3.xlarge"}}),
             req(resources={"profile": "p"}))
-    refused(f"{CFG}.existing_cluster_id", backend(existing_cluster_id="0923-164208-meows279"), req())
+    # In the settings both are a layered configuration (the deployment's new_cluster, a task's existing
+    # cluster): the existing cluster wins, as _payload.resolve_compute documents.
+    backend(existing_cluster_id="0923-164208-meows279").validate(req())
 
 
 def test_none_where_a_list_belongs_is_a_config_error() -> None:

@@ -18,8 +18,17 @@ from tenacity import wait_exponential
 
 from airflow_remote_ml.backends.databricks._states import ApiErrorInfo, parse_error_body
 from airflow_remote_ml.backends.databricks._storage import NotFound
-from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, RemoteMLError, TransientBackendError
+from airflow_remote_ml.core.errors import (
+    BackendAPIError,
+    ConfigError,
+    InvalidRequestError,
+    RemoteMLError,
+    TransientBackendError,
+)
 from airflow_remote_ml.core.poll import parse_retry_after
+
+#: Error codes of a 400 that refuse the request's content (Databricks REST API error codes).
+INVALID_REQUEST_CODES = frozenset({"INVALID_PARAMETER_VALUE", "MALFORMED_REQUEST", "INVALID_REQUEST"})
 
 # -- retries that honour Retry-After --------------------------------------------------------------------
 
@@ -119,6 +128,11 @@ def map_error(
         return TransientBackendError(backend, text, info.status, info.retry_after)
     if info.status in (401, 403):
         text += f" (check the credentials of the Airflow connection {conn_id!r})"
+    if info.status == 400 and info.error_code in INVALID_REQUEST_CODES:
+        # The Jobs API's own refusal of a field ("python_file must be ...", "Invalid spark version"):
+        # no retry can help, so the task fails once with the service's words.
+        return InvalidRequestError(backend, "databricks", text, info.status,
+                                   "fix the setting the message names (backend_config, backend_options or the step)")
     return BackendAPIError(backend, text, info.status)
 
 

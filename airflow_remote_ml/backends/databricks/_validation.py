@@ -224,10 +224,9 @@ def check_config(config: DatabricksConfig) -> None:
     reject_unknown_options(f"{CONFIG}.new_cluster", new_cluster, set(NEW_CLUSTER_KEYS))
     check_cluster(f"{CONFIG}.new_cluster", new_cluster)
     if config.existing_cluster_id is not None:
+        # Both in the settings is a layered configuration (the deployment's new_cluster, a task's existing
+        # cluster): the existing cluster wins unless a profile or the step asks for a new one (_payload).
         _string(f"{CONFIG}.existing_cluster_id", config.existing_cluster_id, "'0923-164208-meows279'")
-        if new_cluster:
-            raise ConfigError(f"{CONFIG}.existing_cluster_id", "is set together with new_cluster: a task runs on an "
-                              "existing cluster or a new job cluster, not both", "drop one of them")
     check_libraries(f"{CONFIG}.libraries", config.libraries)
     if config.python_path is None:  # the payload builder iterates it (a profile's None means none)
         raise ConfigError(f"{CONFIG}.python_path", "is None", "use [] or leave it out for none")

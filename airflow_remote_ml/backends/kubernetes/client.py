@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, TransientBackendError
+from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, InvalidRequestError, TransientBackendError
 from airflow_remote_ml.core.poll import PollPolicy, parse_retry_after
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,13 @@ class Expired(BackendAPIError):
     """HTTP 410 Gone / Expired: a watch's resourceVersion is too old; list again."""
 
 
-class Invalid(BackendAPIError):
-    """HTTP 422 (or 400 on create): the API refused the object as invalid."""
+class Invalid(InvalidRequestError):
+    """HTTP 422 (or 400 on create): the API refused the object as invalid. Retrying cannot help, so it
+    fails the task once (a ConfigError) with the apiserver's own words, which name the field."""
+
+    def __init__(self, backend: str, message: str, status_code: int | None = None) -> None:
+        super().__init__(backend, "pod", message, status_code,
+                         "fix the setting the message names (backend_config, backend_options or the step)")
 
 
 def _status_body(body: Any) -> dict[str, Any]:
