@@ -399,7 +399,7 @@ def _killed_message(code: int) -> str:
         return f"the step exited with code {code}"
     if code - 128 == signal.SIGKILL:
         return (f"the step's process was killed by SIGKILL (exit {code}; often the kernel's OOM killer when "
-                "the step uses more memory than it may: raise resources.memory)")
+                "the step uses more memory than it may: raise compute.memory)")
     return f"the step's process was killed by {name} (exit {code})"
 
 

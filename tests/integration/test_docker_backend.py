@@ -178,7 +178,7 @@ def test_out_of_memory_says_so(engine, backend, tmp_path):
     assert outcome.status.state is RunState.FAILED
     assert outcome.status.reason == "OOMKilled", outcome.status
     assert outcome.status.exit_code == 137
-    assert "raise resources.memory" in outcome.status.message
+    assert "raise compute.memory" in outcome.status.message
     # The kernel killed the biggest process, the step's command; the runtime lived to record it in words.
     manifest = json.loads(open(request.manifest_uri).read())
     assert manifest["exit_code"] == 137

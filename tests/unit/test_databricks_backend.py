@@ -519,4 +519,4 @@ def test_a_stopped_driver_says_it_probably_ran_out_of_memory() -> None:
                                  status={"state": "TERMINATED", "termination_details": {"code": "DRIVER_ERROR"}}))
     assert status.reason == "DRIVER_ERROR"
     assert "stopped unexpectedly" in status.message and "ran out of memory" in status.message
-    assert "resources.memory" in status.message
+    assert "compute.memory" in status.message

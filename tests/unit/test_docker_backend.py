@@ -84,7 +84,7 @@ STATE_TABLE = [
     (inspect_doc("exited", 137), RunState.FAILED, 137, "SIGKILL"),
     (inspect_doc("exited", 137, oom=True, memory=64 * 1024**2), RunState.FAILED, 137,
      "OOMKilled: the step used more than its memory limit of 64 MiB and the kernel killed it (exit 137); "
-     "raise resources.memory"),
+     "raise compute.memory"),
     (inspect_doc("exited", 143, name="/dag-train-abc.cancelled"), RunState.CANCELLED, 143, "cancelled"),
     # It finished on its own just before the cancel landed: its own outcome stands.
     (inspect_doc("exited", 0, name="/dag-train-abc.cancelled"), RunState.SUCCEEDED, 0, ""),

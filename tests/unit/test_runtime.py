@@ -221,7 +221,7 @@ def test_a_step_killed_by_sigkill_says_so_in_plain_words(tmp_path):
     assert manifest["exit_code"] == 137
     assert manifest["error"].startswith("the step's process was killed by SIGKILL (exit 137; often the kernel's "
                                         "OOM killer")
-    assert "resources.memory" in manifest["error"]
+    assert "compute.memory" in manifest["error"]
 
 
 def test_output_is_relayed_as_soon_as_it_arrives_even_without_a_newline(tmp_path):

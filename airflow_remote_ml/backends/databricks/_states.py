@@ -107,7 +107,7 @@ _PLAIN_CODES = frozenset({"", "SUCCESS", "SUCCESS_WITH_FAILURES", "RUN_EXECUTION
 #: What Databricks shows when the driver died, most often of memory (its JVM or Python process was killed).
 DRIVER_STOPPED = "The spark driver has stopped unexpectedly"
 _OOM_HINT = (
-    "the driver most likely ran out of memory: give it a node type with more memory (resources.memory, a "
+    "the driver most likely ran out of memory: give it a node type with more memory (compute.memory, a "
     "profile's node_type_id or driver_node_type_id), or collect less data to the driver"
 )
 

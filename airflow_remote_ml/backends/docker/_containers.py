@@ -59,7 +59,7 @@ def status_from_inspect(attrs: Mapping[str, Any]) -> RunStatus:
             shown = f" of {limit / 1024 ** 2:.0f} MiB" if limit else ""
             return RunStatus(RunState.FAILED, status,
                              f"OOMKilled: the step used more than its memory limit{shown} and the kernel killed it "
-                             f"(exit {code}); raise resources.memory", code, reason="OOMKilled")
+                             f"(exit {code}); raise compute.memory", code, reason="OOMKilled")
         if cancelled and code != 0:
             return RunStatus(RunState.CANCELLED, status, "cancelled", code)
         if status == "dead":

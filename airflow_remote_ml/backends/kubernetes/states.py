@@ -245,7 +245,7 @@ def _failed(pod: Mapping[str, Any], phase: str, cstatus: Mapping[str, Any], mani
         # memory. The runtime may have survived (it was the step's child that died) and recorded a generic
         # "exit code 137": this reason is the one that must lead the task's error.
         return RunStatus(RunState.FAILED, f"{phase}/OOMKilled",
-                         f"OOMKilled: the step used more than its memory limit{shown}; raise resources.memory "
+                         f"OOMKilled: the step used more than its memory limit{shown}; raise compute.memory "
                          "or use a high-memory profile", code, reason="OOMKilled")
     if term:
         treason = term.get("reason") or ""
