@@ -373,6 +373,7 @@ def test_forced_states_reach_the_hook(
 def test_unknown_future_state_is_reported_verbatim(dbx: FakeDatabricks, hook: Any) -> None:
     dbx.simulate("nb", seconds=300)
     run_id = hook.submit_run(_notebook_run())
+    dbx.wait_until(run_id, "RUNNING")
     dbx.force_state(run_id, "SOME_FUTURE_STATE")
     assert hook.get_run(run_id)["state"]["life_cycle_state"] == "SOME_FUTURE_STATE"
     assert hook.get_run(run_id)["status"]["state"] == "SOME_FUTURE_STATE"
@@ -503,6 +504,7 @@ def test_auth_errors(dbx: FakeDatabricks, monkeypatch: pytest.MonkeyPatch) -> No
 def test_429_with_retry_after_is_retried_by_the_hook(dbx: FakeDatabricks, hook: Any) -> None:
     dbx.simulate("nb", seconds=300)
     run_id = hook.submit_run(_notebook_run())
+    dbx.wait_until(run_id, "RUNNING")  # the fake's scheduler starts it; a loaded machine may take a moment
     dbx.fail_next("jobs/runs/get", 429, retry_after=2)
     raw = requests.get(
         f"{dbx.url}/api/2.2/jobs/runs/get", params={"run_id": run_id}, headers={"Authorization": f"Bearer {TOKEN}"}
@@ -611,6 +613,7 @@ async def test_async_hook_methods(dbx: FakeDatabricks, tmp_path: Path) -> None:
 async def test_async_hook_retries_429(dbx: FakeDatabricks) -> None:
     dbx.simulate("nb", seconds=300)
     run_id = await asyncio.to_thread(_hook().submit_run, _notebook_run())
+    await asyncio.to_thread(dbx.wait_until, run_id, "RUNNING")  # the fake's scheduler starts it
     dbx.fail_next("jobs/runs/get", 429, retry_after=1)
     async with _hook() as hook:
         assert (await hook.a_get_run_state(run_id)).life_cycle_state == "RUNNING"
