@@ -714,13 +714,12 @@ def test_full_life_cycle_with_queue_and_cleanup_phases(monkeypatch: pytest.Monke
             if observed[0] == "TERMINATED":
                 break
             dbx.wait_until(run_id, *(phases - {observed[0]}))
-        assert seen == [
-            ("QUEUED", "QUEUED"),
-            ("PENDING", "PENDING"),
-            ("RUNNING", "RUNNING"),
-            ("TERMINATING", "TERMINATING"),
-            ("TERMINATED", "TERMINATED"),
-        ]
+        order = ["QUEUED", "PENDING", "RUNNING", "TERMINATING", "TERMINATED"]
+        # What this loop observes depends on its own speed (a loaded machine may poll past a 0.3 s
+        # phase); the order never changes, and the run's own durations prove every phase took place.
+        assert all(life == status for life, status in seen), seen
+        assert [life for life, _ in seen] == [phase for phase in order if phase in {p for p, _ in seen}], seen
+        assert seen[-1] == ("TERMINATED", "TERMINATED")
         assert run["setup_duration"] > 0 and run["execution_duration"] > 0 and run["cleanup_duration"] > 0
 
 
