@@ -197,12 +197,12 @@ class RemoteExecutionOperator(BaseOperator):
 
             try:
                 lifecycle.start(make_request)
-            except BaseException:
+                # Everything from here on runs inside the guard: whatever fails (an XCom push, a state-store
+                # write, a kill, Airflow's execution_timeout), the job is stopped first. The backend's clients
+                # are closed only after that, deferral included.
+                return lifecycle.guarded(lambda: self._follow(lifecycle, spec, artifacts, started, ti))
+            finally:
                 backend.close()
-                raise
-            # Everything from here on runs inside the guard: whatever fails (an XCom push, a state-store
-            # write, a kill, Airflow's execution_timeout), the job is stopped first.
-            return lifecycle.guarded(lambda: self._follow(lifecycle, spec, artifacts, started, ti))
 
     def _follow(self, lifecycle: StepLifecycle, spec: StepSpec, artifacts: ArtifactStore, started: float,
                 ti: Any) -> Any:
@@ -224,7 +224,6 @@ class RemoteExecutionOperator(BaseOperator):
             # From here the trigger owns the job: a SIGTERM that reaches this process after defer() (a slow
             # "deferred" report) must not cancel what the trigger is waiting for.
             lifecycle.hand_over()
-            backend.close()
             self.defer(trigger=trigger, method_name="execute_complete")
         outcome = lifecycle.wait(on_line=self._log_line, deadline=deadline)
         return self._finish(lifecycle, outcome.status, outcome.tail, outcome.timed_out, spec.timeout)
@@ -237,7 +236,10 @@ class RemoteExecutionOperator(BaseOperator):
             lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
             handle = self._handle = RunHandle.from_json(event["handle"])
             lifecycle.take_back(handle)
-            return lifecycle.guarded(lambda: self._complete(lifecycle, event))
+            try:
+                return lifecycle.guarded(lambda: self._complete(lifecycle, event))
+            finally:
+                backend.close()
 
     def _complete(self, lifecycle: StepLifecycle, event: dict[str, Any]) -> Any:
         backend, handle = lifecycle.backend, lifecycle.handle
@@ -287,7 +289,6 @@ class RemoteExecutionOperator(BaseOperator):
                 backend.cleanup(handle, status)
             except Exception:
                 self.log.warning("Cleaning up job %s failed", handle.job_id, exc_info=True)
-            backend.close()
 
     def _push_parts(self, xcom: dict[str, Any]) -> None:
         """Push the result's parts besides ``return_value`` (which Airflow pushes from the return)."""
