@@ -1146,6 +1146,11 @@ class FakeDatabricks:
                     run_if=t.get("run_if", "ALL_SUCCESS"),
                     timeout_seconds=_as_int(t.get("timeout_seconds", 0), "timeout_seconds", minimum=0),
                 )
+                if self.queued_seconds > 0 and not task.depends_on:
+                    # With queueing, a submitted run is QUEUED from the first read on ("QUEUED: the run
+                    # is queued", Jobs API RunLifeCycleState), never PENDING before it: set at creation,
+                    # not when the executor thread gets to it.
+                    task.life_cycle_state = "QUEUED"
                 run.tasks.append(task)
                 self._task_index[task.run_id] = (run, task)
             self._runs[run_id] = run
