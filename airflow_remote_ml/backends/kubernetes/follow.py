@@ -48,7 +48,23 @@ def _shutdown(resp: Any) -> None:
             resp.close()
 
 
-class PodFollower:
+class _StreamThread:
+    """A daemon thread reading one streaming response; ``stop()`` cuts the stream and joins the thread."""
+
+    _stopping: bool
+    _resp: Any
+    _thread: threading.Thread
+
+    def stop(self) -> None:
+        self._stopping = True
+        resp = self._resp
+        if resp is not None:
+            _shutdown(resp)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(5)
+
+
+class PodFollower(_StreamThread):
     """One pod's watch, followed in a daemon thread; its latest state under a condition variable."""
 
     def __init__(self, core: Any, namespace: str, name: str, uid: str | None, pod: JSON, rv: str,
@@ -78,14 +94,6 @@ class PodFollower:
         self._asking()  # before the thread runs: a caller must not read the old state as the watch's
         self._thread.start()
         return self
-
-    def stop(self) -> None:
-        self._stopping = True
-        resp = self._resp
-        if resp is not None:
-            _shutdown(resp)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(5)
 
     def wait_change(self, version: int, timeout: float) -> None:
         """Return once the state is newer than ``version``, the follower ended, or ``timeout`` passed."""
@@ -176,7 +184,7 @@ class PodFollower:
                 self.cond.notify_all()
 
 
-class LogFollower:
+class LogFollower(_StreamThread):
     """One ``follow=true`` log stream of a container, read in a daemon thread into a buffer."""
 
     def __init__(self, open_stream: Callable[[], Any], name: str, since: str | None) -> None:
@@ -207,14 +215,6 @@ class LogFollower:
     def join(self, timeout: float) -> bool:
         """Wait for the stream's end (the container's exit); True when it ended."""
         return self._done.wait(timeout)
-
-    def stop(self) -> None:
-        self._stopping = True
-        resp = self._resp
-        if resp is not None:
-            _shutdown(resp)
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(5)
 
     def _run(self) -> None:
         try:
