@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,23 @@ import pytest
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend
 from airflow_remote_ml.backends.kubernetes import watch as shared_watch
 from airflow_remote_ml.backends.kubernetes.states import ANNOTATION_CANCELLED, LABEL_FINISHED
-from airflow_remote_ml.core import ArtifactStore, RunState, StepIdentity, StepRequest, StepSpec
+from airflow_remote_ml.core import RunState, StepIdentity, StepRequest
 from airflow_remote_ml.core.errors import TransientBackendError
 from airflow_remote_ml.core.wait import await_completion, failure_error, wait_for_completion
 from tests.fakes.kubernetes_api import FakeKubernetes, FakeNode, ImageBehavior
+from tests.integration.kubernetes_support import CLAIM, SLEEP, make_backend, request
 
 pytestmark = pytest.mark.timeout(120)
 
-CLAIM = "ml-artifacts"
-IMAGE = "python:3.11-slim"
-SLEEP = ["python3", "-c", "import time; print('started', flush=True); time.sleep(300)"]
 
+
+async def until(condition: Any, timeout: float = 30.0) -> None:
+    """Wait for ``condition()`` to hold (polled; a generous bound, never a fixed sleep before an assert)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the condition did not hold in time")
+        await asyncio.sleep(0.01)
 
 @pytest.fixture
 def k8s() -> Iterator[FakeKubernetes]:
@@ -45,33 +50,12 @@ def root(tmp_path: Path, k8s: FakeKubernetes) -> str:
     return str(path)
 
 
-def make_backend(k8s: FakeKubernetes, root: str, **extra: Any) -> KubernetesBackend:
-    config = {"kubeconfig_path": str(k8s.kubeconfig_path),
-              "artifact_volume": {"claim_name": CLAIM, "mount_path": root},
-              "delete_grace_seconds": 1, "session_linger": 0.1, **extra}
-    return KubernetesBackend.from_config(config)
-
-
 @pytest.fixture
 def backend(k8s: FakeKubernetes, root: str) -> Iterator[KubernetesBackend]:
     b = make_backend(k8s, root)
     yield b
     b.close()
 
-
-def request(root: str, task: str = "step", **spec: Any) -> StepRequest:
-    spec.setdefault("image", IMAGE)
-    identity = StepIdentity("k8s-it", task, f"run-{uuid.uuid4().hex[:10]}")
-    return StepRequest.create(StepSpec.build(**spec), identity, ArtifactStore(root))
-
-
-async def until(condition: Any, timeout: float = 30.0) -> None:
-    """Wait for ``condition()`` to hold (polled; a generous bound, never a fixed sleep before an assert)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("the condition did not hold in time")
-        await asyncio.sleep(0.01)
 
 
 def run(backend: KubernetesBackend, req: StepRequest, timeout: float = 60):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,18 +17,18 @@ from typing import Any
 import pytest
 
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend
-from airflow_remote_ml.core import ArtifactStore, RunState, StepIdentity, StepRequest, StepSpec
+from airflow_remote_ml.core import RunState
 from airflow_remote_ml.core.errors import BackendAPIError, TransientBackendError
 from airflow_remote_ml.core.wait import await_completion, failure_error, wait_for_completion
 from tests.fakes.kubernetes_api import FakeKubernetes
+from tests.integration.kubernetes_support import CLAIM, SLEEP, make_backend, request
 
 pytestmark = pytest.mark.timeout(120)
 
-CLAIM = "ml-artifacts"
-IMAGE = "python:3.11-slim"
-SLEEP = ["python3", "-c", "import time; print('started', flush=True); time.sleep(300)"]
 TALK = ["python3", "-c", "print('one', flush=True); print('two', flush=True)"]
 
+
+# -- 1. pods/log is negotiated: every sync step failed with 406 ---------------------------------------------
 
 @pytest.fixture
 def k8s() -> Iterator[FakeKubernetes]:
@@ -44,27 +43,12 @@ def root(tmp_path: Path, k8s: FakeKubernetes) -> str:
     return str(path)
 
 
-def make_backend(k8s: FakeKubernetes, root: str, **extra: Any) -> KubernetesBackend:
-    config = {"kubeconfig_path": str(k8s.kubeconfig_path),
-              "artifact_volume": {"claim_name": CLAIM, "mount_path": root},
-              "delete_grace_seconds": 1, "session_linger": 0.1, **extra}
-    return KubernetesBackend.from_config(config)
-
-
 @pytest.fixture
 def backend(k8s: FakeKubernetes, root: str) -> Iterator[KubernetesBackend]:
     b = make_backend(k8s, root)
     yield b
     b.close()
 
-
-def request(root: str, task: str = "step", **spec: Any) -> StepRequest:
-    spec.setdefault("image", IMAGE)
-    identity = StepIdentity("k8s-issue10", task, f"run-{uuid.uuid4().hex[:10]}")
-    return StepRequest.create(StepSpec.build(**spec), identity, ArtifactStore(root))
-
-
-# -- 1. pods/log is negotiated: every sync step failed with 406 ---------------------------------------------
 
 
 def test_a_sync_step_streams_its_log_through_the_negotiated_endpoint(k8s, backend, root):
