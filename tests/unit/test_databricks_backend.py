@@ -520,3 +520,35 @@ def test_a_stopped_driver_says_it_probably_ran_out_of_memory() -> None:
     assert status.reason == "DRIVER_ERROR"
     assert "stopped unexpectedly" in status.message and "ran out of memory" in status.message
     assert "compute.memory" in status.message
+
+
+def test_runtime_file_written_by_many_threads_at_once_is_whole(tmp_path) -> None:
+    """Threads of one triggerer write the same runtime file; each must land whole, never interleaved."""
+    import threading
+
+    from airflow_remote_ml.backends.databricks._storage import Storage
+
+    def no_api(*_args, **_kwargs):  # a mounted path never reaches the DBFS API
+        raise AssertionError("the DBFS API was called for a mounted path")
+
+    storage = Storage({"dbfs:/remote-ml": str(tmp_path)}, no_api, "databricks")
+    payloads = [bytes([65 + i]) * 200_000 for i in range(8)]
+    barrier = threading.Barrier(len(payloads))
+    errors: list[BaseException] = []
+
+    def write(data: bytes) -> None:
+        barrier.wait()
+        try:
+            for _ in range(5):
+                storage.write("dbfs:/remote-ml/runtime/runtime.py", data)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (tmp_path / "runtime" / "runtime.py").read_bytes() in payloads
+    assert [p.name for p in (tmp_path / "runtime").iterdir()] == ["runtime.py"]  # no temporary left behind

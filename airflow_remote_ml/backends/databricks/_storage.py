@@ -8,8 +8,10 @@ know ``dbfs:/`` without an instance and a token, and resolves it to a local fold
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -76,10 +78,18 @@ class Storage:
             target = path
         if target is not None:
             os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-            tmp = f"{target}.tmp-{os.getpid()}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-            os.replace(tmp, target)
+            # A unique temporary name: two threads of one worker (a triggerer runs many steps) writing the
+            # same runtime file must not truncate each other's half-written copy before the rename.
+            fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".tmp-", dir=os.path.dirname(target) or ".")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the cluster's user must read it
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
             return
         import fsspec
 
