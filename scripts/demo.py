@@ -70,6 +70,13 @@ def main() -> int:
     if selection:
         chosen = json.loads(selection.read_text())
         print(f"\nBest scenario: {chosen['scenario']} (test RMSE {chosen['test_rmse']})")
+    # The same table and plots as the Airflow UI's "Remote ML" view, as one file that needs no server.
+    from airflow_remote_ml.core.artifacts import decode_segment
+    from airflow_remote_ml.core.report import write_report
+
+    run_id = decode_segment(run_dir.name) or run_dir.name
+    report = write_report(str(artifacts), "example_ml_pipeline", run_id)
+    print(f"\nReport (steps, metrics by scenario, lineage): {report}")
     return 0
 
 
