@@ -37,6 +37,7 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_remote_ml.links.RemoteJobLink"],
+        "plugins": [{"name": "remote_ml", "plugin-class": "airflow_remote_ml.ui.plugin.RemoteMLPlugin"}],
         "config": {
             "remote_ml": {
                 "description": "Settings of the airflow-remote-ml provider.",

@@ -35,6 +35,7 @@ class StepRecord:
     manifest_uri: str
     backend: str | None = None
     job_url: str | None = None
+    airflow_state: str | None = None  # the task instance's state, where Airflow is asked (the UI view)
 
     @property
     def label(self) -> str:
@@ -83,6 +84,7 @@ class StepRecord:
                 "duration_seconds": self.duration, "metrics": self.metrics, "outputs": self.outputs,
                 "versions": self.versions, "error": self.manifest.get("error"),
                 "manifest_uri": self.manifest_uri, "backend": self.backend, "job_url": self.job_url,
+                "airflow_state": self.airflow_state,
                 "finished_at": self.manifest.get("finished_at")}
 
 
@@ -127,7 +129,7 @@ class RunReport:
         return pairs
 
     def to_json(self) -> dict[str, Any]:
-        return {"dag_id": self.dag_id, "run_id": self.run_id, "steps": [s.to_json() for s in self.steps]}
+        return {"dag_id": self.dag_id, "run_id": self.run_id, "steps": [s.to_json() for s in ordered_steps(self)]}
 
 
 # -- reading ---------------------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ table{border-collapse:collapse;margin:8px 0}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
 th{background:#f6f8fa}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-.succeeded{color:#1a7f37}.failed{color:#cf222e}
+.succeeded,.success{color:#1a7f37}.failed,.upstream_failed{color:#cf222e}.running,.deferred{color:#9a6700}
 code{font-size:12px}
 .plots{display:flex;flex-wrap:wrap;gap:16px}
 figure{margin:0}figcaption{font-weight:600;margin-bottom:4px}
@@ -282,10 +284,10 @@ def steps_table(report: RunReport) -> str:
                               for k in ("code", "code_sha256", "image", "python") if step.versions.get(k))
         duration = "" if step.duration is None else f"{step.duration:.2f} s"
         error = step.manifest.get("error")
-        state = _esc(step.status) + (f'<br><small>{_esc(error)}</small>' if error else "")
+        state = _esc(step.airflow_state or step.status) + (f'<br><small>{_esc(error)}</small>' if error else "")
         rows.append(
             f'<tr data-step="{_esc(step.label)}"><td>{_esc(step.label)}</td><td>{_esc(step.backend or "")}</td>'
-            f'<td class="{_esc(step.status)}">{state}</td><td class="num">{duration}</td>'
+            f'<td class="state {_esc(step.airflow_state or step.status)}">{state}</td><td class="num">{duration}</td>'
             f"<td>{_link(step.job_url, 'job') if step.job_url else ''}</td><td>{metrics}</td><td>{inputs}</td>"
             f"<td>{outputs}</td><td>{version}</td></tr>")
     head = ("<tr><th>step</th><th>backend</th><th>state</th><th>duration</th><th>remote job</th><th>metrics</th>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -52,3 +53,13 @@ def test_demo_runs_the_review_scenarios_and_writes_a_report_with_every_step(tmp_
     assert page.rows == ["prepare", "train[0]", "train[1]", "train[2]", "evaluate[0]", "evaluate[1]",
                          "evaluate[2]", "pick_best"]
     assert len(page.points["evaluate: test_rmse by scenario"]) == 3
+
+    # docs/ui.md's snippet, as written, on this run (its root and run id in place of the page's).
+    doc = (REPO / "docs" / "ui.md").read_text(encoding="utf-8")
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "write_report" in b)
+    run_id = json.loads(next(report.parent.glob("*/*/*/manifest.json")).read_text())["identity"]["run_id"]
+    snippet = snippet.replace('"/data/artifacts"', repr(str(tmp_path / "art")))
+    snippet = re.sub(r'"manual__[^"]+"', repr(run_id), snippet)
+    report.unlink()
+    exec(compile(snippet, "docs/ui.md", "exec"), {})
+    assert report.is_file()
