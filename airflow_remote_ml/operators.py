@@ -12,6 +12,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_remote_ml import hooks
+from airflow_remote_ml.core import codepkg
 from airflow_remote_ml.core.artifacts import ArtifactStore
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import BackendUnavailableError, ConfigError, RemoteMLError
@@ -75,6 +76,11 @@ class RemoteExecutionOperator(BaseOperator):
         backend_options: ``{backend_name: {...}}`` escape hatch; options for other backends are ignored.
         artifact_root: where outputs go; default ``[remote_ml] artifact_root``.
         code_version: recorded in the step's version record (e.g. a git SHA).
+        code: ship the step's code with it (docs/quickstart.md): ``True`` (the default) packs the top-level
+            package of ``callable`` from the worker's files into a content-addressed archive under the
+            artifact root, which the step puts first on ``sys.path``, so a stock image runs it;
+            ``['pkg', ...]`` ships these packages too (also for a ``command``, on its ``PYTHONPATH``);
+            ``False``: the image already has the code.
         deferrable: wait in the triggerer instead of on a worker; default ``[operators] default_deferrable``.
 
     Returns (XCom): ``{"outputs": {name: uri}, "metrics": {...}, "backend", "job_id", "url"}``.
@@ -108,10 +114,15 @@ class RemoteExecutionOperator(BaseOperator):
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
         artifact_root: str | None = None,
         code_version: str | None = None,
+        code: bool | Sequence[str] = True,
         deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        try:
+            self.code = codepkg.check_code_argument(code)
+        except ConfigError as exc:
+            raise final(exc) from exc
         try:
             # Each final argument is checked as the user passed it, before it is normalised (list("model")
             # would already be five outputs); templated ones are checked again once rendered.
@@ -190,9 +201,16 @@ class RemoteExecutionOperator(BaseOperator):
             ti = self._ti = context["ti"]
             lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
 
+            # Built on this worker from its files (the DAG bundle), before anything is submitted.
+            code = codepkg.prepare(spec.callable, self.code, artifacts.root)
+            if code is not None:
+                self.log.info("Shipping code %s (sha256 %s) as %s", ", ".join(code.packages), code.sha256[:12],
+                              code.uri)
+
             def make_request(identity: StepIdentity) -> StepRequest:
-                request = StepRequest.create(spec, identity, artifacts, code_version=self.code_version)
+                request = StepRequest.create(spec, identity, artifacts, code_version=self.code_version, code=code)
                 backend.validate(request)
+                backend.publish_code(request)
                 return request
 
             try:

@@ -51,6 +51,10 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_LIMIT = 4096
 
 _PREFIX_MAP = (("dbfs:/", "/dbfs/"),)
+#: The name the step's code archive is fetched under, through the same path as every input (so whatever
+#: makes an input URI reachable, a mount, fsspec or a signed URL, makes the archive reachable too). Not a
+#: valid artifact name, so it never meets one of the step's own inputs.
+CODE_INPUT = "__remote_ml_code__"
 
 
 class StepError(Exception):
@@ -200,6 +204,59 @@ def termination_message(manifest: dict[str, Any]) -> str:
         "truncated": True,
     }
     return json.dumps(small, separators=(",", ":"), sort_keys=True)
+
+
+def _install_code(step: dict[str, Any], scratch: _Scratch) -> str | None:
+    """Fetch the step's code archive like an input, check its sha256, unpack it and put it first on the path.
+
+    First on ``sys.path`` (for a callable) and on ``PYTHONPATH`` (for a command and anything it starts), so
+    the shipped code wins over an older copy baked into the image.
+    """
+    code = step.get("code")
+    if not code:
+        return None
+    uri, expected = str(code.get("uri") or ""), str(code.get("sha256") or "")
+    try:
+        archive = _resolve_inputs({CODE_INPUT: uri}, scratch)[CODE_INPUT]
+    except FileNotFoundError:
+        archive = ""
+    if not archive or not os.path.isfile(archive):
+        raise StepError(
+            f"the step's code archive {uri!r} is not reachable from where the step runs; the artifact root must "
+            "be mounted at the same path (or be an object store the step can read), or set code=False and bake "
+            "the code into the image", EXIT_BAD_CONFIG)
+    _size, digest = _digest(archive)
+    if digest != expected:
+        raise StepError(f"the step's code archive {uri!r} has sha256 {digest}, not {expected}: it changed after "
+                        "it was stored; delete it so the next run stores it again", EXIT_BAD_CONFIG)
+    import zipfile
+
+    target = os.path.join(str(scratch), "code")
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(target)  # zipfile drops absolute paths and '..' in member names
+    sys.path.insert(0, target)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = target + (os.pathsep + old if old else "")
+    return target
+
+
+def _import_hint(step: dict[str, Any], exc: BaseException) -> str:
+    """What to do about a callable that cannot be imported: which code was shipped, which image ran."""
+    code = step.get("code") or {}
+    image = (step.get("versions") or {}).get("image")
+    where = (f"image {image!r}" if image else f"the Python at {sys.executable}") + f" (python {sys.version.split()[0]})"
+    # A module that is missing names itself; a missing attribute is the callable's path, not a package.
+    missing = str(exc.name or "") if isinstance(exc, ImportError) else ""
+    top = missing.split(".", 1)[0]
+    if not code:
+        return (f"no code was shipped with this step (code=False), so {where} must contain it; ship it with "
+                f"code=True (the default) or code=[{top or 'your_package'!r}], or install it in the image")
+    packages = [str(p) for p in code.get("packages") or []]
+    shipped = f"the shipped code ({', '.join(packages)}; sha256 {str(code.get('sha256'))[:12]})"
+    if top and top not in packages:
+        return (f"{missing!r} is not in {shipped}: if it is a library, install it in {where}; if it is your own "
+                f"package, add it to code=[...]")
+    return f"{shipped} was first on sys.path in {where} but does not define it; check the callable's path"
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -513,7 +570,8 @@ def _call(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise StepError(f"cannot load callable {step['callable']!r}: {exc}", EXIT_BAD_CONFIG) from None
+        raise StepError(f"cannot load callable {step['callable']!r}: {exc}; {_import_hint(step, exc)}",
+                        EXIT_BAD_CONFIG) from None
     import inspect  # only callables need it; a command step starts faster without it
 
     params = dict(step.get("params") or {})
@@ -594,6 +652,7 @@ def run(step: dict[str, Any]) -> int:
                             "the runtime is injected by the backend, so upgrade airflow-remote-ml", EXIT_BAD_CONFIG)
         if bool(step.get("command")) == bool(step.get("callable")):
             raise StepError("the step needs exactly one of 'command' and 'callable'", EXIT_BAD_CONFIG)
+        _install_code(step, scratch)
         inputs = _resolve_inputs(dict(step.get("inputs") or {}), scratch)
         output_uris = dict(step.get("outputs") or {})
         outputs = _resolve_outputs(output_uris, scratch)
