@@ -94,6 +94,11 @@ def check_code_argument(value: Any, field_name: str = "code") -> bool | tuple[st
     if not isinstance(value, (list, tuple)):
         raise ConfigError(field_name, f"expected True, False or a list of package names, got "
                           f"{type(value).__name__}", _FIX_NAMES)
+    return check_package_names(value, field_name)
+
+
+def check_package_names(value: Sequence[Any], field_name: str = "code") -> tuple[str, ...]:
+    """A list of top-level package names, without repeats."""
     names: list[str] = []
     for i, name in enumerate(value):
         if not isinstance(name, str) or not name:
@@ -122,8 +127,8 @@ def packages_to_ship(callable_path: str | None, code: bool | Sequence[str]) -> t
         top = callable_path.partition(":")[0].split(".", 1)[0]
         if top:
             names.append(top)
-    named = check_code_argument(list(code)) if not isinstance(code, bool) else ()
-    names.extend(n for n in named if isinstance(n, str) and n not in names)
+    named = check_package_names(list(code)) if not isinstance(code, bool) else ()
+    names.extend(n for n in named if n not in names)
     return tuple(names)
 
 
