@@ -439,3 +439,56 @@ def test_a_cache_folder_others_may_write_is_never_used(shipped, tmp_path, monkey
         assert (Path(target) / name / "__init__.py").read_text() == ""
     finally:
         scratch.remove()
+
+
+# -- the operator -----------------------------------------------------------------------------------------
+
+
+def make_operator(tmp_path: Path, **kwargs):
+    from airflow_remote_ml.operators import RemoteExecutionOperator
+
+    # inherit_sys_path=False: the step's interpreter cannot import the package from the worker's folders,
+    # as a container of a stock image cannot.
+    config = {"state_dir": str(tmp_path / "jobs"), "inherit_sys_path": False}
+    return RemoteExecutionOperator(task_id="hello", backend="local", backend_config=config,
+                                   artifact_root=str(tmp_path / "art"), **kwargs)
+
+
+def test_the_operator_refuses_a_bad_code_argument_when_the_dag_is_parsed(tmp_path):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(ConfigError) as err:
+        make_operator(tmp_path, callable="my_pipeline.steps:hello", code="my_pipeline")
+    assert err.value.field == "code" and isinstance(err.value, AirflowFailException)
+
+
+def test_the_operator_ships_the_callables_package_and_records_its_hash(user_pkg, tmp_path):
+    from tests.system.helpers import FakeTI, FileStateStore, context
+
+    result = make_operator(tmp_path, callable=f"{user_pkg}.steps:hello", parameters={"name": "op"},
+                           outputs=["greeting"]).execute(context(FakeTI(), FileStateStore(str(tmp_path / "s.json"))))
+    assert Path(result["outputs"]["greeting"]).read_text() == "hello op\n"
+    manifest = json.loads(Path(result["outputs"]["greeting"]).parents[1].joinpath("manifest.json").read_text())
+    sha = manifest["versions"]["code_sha256"]
+    assert (tmp_path / "art" / "_code" / f"{sha}.zip").is_file()
+
+
+def test_with_code_false_the_step_cannot_import_and_the_error_says_so(user_pkg, tmp_path):
+    from airflow_remote_ml.core import StepFailedError
+    from tests.system.helpers import FakeTI, FileStateStore, context
+
+    operator = make_operator(tmp_path, callable=f"{user_pkg}.steps:hello", parameters={"name": "op"},
+                             outputs=["greeting"], code=False)
+    with pytest.raises(StepFailedError, match=f"No module named '{user_pkg}'.*no code was shipped"):
+        operator.execute(context(FakeTI(), FileStateStore(str(tmp_path / "s.json"))))
+    assert not (tmp_path / "art" / "_code").exists()
+
+
+def test_a_package_the_worker_cannot_import_fails_before_anything_is_submitted(tmp_path):
+    from tests.system.helpers import FakeTI, FileStateStore, context
+
+    operator = make_operator(tmp_path, callable=f"missing_{uuid.uuid4().hex[:6]}.steps:hello")
+    with pytest.raises(ConfigError, match="not importable on this worker") as err:
+        operator.execute(context(FakeTI(), FileStateStore(str(tmp_path / "s.json"))))
+    assert err.value.field == "code"
+    assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
