@@ -80,7 +80,8 @@ class RemoteExecutionOperator(BaseOperator):
             package of ``callable`` from the worker's files into a content-addressed archive under the
             artifact root, which the step puts first on ``sys.path``, so a stock image runs it;
             ``['pkg', ...]`` ships these packages too (also for a ``command``, on its ``PYTHONPATH``);
-            ``False``: the image already has the code.
+            ``False``: the image already has the code. The callable's package is left to the image (with a
+            warning) when this worker cannot import it; a named package must be importable here.
         deferrable: wait in the triggerer instead of on a worker; default ``[operators] default_deferrable``.
 
     Returns (XCom): ``{"outputs": {name: uri}, "metrics": {...}, "backend", "job_id", "url"}``.
@@ -202,7 +203,7 @@ class RemoteExecutionOperator(BaseOperator):
             lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
 
             # Built on this worker from its files (the DAG bundle), before anything is submitted.
-            code = codepkg.prepare(spec.callable, self.code, artifacts.root)
+            code = codepkg.prepare(spec.callable, self.code, artifacts.root, on_skip=self._code_not_shipped)
             if code is not None:
                 self.log.info("Shipping code %s (sha256 %s) as %s", ", ".join(code.packages), code.sha256[:12],
                               code.uri)
@@ -325,6 +326,10 @@ class RemoteExecutionOperator(BaseOperator):
             # Airflow ends a deferred task at its execution_timeout without on_kill: cancel first.
             deadlines.append(started + self.execution_timeout.total_seconds() - 5)
         return min(deadlines) if deadlines else None
+
+    def _code_not_shipped(self, package: str, reason: ConfigError) -> None:
+        self.log.warning("Not shipping %s with the step (%s); the step's image or python path must provide it. "
+                         "code=False silences this.", package, reason.problem)
 
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)

@@ -358,8 +358,10 @@ def _import_hint(step: dict[str, Any], exc: BaseException) -> str:
     missing = str(exc.name or "") if isinstance(exc, ImportError) else ""
     top = missing.split(".", 1)[0]
     if not code:
-        return (f"no code was shipped with this step (code=False), so {where} must contain it; ship it with "
-                f"code=True (the default) or code=[{top or 'your_package'!r}], or install it in the image")
+        return (f"no code was shipped with this step (code=False, or the Airflow worker could not import the "
+                f"package either: see the task log), so {where} must contain it; put the package where the worker "
+                f"imports it (next to the DAG file) so code=True (the default) ships it, name it in "
+                f"code=[{top or 'your_package'!r}], or install it in the image")
     packages = [str(p) for p in code.get("packages") or []]
     shipped = f"the shipped code ({', '.join(packages)}; sha256 {str(code.get('sha256'))[:12]})"
     if top and top not in packages:

@@ -21,7 +21,7 @@ import stat
 import sys
 import threading
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -273,9 +273,25 @@ def build(packages: Sequence[str], field_name: str = "code") -> CodePackage:
     return package
 
 
-def prepare(callable_path: str | None, code: bool | Sequence[str], artifact_root: str) -> CodeRef | None:
-    """The code archive a step ships (built, not yet stored), or ``None`` when it ships none."""
-    packages = packages_to_ship(callable_path, code)
+def prepare(callable_path: str | None, code: bool | Sequence[str], artifact_root: str,
+            on_skip: Callable[[str, ConfigError], None] | None = None) -> CodeRef | None:
+    """The code archive a step ships (built, not yet stored), or ``None`` when it ships none.
+
+    A package named in ``code=[...]`` must be shippable (else a ConfigError naming ``code``). The
+    callable's own package, shipped by default, is skipped when this worker cannot ship it (not importable
+    here, or an installed library): the step's environment then provides it, as before code shipping (a
+    Databricks workspace folder on ``python_path``, a Valohai repository commit, a project installed in
+    the image). ``on_skip(package, reason)`` hears about each skipped package.
+    """
+    named = check_package_names(list(code)) if not isinstance(code, bool) else ()
+    packages = list(packages_to_ship(callable_path, code))
+    for name in [p for p in packages if p not in named]:
+        try:
+            locate(name)
+        except ConfigError as exc:
+            packages.remove(name)
+            if on_skip is not None:
+                on_skip(name, exc)
     if not packages:
         return None
     return build(packages).ref(artifact_root)

@@ -484,11 +484,35 @@ def test_with_code_false_the_step_cannot_import_and_the_error_says_so(user_pkg, 
     assert not (tmp_path / "art" / "_code").exists()
 
 
-def test_a_package_the_worker_cannot_import_fails_before_anything_is_submitted(tmp_path):
+def test_a_named_package_the_worker_cannot_import_fails_before_anything_is_submitted(tmp_path):
     from tests.system.helpers import FakeTI, FileStateStore, context
 
-    operator = make_operator(tmp_path, callable=f"missing_{uuid.uuid4().hex[:6]}.steps:hello")
+    missing = f"missing_{uuid.uuid4().hex[:6]}"
+    operator = make_operator(tmp_path, callable=f"{missing}.steps:hello", code=[missing])
     with pytest.raises(ConfigError, match="not importable on this worker") as err:
         operator.execute(context(FakeTI(), FileStateStore(str(tmp_path / "s.json"))))
     assert err.value.field == "code"
     assert not (tmp_path / "jobs").exists() or not any((tmp_path / "jobs").iterdir())
+
+
+def test_the_callables_package_missing_on_the_worker_is_left_to_the_steps_environment(tmp_path, caplog, capsys):
+    """As before code shipping: a Databricks workspace folder or the image may hold it. A warning says so,
+    and the step's own import error says nothing was shipped."""
+    from airflow_remote_ml.core import StepFailedError
+    from tests.system.helpers import FakeTI, FileStateStore, context
+
+    missing = f"missing_{uuid.uuid4().hex[:6]}"
+    operator = make_operator(tmp_path, callable=f"{missing}.steps:hello")
+    with pytest.raises(StepFailedError, match=f"No module named '{missing}'.*no code was shipped"):
+        operator.execute(context(FakeTI(), FileStateStore(str(tmp_path / "s.json"))))
+    # The task logger writes through Airflow's structlog (to stdout here), not to the logging records.
+    logged = capsys.readouterr().out + "".join(r.getMessage() for r in caplog.records)
+    assert f"Not shipping {missing} with the step (package '{missing}' is not importable on this worker" in logged
+
+
+def test_an_installed_library_as_the_callables_package_is_not_shipped():
+    skipped: list[str] = []
+    assert codepkg.prepare("fsspec.core:url_to_fs", True, "/tmp/a", lambda name, _exc: skipped.append(name)) is None
+    assert skipped == ["fsspec"]
+    with pytest.raises(ConfigError, match="installed library"):
+        codepkg.prepare("fsspec.core:url_to_fs", ["fsspec"], "/tmp/a")
