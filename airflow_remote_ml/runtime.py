@@ -309,7 +309,8 @@ def _unzip(archive: str, target: str) -> None:
     supported = True
     for _ in range(count):
         fields = struct.unpack_from("<4sHHHHHHIIIHHHHHII", data, offset)
-        if fields[0] != b"PK\x01\x02":
+        if fields[0] != b"PK\x01\x02":  # not what the end record promised: let zipfile judge it
+            supported = False
             break
         method, csize, usize, name_len, extra_len, comment_len = (fields[4], fields[8], fields[9], fields[10],
                                                                   fields[11], fields[12])

@@ -37,6 +37,8 @@ MAX_PACKAGE_BYTES = 256 * 1024 * 1024
 #: sha256, do not depend on when the files were checked out.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _SKIP_DIRS = frozenset({"__pycache__"})
+#: Changes whenever the archive's layout does, so a disk cache entry of an older layout is never reused.
+_FORMAT = 1
 _SKIP_SUFFIXES = (".pyc", ".pyo")
 
 _FIX_NAMES = "use e.g. code=['my_pipeline'] (top-level package names), code=True or code=False"
@@ -231,9 +233,11 @@ _lock = threading.Lock()
 def build(packages: Sequence[str], field_name: str = "code") -> CodePackage:
     """The archive of ``packages`` as they are on this machine now.
 
-    Cached per process: when no file's name, size, mode or mtime changed since the last build, the same
-    package is returned without reading or zipping anything again (a mapped task of a thousand steps
-    zips once per worker process).
+    Cached by the files' names, sizes, modes and mtimes (a walk and a stat each, no reads): in the process,
+    where the same package object comes back, and on the worker's disk (``$REMOTE_ML_CODE_CACHE``, default
+    ``~/.cache/airflow-remote-ml/code``), where the archive is read back instead of zipped again. Airflow 3
+    runs each task instance in a process of its own, so the disk cache is what spares a mapped task of a
+    thousand steps a thousand zips; a worker whose cache folder is not writable just zips.
     """
     names = tuple(packages)
     files: dict[str, str] = {}
@@ -252,6 +256,13 @@ def build(packages: Sequence[str], field_name: str = "code") -> CodePackage:
         cached = _cache.get(names)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
+    key = hashlib.sha256(repr((_FORMAT, names, fingerprint)).encode()).hexdigest()
+    data = _disk_cache_read(key)
+    if data is not None:
+        package = CodePackage(hashlib.sha256(data).hexdigest(), names, data, len(fingerprint))
+        with _lock:
+            _cache[names] = (fingerprint, package)
+        return package
     if total > MAX_PACKAGE_BYTES:
         raise ConfigError(field_name, f"the packages {', '.join(names)} hold {total / 2**20:.0f} MiB of files, "
                           f"more than the {MAX_PACKAGE_BYTES // 2**20} MiB a code package may carry",
@@ -268,9 +279,36 @@ def build(packages: Sequence[str], field_name: str = "code") -> CodePackage:
                 archive.writestr(info, fh.read(), compresslevel=6)
     data = buffer.getvalue()
     package = CodePackage(hashlib.sha256(data).hexdigest(), names, data, len(fingerprint))
+    _disk_cache_write(key, data)
     with _lock:
         _cache[names] = (fingerprint, package)
     return package
+
+
+def _disk_cache_dir() -> str:
+    return os.environ.get("REMOTE_ML_CODE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "airflow-remote-ml", "code")
+
+
+def _disk_cache_read(key: str) -> bytes | None:
+    try:
+        with open(os.path.join(_disk_cache_dir(), f"{key}.zip"), "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _disk_cache_write(key: str, data: bytes) -> None:
+    """Keep a built archive for the next process; a cache that cannot be written only costs a zip."""
+    folder = _disk_cache_dir()
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{key}.zip.tmp-{os.getpid()}-{threading.get_ident()}")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, os.path.join(folder, f"{key}.zip"))  # readers never see half an archive
+    except OSError:
+        pass
 
 
 def prepare(callable_path: str | None, code: bool | Sequence[str], artifact_root: str,

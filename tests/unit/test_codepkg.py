@@ -32,7 +32,8 @@ STEPS = textwrap.dedent("""
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
+def _fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("REMOTE_ML_CODE_CACHE", str(tmp_path / "worker-cache"))
     codepkg.clear_cache()
     yield
     codepkg.clear_cache()
@@ -107,6 +108,27 @@ def test_a_changed_file_changes_the_hash_and_an_unchanged_tree_is_not_zipped_aga
     assert second.sha256 != first.sha256
     with zipfile.ZipFile(io.BytesIO(second.data)) as zf:
         assert b"howdy" in zf.read(f"{user_pkg}/helpers.py")
+
+
+def test_another_process_on_the_worker_reads_the_archive_back_instead_of_zipping(user_pkg, tmp_path, monkeypatch):
+    first = codepkg.build([user_pkg])
+    codepkg.clear_cache()  # what a new task process starts with
+
+    def no_zipping(*_args, **_kwargs):
+        raise AssertionError("zipped again although the files did not change")
+
+    monkeypatch.setattr(codepkg.zipfile, "ZipFile", no_zipping)
+    again = codepkg.build([user_pkg])
+    assert again.sha256 == first.sha256 and again.data == first.data
+
+
+def test_an_unwritable_worker_cache_only_costs_a_zip(user_pkg, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("REMOTE_ML_CODE_CACHE", str(blocker / "code"))
+    one = codepkg.build([user_pkg])
+    codepkg.clear_cache()
+    assert codepkg.build([user_pkg]).sha256 == one.sha256
 
 
 def test_a_single_module_ships_as_one_file(tmp_path, monkeypatch):
