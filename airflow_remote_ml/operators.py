@@ -12,6 +12,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_remote_ml import hooks
+from airflow_remote_ml.core import codepkg
 from airflow_remote_ml.core.artifacts import ArtifactStore
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import BackendUnavailableError, ConfigError, RemoteMLError
@@ -75,6 +76,12 @@ class RemoteExecutionOperator(BaseOperator):
         backend_options: ``{backend_name: {...}}`` escape hatch; options for other backends are ignored.
         artifact_root: where outputs go; default ``[remote_ml] artifact_root``.
         code_version: recorded in the step's version record (e.g. a git SHA).
+        code: ship the step's code with it (docs/quickstart.md): ``True`` (the default) packs the top-level
+            package of ``callable`` from the worker's files into a content-addressed archive under the
+            artifact root, which the step puts first on ``sys.path``, so a stock image runs it;
+            ``['pkg', ...]`` ships these packages too (also for a ``command``, on its ``PYTHONPATH``);
+            ``False``: the image already has the code. The callable's package is left to the image (with a
+            warning) when this worker cannot import it; a named package must be importable here.
         deferrable: wait in the triggerer instead of on a worker; default ``[operators] default_deferrable``.
 
     Returns (XCom): ``{"outputs": {name: uri}, "metrics": {...}, "backend", "job_id", "url"}``.
@@ -108,10 +115,15 @@ class RemoteExecutionOperator(BaseOperator):
         backend_options: Mapping[str, Mapping[str, Any]] | None = None,
         artifact_root: str | None = None,
         code_version: str | None = None,
+        code: bool | Sequence[str] = True,
         deferrable: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        try:
+            self.code = codepkg.check_code_argument(code)
+        except ConfigError as exc:
+            raise final(exc) from exc
         try:
             # Each final argument is checked as the user passed it, before it is normalised (list("model")
             # would already be five outputs); templated ones are checked again once rendered.
@@ -190,9 +202,16 @@ class RemoteExecutionOperator(BaseOperator):
             ti = self._ti = context["ti"]
             lifecycle = self._lifecycle = self._new_lifecycle(backend, context)
 
+            # Built on this worker from its files (the DAG bundle), before anything is submitted.
+            code = codepkg.prepare(spec.callable, self.code, artifacts.root, on_skip=self._code_not_shipped)
+            if code is not None:
+                self.log.info("Shipping code %s (sha256 %s) as %s", ", ".join(code.packages), code.sha256[:12],
+                              code.uri)
+
             def make_request(identity: StepIdentity) -> StepRequest:
-                request = StepRequest.create(spec, identity, artifacts, code_version=self.code_version)
+                request = StepRequest.create(spec, identity, artifacts, code_version=self.code_version, code=code)
                 backend.validate(request)
+                backend.publish_code(request)
                 return request
 
             try:
@@ -307,6 +326,10 @@ class RemoteExecutionOperator(BaseOperator):
             # Airflow ends a deferred task at its execution_timeout without on_kill: cancel first.
             deadlines.append(started + self.execution_timeout.total_seconds() - 5)
         return min(deadlines) if deadlines else None
+
+    def _code_not_shipped(self, package: str, reason: ConfigError) -> None:
+        self.log.warning("Not shipping %s with the step (%s); the step's image or python path must provide it. "
+                         "code=False silences this.", package, reason.problem)
 
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)

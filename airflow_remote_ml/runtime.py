@@ -51,6 +51,10 @@ DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_LOG_LIMIT = 4096
 
 _PREFIX_MAP = (("dbfs:/", "/dbfs/"),)
+#: The name the step's code archive is fetched under, through the same path as every input (so whatever
+#: makes an input URI reachable, a mount, fsspec or a signed URL, makes the archive reachable too). Not a
+#: valid artifact name, so it never meets one of the step's own inputs.
+CODE_INPUT = "__remote_ml_code__"
 
 
 class StepError(Exception):
@@ -200,6 +204,171 @@ def termination_message(manifest: dict[str, Any]) -> str:
         "truncated": True,
     }
     return json.dumps(small, separators=(",", ":"), sort_keys=True)
+
+
+def _install_code(step: dict[str, Any], scratch: _Scratch) -> str | None:
+    """Fetch the step's code archive like an input, check its sha256, unpack it and put it first on the path.
+
+    First on ``sys.path`` (for a callable) and on ``PYTHONPATH`` (for a command and anything it starts), so
+    the shipped code wins over an older copy baked into the image.
+    """
+    code = step.get("code")
+    if not code:
+        return None
+    uri, expected = str(code.get("uri") or ""), str(code.get("sha256") or "")
+    try:
+        archive = _resolve_inputs({CODE_INPUT: uri}, scratch)[CODE_INPUT]
+    except FileNotFoundError:
+        archive = ""
+    if not archive or not os.path.isfile(archive):
+        raise StepError(
+            f"the step's code archive {uri!r} is not reachable from where the step runs; the artifact root must "
+            "be mounted at the same path (or be an object store the step can read), or set code=False and bake "
+            "the code into the image", EXIT_BAD_CONFIG)
+    _size, digest = _digest(archive)
+    if digest != expected:
+        raise StepError(f"the step's code archive {uri!r} has sha256 {digest}, not {expected}: it changed after "
+                        "it was stored; delete it so the next run stores it again", EXIT_BAD_CONFIG)
+    target = _unpacked(archive, expected, scratch)
+    sys.path.insert(0, target)
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = target + (os.pathsep + old if old else "")
+    return target
+
+
+def _code_cache() -> str | None:
+    """This user's folder of unpacked code archives on this machine (by sha256), or None if unusable.
+
+    Steps on one machine (the local backend, a reused node) unpack an archive once and import it with its
+    bytecode cached; in a fresh container it saves the scratch folder, whose ``tempfile``/``shutil`` imports
+    cost a step more than the unpacking. Only a folder this user owns and nobody else may write is used:
+    anyone able to plant files there could run code in the step.
+    """
+    base = os.path.join(os.environ.get("TMPDIR") or "/tmp", f"remote-ml-code-{os.getuid()}")
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        return None
+    import stat
+
+    info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        return None
+    return base
+
+
+def _unpacked(archive: str, sha256: str, scratch: _Scratch) -> str:
+    """The folder holding the archive's files: the machine's cached copy, else a fresh unpack."""
+    cache = _code_cache()
+    if cache is None:
+        target = os.path.join(str(scratch), "code")
+        _unzip(archive, target)
+        return target
+    target = os.path.join(cache, sha256)
+    if os.path.isdir(target):  # renamed into place only once complete, and named by its verified sha256
+        return target
+    partial = f"{target}.tmp-{os.getpid()}"
+    _unzip(archive, partial)
+    try:
+        os.rename(partial, target)
+    except OSError:  # another step on this machine got there first: use its copy
+        _remove_tree(partial)
+        if not os.path.isdir(target):
+            raise
+    return target
+
+
+def _remove_tree(path: str) -> None:
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.remove(os.path.join(root, name))
+        for name in dirs:
+            os.rmdir(os.path.join(root, name))
+    os.rmdir(path)
+
+
+def _unzip(archive: str, target: str) -> None:
+    """Unpack a zip archive of stored or deflated files into ``target``.
+
+    Reads the central directory with struct and inflates with zlib: ``import zipfile`` alone costs a step
+    ~80 ms on a loaded machine (it pulls in shutil, pathlib, bz2, lzma, ...), more than unpacking a
+    package. Anything this reader does not handle (ZIP64, other compression) falls back to zipfile.
+    """
+    import struct
+    import zlib
+
+    with open(archive, "rb") as fh:
+        data = fh.read()
+    end = data.rfind(b"PK\x05\x06", max(0, len(data) - 65557))
+    if end < 0:
+        raise StepError(f"the step's code archive {archive!r} is not a zip file", EXIT_BAD_CONFIG)
+    _sig, _disk, _cd_disk, _here, count, _size, offset, _comment = struct.unpack_from("<4sHHHHIIH", data, end)
+    members: list[tuple[str, int, int, int, int]] = []
+    supported = True
+    for _ in range(count):
+        fields = struct.unpack_from("<4sHHHHHHIIIHHHHHII", data, offset)
+        if fields[0] != b"PK\x01\x02":  # not what the end record promised: let zipfile judge it
+            supported = False
+            break
+        method, csize, usize, name_len, extra_len, comment_len = (fields[4], fields[8], fields[9], fields[10],
+                                                                  fields[11], fields[12])
+        local_offset, external = fields[16], fields[15]
+        name = data[offset + 46:offset + 46 + name_len].decode("utf-8")
+        offset += 46 + name_len + extra_len + comment_len
+        if method not in (0, 8) or 0xFFFFFFFF in (csize, usize, local_offset) or count == 0xFFFF:
+            supported = False
+            break
+        members.append((name, method, csize, local_offset, external >> 16))
+    if not supported:
+        import zipfile
+
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(target)  # zipfile drops absolute paths and '..' in member names
+        return
+    # A fresh folder of our own holds no symlinks, so a lexical check keeps every member inside it (no
+    # realpath: its lstat per path component per member is most of the cost of a many-file package).
+    root = os.path.abspath(target)
+    made: set[str] = set()
+    for name, method, csize, local_offset, mode in members:
+        path = os.path.normpath(os.path.join(root, name))
+        if name.startswith("/") or "\\" in name or not path.startswith(root + os.sep):
+            raise StepError(f"the step's code archive holds an unsafe path {name!r}", EXIT_BAD_CONFIG)
+        folder = path if name.endswith("/") else os.path.dirname(path)
+        if folder not in made:
+            os.makedirs(folder, exist_ok=True)
+            made.add(folder)
+        if name.endswith("/"):
+            continue
+        name_len, extra_len = struct.unpack_from("<HH", data, local_offset + 26)
+        start = local_offset + 30 + name_len + extra_len
+        content = data[start:start + csize]
+        with open(path, "wb") as out:
+            out.write(zlib.decompress(content, -15) if method == 8 else content)
+        if mode & 0o111:
+            os.chmod(path, 0o755)
+
+
+def _import_hint(step: dict[str, Any], exc: BaseException) -> str:
+    """What to do about a callable that cannot be imported: which code was shipped, which image ran."""
+    code = step.get("code") or {}
+    image = (step.get("versions") or {}).get("image")
+    where = (f"image {image!r}" if image else f"the Python at {sys.executable}") + f" (python {sys.version.split()[0]})"
+    # A module that is missing names itself; a missing attribute is the callable's path, not a package.
+    missing = str(exc.name or "") if isinstance(exc, ImportError) else ""
+    top = missing.split(".", 1)[0]
+    if not code:
+        return (f"no code was shipped with this step (code=False, or the Airflow worker could not import the "
+                f"package either: see the task log), so {where} must contain it; put the package where the worker "
+                f"imports it (next to the DAG file) so code=True (the default) ships it, name it in "
+                f"code=[{top or 'your_package'!r}], or install it in the image")
+    packages = [str(p) for p in code.get("packages") or []]
+    shipped = f"the shipped code ({', '.join(packages)}; sha256 {str(code.get('sha256'))[:12]})"
+    if top and top not in packages:
+        return (f"{missing!r} is not in {shipped}: if it is a library, install it in {where}; if it is your own "
+                f"package, add it to code=[...]")
+    return f"{shipped} was first on sys.path in {where} but does not define it; check the callable's path"
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -513,7 +682,8 @@ def _call(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
         for part in attr.split("."):
             target = getattr(target, part)
     except (ImportError, AttributeError) as exc:
-        raise StepError(f"cannot load callable {step['callable']!r}: {exc}", EXIT_BAD_CONFIG) from None
+        raise StepError(f"cannot load callable {step['callable']!r}: {exc}; {_import_hint(step, exc)}",
+                        EXIT_BAD_CONFIG) from None
     import inspect  # only callables need it; a command step starts faster without it
 
     params = dict(step.get("params") or {})
@@ -594,6 +764,7 @@ def run(step: dict[str, Any]) -> int:
                             "the runtime is injected by the backend, so upgrade airflow-remote-ml", EXIT_BAD_CONFIG)
         if bool(step.get("command")) == bool(step.get("callable")):
             raise StepError("the step needs exactly one of 'command' and 'callable'", EXIT_BAD_CONFIG)
+        _install_code(step, scratch)
         inputs = _resolve_inputs(dict(step.get("inputs") or {}), scratch)
         output_uris = dict(step.get("outputs") or {})
         outputs = _resolve_outputs(output_uris, scratch)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from airflow_remote_ml import runtime
+from airflow_remote_ml.core import codepkg
 from airflow_remote_ml.core.artifacts import ArtifactStore, read_json
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
@@ -37,6 +38,8 @@ class StepRequest:
     manifest_uri: str
     code_version: str | None = None
     extra_labels: dict[str, str] = field(default_factory=dict)
+    #: The step's code archive (see :mod:`airflow_remote_ml.core.codepkg`); ``None``: the image has the code.
+    code: codepkg.CodeRef | None = None
 
     @classmethod
     def create(
@@ -46,6 +49,7 @@ class StepRequest:
         artifacts: ArtifactStore,
         *,
         code_version: str | None = None,
+        code: codepkg.CodeRef | None = None,
     ) -> StepRequest:
         return cls(
             spec=spec,
@@ -54,6 +58,7 @@ class StepRequest:
             outputs={name: artifacts.output_uri(identity, name) for name in spec.outputs},
             manifest_uri=artifacts.manifest_uri(identity),
             code_version=code_version,
+            code=code,
         )
 
     def runtime_config(self, **overrides: Any) -> dict[str, Any]:
@@ -70,8 +75,11 @@ class StepRequest:
             "outputs": dict(self.outputs),
             "manifest_uri": self.manifest_uri,
             "timeout": spec.timeout,
-            "versions": {"image": spec.image, "code_version": self.code_version},
+            "versions": {"image": spec.image, "code_version": self.code_version,
+                         "code_sha256": self.code.sha256 if self.code else None},
         }
+        if self.code is not None:
+            config["code"] = self.code.to_json()
         config.update(overrides)
         return config
 
@@ -84,6 +92,7 @@ class StepRequest:
             "manifest_uri": self.manifest_uri,
             "code_version": self.code_version,
             "extra_labels": dict(self.extra_labels),
+            "code": self.code.to_json() if self.code else None,
         }
 
     @classmethod
@@ -96,6 +105,7 @@ class StepRequest:
             manifest_uri=data["manifest_uri"],
             code_version=data.get("code_version"),
             extra_labels=dict(data.get("extra_labels") or {}),
+            code=codepkg.CodeRef.from_json(data["code"]) if data.get("code") else None,
         )
 
 
@@ -245,6 +255,15 @@ class Backend(ABC):
 
     def mark_finished(self, handle: RunHandle) -> None:
         """Record on the remote side that Airflow is done with this job (so nothing reattaches to it)."""
+
+    def publish_code(self, request: StepRequest) -> None:
+        """Place the step's code archive where the step will fetch it, once per sha256.
+
+        The default writes it under the artifact root (a local path the step mounts, or an fsspec URI);
+        a backend whose steps read another store (DBFS, a platform's inputs) overrides this.
+        """
+        if request.code is not None:
+            codepkg.publish(request.code)
 
     def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
         """Remove what a finished job left behind, following the backend's removal policy."""

@@ -221,6 +221,21 @@ class DatabricksBackend(Backend):
         log.info("databricks: submitted run %s for %s", run_id, request.identity.key)
         return RunHandle(self.name, str(run_id), url, handle_data)
 
+    def publish_code(self, request: StepRequest) -> None:
+        """The code archive goes where the runtime reads the artifact root on the cluster (a volume, DBFS, an
+        object store), through the same storage path as the runtime file; only the runtime imports it."""
+        code = request.code
+        if code is None or not self._uses_runtime(request):
+            return
+        if code.uri in self._placed:
+            return
+        if code.archive is None:
+            raise ArtifactError(f"the code archive for {code.uri} was not built in this process")
+        mounted = self._mount_of(code.uri) or (local_path(code.uri) if is_local(code.uri) else None)
+        if not (mounted and os.path.isfile(mounted)):  # content-addressed: one that exists is this one
+            self._write(code.uri, code.archive)
+        self._placed.add(code.uri)
+
     def _page_url_after_submit(self, run_id: int) -> str:
         """The run page URL: from ``runs/get`` (which also serves as the first check), or built from host and id.
 

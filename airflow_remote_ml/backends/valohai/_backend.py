@@ -26,6 +26,7 @@ from airflow_remote_ml.backends.valohai._execution import (
     ValohaiConfig,
     _handle_data,
     build_execution,
+    check_code_reachable,
     event_line,
     events_to_fetch,
     explain_failure,
@@ -156,9 +157,17 @@ class ValohaiBackend(Backend):
                                   "pass the datum:// URI of a Valohai output (set export_outputs false on an "
                                   "upstream Valohai step), or keep artifacts where Valohai can fetch them: an "
                                   "s3://, gs:// or azure:// [remote_ml] artifact_root the project can read")
+        if mode == "runtime":
+            check_code_reachable(request)
         if mode == "runtime" and len(spec.inputs) > len(RUNTIME_INPUT_SLOTS):
             raise ConfigError("inputs", f"the runtime step takes at most {len(RUNTIME_INPUT_SLOTS)} inputs",
                               "pass a directory URI, or run a Valohai step declaring its own inputs")
+
+    def publish_code(self, request: StepRequest) -> None:
+        # A Valohai step of valohai.yaml runs the repository's own code; only the runtime step imports the
+        # shipped archive (downloaded as its code input, see build_execution).
+        if step_mode(request, self.settings)[0] == "runtime":
+            super().publish_code(request)
 
     def project_id(self) -> str:
         """The project's id, looking a name (or ``owner/name``) up once."""

@@ -32,6 +32,9 @@ MANIFEST_NAME = "remote-ml-manifest.json"
 #: Inputs of the generic runtime step: Valohai only accepts inputs a step declares, so the runtime
 #: step declares these slots and the bootstrap maps them back to the spec's input names.
 RUNTIME_INPUT_SLOTS = tuple(f"input-{i}" for i in range(8))
+#: The runtime step's input that downloads the step's code archive (core/codepkg.py); the bootstrap points
+#: the runtime's code URI at the downloaded file.
+CODE_SLOT = "remote-ml-code"
 
 INCOMPLETE = frozenset({"created", "queued", "started", "stopping"})
 _STATES: dict[str, RunState] = {
@@ -61,6 +64,9 @@ def downloaded(slot):
     return files[0] if len(files) == 1 else folder
 slots = step.pop("valohai_input_slots", None) or {}
 step["inputs"] = {name: downloaded(slot) for name, slot in slots.items()}
+code_slot = step.pop("valohai_code_slot", None)
+if code_slot and step.get("code"):
+    step["code"]["uri"] = downloaded(code_slot)
 step["outputs"] = {name: os.path.join(outputs_dir, name) for name in step.get("outputs") or {}}
 step["manifest_uri"] = os.path.join(outputs_dir, step.get("manifest_uri") or "remote-ml-manifest.json")
 os.environ["REMOTE_ML_STEP"] = json.dumps(step)
@@ -237,6 +243,19 @@ def input_urls(uri: str) -> list[str]:
     return [p for p in parts if p]
 
 
+def check_code_reachable(request: StepRequest) -> None:
+    """The code archive is an input of the runtime step, so Valohai must be able to download its URI."""
+    if request.code is None:
+        return
+    problem = input_url_problem(request.code.uri)
+    if problem:
+        raise ConfigError("code", f"the step's code archive would be at {request.code.uri!r}, which Valohai cannot "
+                          f"download: {problem}",
+                          "use an artifact_root Valohai downloads from (s3://, gs://, azure://), or set code=False: "
+                          "Valohai runs the project's repository commit, whose code the runtime step imports "
+                          "through python_path")
+
+
 def step_mode(request: StepRequest, config: ValohaiConfig) -> tuple[str, str]:
     """``("step", name)`` for a Valohai step or ``("runtime", name)`` for the generic runtime step."""
     options = request.spec.options_for("valohai")
@@ -279,9 +298,14 @@ def build_execution(
     else:
         slots = dict(zip(sorted(spec.inputs), RUNTIME_INPUT_SLOTS, strict=False))
         inputs = {slots[name]: input_urls(uri) for name, uri in spec.inputs.items()}
+        code_slot: dict[str, Any] = {}
+        if request.code is not None:
+            check_code_reachable(request)
+            inputs[CODE_SLOT] = [request.code.uri]
+            code_slot = {"valohai_code_slot": CODE_SLOT}
         step_json = request.runtime_config(outputs={name: name for name in spec.outputs},
                                            manifest_uri=MANIFEST_NAME, python_path=list(config.python_path),
-                                           valohai_input_slots=slots)
+                                           valohai_input_slots=slots, **code_slot)
         env.update({"REMOTE_ML_STEP": json.dumps(step_json), "REMOTE_ML_RUNTIME": runtime.source(),
                     "REMOTE_ML_BOOTSTRAP": BOOTSTRAP})
     parameters.update(options.get("parameters") or {})
