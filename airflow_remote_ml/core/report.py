@@ -405,6 +405,9 @@ def write_report(artifact_root: str, dag_id: str, run_id: str, path: str | None 
     runs = recent_runs(artifact_root, dag_id, history) if history else []
     target = path or _join(artifact_root, encode_segment(dag_id), encode_segment(run_id), "report.html")
     fs, fs_path = _fs_and_path(target)
+    parent = fs._parent(fs_path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
     with fs.open(fs_path, "w", encoding="utf-8") as fh:
         fh.write(render_html(report, runs))
     return target

@@ -35,7 +35,7 @@ class _Page(HTMLParser):
             self.points[self._plot].append(a.get("data-label") or "")
 
 
-def test_demo_runs_the_review_scenarios_and_writes_a_report_with_every_step(tmp_path) -> None:
+def test_demo_runs_the_review_scenarios_and_writes_a_report_with_every_step(tmp_path, monkeypatch) -> None:
     env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "home"), "REMOTE_ML_ARTIFACT_ROOT": str(tmp_path / "art")}
     env.pop("REMOTE_ML_LOCAL_STATE_DIR", None)
     run = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--scenarios", "review"], env=env,
@@ -58,7 +58,7 @@ def test_demo_runs_the_review_scenarios_and_writes_a_report_with_every_step(tmp_
     doc = (REPO / "docs" / "ui.md").read_text(encoding="utf-8")
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "write_report" in b)
     run_id = json.loads(next(report.parent.glob("*/*/*/manifest.json")).read_text())["identity"]["run_id"]
-    snippet = snippet.replace('"/data/artifacts"', repr(str(tmp_path / "art")))
+    monkeypatch.setenv("REMOTE_ML_ARTIFACT_ROOT", str(tmp_path / "art"))
     snippet = re.sub(r'"manual__[^"]+"', repr(run_id), snippet)
     report.unlink()
     exec(compile(snippet, "docs/ui.md", "exec"), {})
