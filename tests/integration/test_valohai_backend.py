@@ -27,6 +27,7 @@ from airflow_remote_ml.core import (
     ArtifactError,
     ArtifactStore,
     ConfigError,
+    InvalidRequestError,
     RunState,
     StepIdentity,
     StepRequest,
@@ -193,6 +194,17 @@ def test_a_refused_field_is_a_config_error_naming_it(backend, valohai, tmp_path,
         backend.submit(req)
     assert err.value.field == field
     assert not valohai.executions
+
+
+def test_a_parameter_type_only_valohai_knows_fails_once_as_an_invalid_request(backend, valohai, tmp_path):
+    """Issue 9, item 4: the step's valohai.yaml declares alpha a float; only the platform knows that."""
+    req = request(tmp_path, "train", params={"alpha": "abc"}, inputs={"dataset": "https://example.com/d.csv"})
+    backend.validate(req)  # nothing in the spec says alpha must be a number
+    with pytest.raises(InvalidRequestError) as err:
+        backend.submit(req)
+    assert isinstance(err.value, ConfigError) and err.value.status_code == 400
+    assert err.value.field == "valohai.parameters" and "abc is not a floating-point number" in str(err.value)
+    assert valohai.count("POST", "/api/v0/executions/") == 1 and not valohai.executions  # sent once, not retried
 
 
 def test_an_unknown_step_names_the_step_field(backend, tmp_path):
