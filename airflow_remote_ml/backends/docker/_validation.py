@@ -9,7 +9,7 @@ After submit: what only the engine knows (a bind source missing on the Docker ho
 have, a CPU count above the host's) is a 400 whose text names the setting. :func:`engine_refusal` turns
 it into an :class:`InvalidRequestError` for the field the user wrote, so the task fails once.
 
-Pure functions, no I/O; only :class:`ConfigError` escapes (``tests/unit/test_backend_validate_properties.py``).
+Pure functions, no I/O; only :class:`ConfigError` escapes (``tests/unit/test_validation_properties.py``).
 """
 
 from __future__ import annotations

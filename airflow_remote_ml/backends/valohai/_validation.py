@@ -11,7 +11,7 @@ declared in the commit's ``valohai.yaml``, a datum id) still comes back as a 400
 (:meth:`._client.ValohaiAPI.error_for`) turns it into an :class:`InvalidRequestError`, a ``ConfigError``
 naming Valohai's field, never retried.
 
-Pure functions, no I/O; only :class:`ConfigError` escapes (``tests/unit/test_backend_validate_properties.py``).
+Pure functions, no I/O; only :class:`ConfigError` escapes (``tests/unit/test_validation_properties.py``).
 """
 
 from __future__ import annotations
