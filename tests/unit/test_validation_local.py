@@ -43,3 +43,33 @@ def test_the_cwd_option_is_a_directory(tmp_path, cwd, problem):
     with pytest.raises(ConfigError) as info:
         backend(tmp_path).validate(request(tmp_path, backend_options={"local": {"cwd": cwd}}))
     assert info.value.field == "backend_options.local.cwd" and problem in info.value.problem
+
+
+@pytest.mark.parametrize(("first", "second"), [
+    ("manual__2024-05-01T12:00:00+00:00", "manual__2024-05-01T12_00_00+00_00"),
+    ("backfill:2024~1", "backfill_2024_1"),
+])
+def test_two_run_ids_that_shared_a_folder_keep_both_outputs(tmp_path, first, second):
+    """Issue 9, item 5, end to end: the runtime clears leftover outputs before a step runs, so while both
+    run ids mapped to one prefix the second run deleted the first one's model."""
+    import sys
+    import time
+
+    from airflow_remote_ml.core.wait import wait_for_completion
+
+    b = backend(tmp_path)
+    store = ArtifactStore(str(tmp_path / "art"))
+    written = {}
+    for run_id in (first, second):
+        code = f"import os; open(os.environ['REMOTE_ML_OUTPUT_MODEL'], 'w').write({run_id!r})"
+        req = StepRequest.create(StepSpec.build(command=[sys.executable, "-c", code], outputs=["model"]),
+                                 StepIdentity("dag", "train", run_id), store)
+        b.validate(req)
+        handle = b.submit(req)
+        outcome = wait_for_completion(b, handle, deadline=time.monotonic() + 120)
+        assert outcome.status.is_successful, outcome.tail
+        written[run_id] = b.fetch_result(handle).outputs["model"]
+    assert written[first] != written[second]
+    for run_id, uri in written.items():
+        with open(uri, encoding="utf-8") as fh:
+            assert fh.read() == run_id
