@@ -129,3 +129,21 @@ def test_a_400_on_a_parameter_type_is_an_invalid_request_error_naming_the_field_
     assert err.value.field == "valohai.parameters" and err.value.status_code == 400
     assert "alpha: abc is not a floating-point number" in str(err.value)
     assert "valohai.yaml" in (err.value.fix or "")
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    # DRF's DictField keys a child's errors by the item: the field names the parameter.
+    ({"parameters": {"alpha": [{"message": "A valid number is required.", "code": "invalid"}]}},
+     "valohai.parameters.alpha"),
+    ({"environment": [{"message": "Object with slug x does not exist.", "code": "does_not_exist"}]},
+     "valohai.environment"),
+    # Keys valohai-cli's ErrorFormatter prints as errors of the whole request.
+    ({"non_field_errors": [{"message": "Invalid data.", "code": "invalid"}]}, "valohai"),
+    ({"error": "Something is off."}, "valohai"),
+])
+def test_a_400_names_the_innermost_field_valohai_names(body, field):
+    api = ValohaiAPI("vh.example", "t", sleep=lambda _s: None)
+    api.session = OneAnswer(400, body)
+    with pytest.raises(InvalidRequestError) as err:
+        api.request("POST", "executions/", json_body={})
+    assert err.value.field == field

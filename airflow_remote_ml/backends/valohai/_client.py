@@ -133,7 +133,12 @@ class ValohaiAPI:
             # help. An InvalidRequestError is a ConfigError, so the task fails once, naming Valohai's field.
             name = next(iter(body))
             problems = "; ".join(f"{k}: {_field_text(v)}" for k, v in body.items())
-            field = "valohai" if name == "non_field_errors" else f"valohai.{name}"
+            # valohai-cli's ErrorFormatter treats these keys as errors of no one field.
+            field = "valohai" if name in ("non_field_errors", "error") else f"valohai.{name}"
+            inner = body[name]
+            if isinstance(inner, dict) and inner and not {"message", "code"} & set(inner):
+                # A nested serializer or a DictField (parameters, inputs) keys its errors by the item.
+                field += f".{next(iter(inner))}"
             return InvalidRequestError("valohai", field, f"{where}: {problems}", code,
                                        _FIELD_FIXES.get(name, "fix the field Valohai names"))
         if code == 403:
