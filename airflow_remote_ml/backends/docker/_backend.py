@@ -146,10 +146,12 @@ class DockerBackend(Backend):
         except APIError as exc:
             code = exc.status_code
             message = f"{action}: {exc.explanation or exc}"
-            # A 400 (and a start that fails on a setting) names what is wrong: final, never retried.
-            refusal = engine_refusal(action, str(exc.explanation or exc), code)
-            if refusal is not None:
-                raise refusal from exc
+            # A create or start refused for a setting names what is wrong: final, never retried. (Other
+            # calls send nothing the user wrote, so their 400 is not a configuration error.)
+            if action.startswith(("creating container", "starting container")):
+                refusal = engine_refusal(action, str(exc.explanation or exc), code)
+                if refusal is not None:
+                    raise refusal from exc
             if code is not None and (code == 429 or code >= 500):
                 raise TransientBackendError(self.name, message, code) from exc
             raise BackendAPIError(self.name, message, code) from exc
