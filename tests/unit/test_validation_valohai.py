@@ -147,3 +147,43 @@ def test_a_400_names_the_innermost_field_valohai_names(body, field):
     with pytest.raises(InvalidRequestError) as err:
         api.request("POST", "executions/", json_body={})
     assert err.value.field == field
+
+
+# -- parameter values against the step's declaration (valohai_yaml Parameter.validate) -----------------------
+
+STEP = {"name": "train", "parameters": [
+    {"name": "epochs", "type": "integer", "min": 1, "max": 100},
+    {"name": "lr", "type": "float"},
+    {"name": "optimizer", "type": "string", "choices": ["adam", "sgd"]},
+    {"name": "layers", "type": "integer", "multiple": "separate"},
+    {"name": "fast", "type": "flag"},
+]}
+
+
+@pytest.mark.parametrize(("values", "field", "words"), [
+    ({"epochs": "ten"}, "parameters.epochs", "is not an integer"),
+    ({"epochs": 2.5}, "parameters.epochs", "is not an integer"),   # int(str(2.5), 10) fails, as on Valohai
+    ({"epochs": True}, "parameters.epochs", "is not an integer"),
+    ({"epochs": 0}, "parameters.epochs", "less than the minimum allowed (1)"),
+    ({"epochs": 101}, "parameters.epochs", "greater than the maximum allowed (100)"),
+    ({"lr": "fast"}, "parameters.lr", "is not a number"),
+    ({"optimizer": "rmsprop"}, "parameters.optimizer", "is not among the choices"),
+    ({"epochs": [1, 2]}, "parameters.epochs", "the step takes a single value"),
+    ({"layers": [1, "x"]}, "parameters.layers", "'x' is not an integer"),
+])
+def test_a_value_its_declaration_refuses_names_the_parameter(values, field, words):
+    from airflow_remote_ml.backends.valohai._validation import check_step_parameters
+
+    with pytest.raises(ConfigError) as err:
+        check_step_parameters(STEP, values, lambda name: f"parameters.{name}")
+    assert err.value.field == field and words in err.value.problem
+    assert "valohai.yaml" in (err.value.fix or "")
+
+
+def test_values_the_declaration_takes_pass_and_undeclared_names_are_left_to_valohai():
+    from airflow_remote_ml.backends.valohai._validation import check_step_parameters, declared_step
+
+    check_step_parameters(STEP, {"epochs": "10", "lr": 1, "optimizer": "adam", "layers": [1, 2], "fast": "yes",
+                                 "undeclared": {"x": 1}}, lambda name: name)
+    assert declared_step([{"step": STEP}, {"pipeline": {}}], "train") is STEP
+    assert declared_step([{"step": STEP}], "other") is None and declared_step("text: yaml", "train") is None

@@ -38,6 +38,8 @@ from airflow_remote_ml.backends.valohai._validation import (
     OPTION_NAMES,
     check_config,
     check_request,
+    check_step_parameters,
+    declared_step,
 )
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
@@ -91,6 +93,9 @@ class ValohaiBackend(Backend):
         self._watching: dict[str, tuple[ProjectWatch, float]] = {}
         self._last_status: dict[str, RunStatus] = {}
         self._last_log_read: dict[str, float] = {}
+        # Commits' parsed valohai.yaml (None: unreadable) and their API URLs, for the parameter check.
+        self._configs: dict[tuple[str, str], Any] = {}
+        self._commit_urls: dict[str, str] = {}
 
     # -- checks and lookups ------------------------------------------------------------------------------
 
@@ -137,9 +142,46 @@ class ValohaiBackend(Backend):
                 on_branch.append(commit)
         if on_branch:
             newest = max(on_branch, key=lambda c: str(c.get("commit_time") or ""))
+            if newest.get("url"):
+                self._commit_urls[str(newest["identifier"])] = str(newest["url"])
             return str(newest["identifier"])
         raise ConfigError("backend_config[valohai].branch", f"Valohai knows no commit on branch {branch!r}",
                           "check the branch name; after pushing it set 'fetch': true so Valohai fetches it")
+
+    def _check_parameters(self, request: StepRequest, project_id: str, commit: str, step: str,
+                          values: Mapping[str, Any]) -> None:
+        """The parameter values against their types in the commit's valohai.yaml, before the create.
+
+        ``valohai-cli`` does the same: it loads the commit with ``?include=config`` and types each parameter
+        option from the step's declaration (``RemoteProject.get_config``, ``RunCommand``). Best effort: when
+        the declaration cannot be read (an outage, an old server), the create's own 400 still names the
+        field. Read once per commit and backend.
+        """
+        key = (project_id, commit)
+        if key not in self._configs:
+            try:
+                self._configs[key] = self._commit_config(project_id, commit)
+            except Exception as exc:  # the create's own validation is the backstop
+                log.info("valohai: could not read the configuration of commit %s (%s); the parameters are "
+                         "checked by Valohai itself", commit, exc)
+                self._configs[key] = None
+        declared = declared_step(self._configs[key], step)
+        if declared is None:
+            return
+        from_options = set(request.spec.options_for(self.name).get("parameters") or {})
+        check_step_parameters(declared, values, lambda name: (
+            f"backend_options.valohai.parameters.{name}" if name in from_options else f"parameters.{name}"))
+
+    def _commit_config(self, project_id: str, commit: str) -> Any:
+        url = self._commit_urls.get(commit)
+        if url is None:
+            params = {"project": project_id, "identifier": commit, "limit": 100}
+            page = self.api.request("GET", "commits/", params=params, retry=False)
+            found = [c for c in (page.get("results") or []) if c.get("identifier") == commit]
+            if not found:
+                return None
+            url = str(found[0].get("url") or f"commits/{found[0]['id']}/")
+        return (self.api.request("GET", url, params={"include": "config"}, retry=False) or {}).get("config")
 
     def _handle(self, execution: Mapping[str, Any], data: Mapping[str, Any]) -> RunHandle:
         url = (execution.get("urls") or {}).get("display")
@@ -160,6 +202,8 @@ class ValohaiBackend(Backend):
             self.api.request("POST", f"projects/{project_id}/fetch/", json_body={})
         if not (request.spec.options_for(self.name).get("commit") or self.settings.commit):
             body["commit"] = self.branch_commit(project_id, str(self.settings.branch))
+        if data["mode"] == "step" and body["parameters"]:
+            self._check_parameters(request, project_id, str(body["commit"]), str(body["step"]), body["parameters"])
         # Sent once: creating is not idempotent. A timeout, a dropped connection or a 5xx leaves the outcome
         # unknown (the execution may exist), so it surfaces as TransientBackendError and the lifecycle looks
         # the identity tag up for create_settle_seconds before any new submit; a 429 was refused for now

@@ -6,8 +6,10 @@ environment that cannot exist, an input that is not a URL, is a 400 naming the f
 spec and the settings let us know is checked here, with the field as the user wrote it
 (``backend_options.valohai.environment``, ``inputs.data``, ``backend_config[valohai].tags``).
 
-What only the platform knows (whether an environment slug exists in the organisation, a parameter's type
-declared in the commit's ``valohai.yaml``, a datum id) still comes back as a 400; the client
+A parameter's type is declared in the commit's ``valohai.yaml``: :func:`check_step_parameters` checks the
+values against it once the backend has read the commit's configuration at submit (as ``valohai-cli`` does).
+What only the platform knows (whether an environment slug exists in the organisation, a datum id, a
+declaration the backend could not read) still comes back as a 400; the client
 (:meth:`._client.ValohaiAPI.error_for`) turns it into an :class:`InvalidRequestError`, a ``ConfigError``
 naming Valohai's field, never retried.
 
@@ -205,3 +207,68 @@ def check_request(request: StepRequest, settings: ValohaiConfig) -> None:
     if mode == "runtime" and len(spec.inputs) > len(RUNTIME_INPUT_SLOTS):
         raise ConfigError("inputs", f"the runtime step takes at most {len(RUNTIME_INPUT_SLOTS)} inputs",
                           "pass a directory URI, or run a Valohai step declaring its own inputs")
+
+
+# -- parameter values against the step's declaration in the commit's valohai.yaml ---------------------------
+
+
+def declared_step(config: Any, step: str) -> Mapping[str, Any] | None:
+    """The ``step`` mapping named ``step`` in a commit's parsed config (a list of ``{"step": {...}}``)."""
+    if not isinstance(config, list):
+        return None
+    for item in config:
+        body = item.get("step") if isinstance(item, Mapping) else None
+        if isinstance(body, Mapping) and body.get("name") == step:
+            return body
+    return None
+
+
+def check_step_parameters(step: Mapping[str, Any], values: Mapping[str, Any], field_of: Any) -> None:
+    """Each value against its declaration, as ``valohai_yaml.objs.parameter.Parameter.validate`` checks it
+    on the platform: a single value unless ``multiple``; ``integer`` is ``int(str(v), 10)``, ``float`` is
+    ``float(str(v))``; then ``min``/``max`` and ``choices``. The platform answers 400 otherwise.
+
+    Names the step does not declare are left to the platform. ``field_of(name)`` is the field to name.
+    """
+    declared = {str(p.get("name")): p for p in step.get("parameters") or [] if isinstance(p, Mapping)}
+    for name, value in values.items():
+        spec = declared.get(name)
+        if spec is None or value is None:
+            continue
+        kind = spec.get("type") or "string"
+        field = field_of(name)
+        fix = f"the Valohai step {step.get('name')!r} declares {name!r} as {_declaration(spec)} in valohai.yaml"
+        if isinstance(value, list) and not spec.get("multiple"):
+            raise ConfigError(field, f"{short_repr(value)} is a list; the step takes a single value", fix)
+        for atom in value if isinstance(value, list) else [value]:
+            typed: Any = atom
+            try:
+                if kind == "integer":
+                    typed = int(str(atom), 10)
+                elif kind == "float":
+                    typed = float(str(atom))
+            except ValueError:
+                what = "an integer" if kind == "integer" else "a number"
+                raise ConfigError(field, f"{short_repr(atom)} is not {what}", fix) from None
+            for bound in ("min", "max"):
+                limit = spec.get(bound)
+                try:
+                    out = limit is not None and (typed < limit if bound == "min" else typed > limit)
+                except TypeError:  # valohai-yaml skips a bound of another type too
+                    out = False
+                if out:
+                    word = "less than the minimum" if bound == "min" else "greater than the maximum"
+                    raise ConfigError(field, f"{short_repr(atom)} is {word} allowed ({limit})", fix)
+            choices = spec.get("choices")
+            if kind != "flag" and choices is not None and typed not in list(choices):
+                raise ConfigError(field, f"{short_repr(atom)} is not among the choices allowed ({choices!r})", fix)
+
+
+def _declaration(spec: Mapping[str, Any]) -> str:
+    parts = [str(spec.get("type") or "string")]
+    for key in ("min", "max", "choices"):
+        if spec.get(key) is not None:
+            parts.append(f"{key} {spec[key]!r}")
+    if spec.get("multiple"):
+        parts.append(f"multiple: {spec['multiple']}")
+    return ", ".join(parts)
