@@ -307,3 +307,26 @@ def test_the_operator_constructor_raises_only_config_error(values):
         RemoteExecutionOperator(task_id="fuzzed", **values)
 
     assert_config_error_or_valid(construct)
+
+
+# What a parsed valohai.yaml and JSON-checked parameters can hold: JSON values (YAML's too).
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+
+
+@SETTINGS
+@given(declaration=st.lists(st.one_of(st.fixed_dictionaries(
+           {"name": st.sampled_from(["a", "b"])},
+           optional={"type": st.sampled_from(["integer", "float", "string", "flag", "weird"]) | yaml_values,
+                     "min": yaml_values, "max": yaml_values, "choices": yaml_values, "multiple": yaml_values}),
+           yaml_values), max_size=3) | yaml_values,
+       values=st.dictionaries(st.sampled_from(["a", "b", "c"]), yaml_values, max_size=3))
+def test_valohai_parameter_declarations_of_any_shape_raise_only_config_error(declaration, values):
+    """The declaration comes from a user's valohai.yaml, parsed by the platform: any shape of YAML at all."""
+    from airflow_remote_ml.backends.valohai._validation import check_step_parameters, declared_step
+
+    step = declared_step([{"step": {"name": "s", "parameters": declaration}}], "s")
+    assert step is not None
+    assert_config_error_or_valid(lambda: check_step_parameters(step, values, lambda name: f"parameters.{name}"))

@@ -230,7 +230,9 @@ def check_step_parameters(step: Mapping[str, Any], values: Mapping[str, Any], fi
 
     Names the step does not declare are left to the platform. ``field_of(name)`` is the field to name.
     """
-    declared = {str(p.get("name")): p for p in step.get("parameters") or [] if isinstance(p, Mapping)}
+    listed = step.get("parameters")
+    declared = {str(p.get("name")): p for p in (listed if isinstance(listed, list) else [])
+                if isinstance(p, Mapping)}
     for name, value in values.items():
         spec = declared.get(name)
         if spec is None or value is None:
@@ -260,7 +262,7 @@ def check_step_parameters(step: Mapping[str, Any], values: Mapping[str, Any], fi
                     word = "less than the minimum" if bound == "min" else "greater than the maximum"
                     raise ConfigError(field, f"{short_repr(atom)} is {word} allowed ({limit})", fix)
             choices = spec.get("choices")
-            if kind != "flag" and choices is not None and typed not in list(choices):
+            if kind != "flag" and isinstance(choices, list) and typed not in choices:
                 raise ConfigError(field, f"{short_repr(atom)} is not among the choices allowed ({choices!r})", fix)
 
 
