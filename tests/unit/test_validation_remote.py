@@ -59,3 +59,21 @@ def test_a_remote_refusal_at_submit_fails_the_task_once(tmp_path, monkeypatch):
     assert isinstance(info.value, ConfigError) and info.value.field == "backend_options.local.cwd"
     assert len(calls) == 1
     assert (store.get(STATE_KEY) or {}).get("phase") != "submitted"
+
+
+def test_a_backend_whose_sdk_is_missing_fails_the_task_once(tmp_path, monkeypatch):
+    """BackendUnavailableError (an extra not installed) never heals by retrying either."""
+    from airflow_remote_ml.core import BackendUnavailableError, registry
+
+    monkeypatch.setitem(registry.BUILTIN_BACKENDS, "fakeplatform", ("no_such_platform_sdk_xyz:Backend", "fakeplatform"))
+    monkeypatch.setattr(registry, "_entry_points", lambda: {})
+    from airflow.sdk import DAG
+
+    with DAG("sdk_missing", schedule=None, params={"b": "fakeplatform"}) as dag:
+        op = RemoteExecutionOperator(task_id="t", backend="{{ params.b }}", artifact_root=str(tmp_path / "art"),
+                                     command=["true"], retries=3)
+    op.render_template_fields({"params": dict(dag.params.dump())})
+    with pytest.raises(AirflowFailException) as info:
+        op.execute(context(FakeTI(), FileStateStore(str(tmp_path / "state.json"))))
+    assert isinstance(info.value, BackendUnavailableError)
+    assert "pip install 'airflow-remote-ml[fakeplatform]'" in str(info.value)
