@@ -227,15 +227,14 @@ def test_missing_image_with_pull_never(backend, tmp_path):
         backend.submit(request)
 
 
-@pytest.mark.parametrize(("options", "field", "words"), [
+@pytest.mark.parametrize(("options", "field"), [
     # Only the Docker host knows whether a bind source exists there.
-    ({"mounts": ["/nonexistent/remote-ml-data:/data:ro"]}, "backend_options.docker.mounts",
-     "bind source path does not exist"),
+    ({"mounts": ["/nonexistent/remote-ml-data:/data:ro"]}, "backend_options.docker.mounts"),
     # Only the engine knows its runtimes (a profile setting: the error names the profile's).
-    ({"profile": {"runtime": "no-such-runtime"}}, "profiles.odd.runtime", "runtime"),
+    ({"profile": {"runtime": "no-such-runtime"}}, "profiles.odd.runtime"),
 ])
 def test_an_engine_refusal_on_create_names_the_field_and_is_not_retried(engine, backend, make_backend, tmp_path,
-                                                                         options, field, words):
+                                                                         options, field):
     """Issue 9, item 4: the engine's 400 was a plain BackendAPIError, retried by Airflow."""
     from airflow_remote_ml.core import InvalidRequestError
 
@@ -248,7 +247,7 @@ def test_an_engine_refusal_on_create_names_the_field_and_is_not_retried(engine, 
     with pytest.raises(InvalidRequestError) as info:
         backend.submit(request)
     assert isinstance(info.value, ConfigError) and info.value.status_code == 400
-    assert info.value.field == field and words in str(info.value)
+    assert info.value.field == field  # the engine's own words are quoted in the message, not asserted on
     assert containers_of(engine, request) == []  # refused at create: nothing to clean up
 
 
