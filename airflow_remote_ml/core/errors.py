@@ -91,6 +91,14 @@ class InvalidRequestError(ConfigError, BackendAPIError):
         self.status_code = status_code
         RemoteMLError.__init__(self, f"{field}: {problem}" + (f"; {fix}" if fix else ""))
 
+    def with_field(self, field: str) -> InvalidRequestError:
+        """The same refusal, naming the place the refused value was written (a profile, the settings)."""
+        moved = InvalidRequestError.__new__(type(self))
+        moved.__dict__.update(self.__dict__)
+        moved.field = field
+        RemoteMLError.__init__(moved, f"{field}: {self.problem}" + (f"; {self.fix}" if self.fix else ""))
+        return moved
+
 
 class StepFailedError(RemoteMLError):
     """The step ran and failed. Carries the exit code, the log tail and the remote URL."""

@@ -101,6 +101,12 @@ def expect_names(field: str, value: Any, example: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if isinstance(value, str):
+        if value.strip().startswith("[") and value.strip().endswith("]"):
+            # A template that rendered a list as its text: Jinja renders to str unless the DAG says otherwise.
+            raise ConfigError(field, f"expected a list of names, got the text {short_repr(value)} (a template "
+                              "rendered a list as a string?)",
+                              "create the DAG with render_template_as_native_obj=True so a rendered list stays a "
+                              "list, or template each name: ['{{ params.name }}']")
         raise ConfigError(field, f"expected a list of names, got the string {short_repr(value)}",
                           f"use [{short_repr(value)}]")
     if isinstance(value, Mapping) or not isinstance(value, (Sequence, set, frozenset)) \

@@ -227,6 +227,30 @@ def test_missing_image_with_pull_never(backend, tmp_path):
         backend.submit(request)
 
 
+@pytest.mark.parametrize(("options", "field"), [
+    # Only the Docker host knows whether a bind source exists there.
+    ({"mounts": ["/nonexistent/remote-ml-data:/data:ro"]}, "backend_options.docker.mounts"),
+    # Only the engine knows its runtimes (a profile setting: the error names the profile's).
+    ({"profile": {"runtime": "no-such-runtime"}}, "profiles.odd.runtime"),
+])
+def test_an_engine_refusal_on_create_names_the_field_and_is_not_retried(engine, backend, make_backend, tmp_path,
+                                                                         options, field):
+    """Issue 9, item 4: the engine's 400 was a plain BackendAPIError, retried by Airflow."""
+    from airflow_remote_ml.core import InvalidRequestError
+
+    profile = options.pop("profile", None)
+    if profile is not None:
+        backend = make_backend(profiles={"odd": profile})
+    request = request_for(tmp_path, "pass", backend_options={"docker": options},
+                          resources={"profile": "odd"} if profile else {})
+    backend.validate(request)  # nothing in the spec can tell
+    with pytest.raises(InvalidRequestError) as info:
+        backend.submit(request)
+    assert isinstance(info.value, ConfigError) and info.value.status_code == 400
+    assert info.value.field == field  # the engine's own words are quoted in the message, not asserted on
+    assert containers_of(engine, request) == []  # refused at create: nothing to clean up
+
+
 def test_image_without_the_interpreter(make_backend, tmp_path):
     # Without an init the engine itself cannot start the container: refused at submit.
     with pytest.raises(ConfigError, match="'python9' is not in image"):

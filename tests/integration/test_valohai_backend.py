@@ -27,6 +27,7 @@ from airflow_remote_ml.core import (
     ArtifactError,
     ArtifactStore,
     ConfigError,
+    InvalidRequestError,
     RunState,
     StepIdentity,
     StepRequest,
@@ -193,6 +194,36 @@ def test_a_refused_field_is_a_config_error_naming_it(backend, valohai, tmp_path,
         backend.submit(req)
     assert err.value.field == field
     assert not valohai.executions
+
+
+def test_a_parameter_of_the_wrong_type_for_valohai_yaml_is_refused_before_the_create(backend, valohai, tmp_path):
+    """Issue 9, item 4: the step's valohai.yaml declares alpha a float. As valohai-cli does, the backend reads
+    the commit's configuration (?include=config) and refuses the value before anything is created."""
+    req = request(tmp_path, "train", params={"alpha": "abc"}, inputs={"dataset": "https://example.com/d.csv"})
+    backend.validate(req)  # nothing in the spec says alpha must be a number
+    with pytest.raises(ConfigError) as err:
+        backend.submit(req)
+    assert err.value.field == "parameters.alpha" and "'abc' is not a number" in str(err.value)
+    assert "float" in (err.value.fix or "")
+    assert valohai.count("POST", "/api/v0/executions/") == 0
+    options_req = request(tmp_path, "train", options={"parameters": {"alpha": [1.0, 2.0]}},
+                          inputs={"dataset": "https://example.com/d.csv"})
+    with pytest.raises(ConfigError) as err:
+        backend.submit(options_req)
+    assert err.value.field == "backend_options.valohai.parameters.alpha" and "single value" in str(err.value)
+    assert valohai.count("GET", "/api/v0/commits/{id}/") == 1  # the configuration is read once per commit
+
+
+def test_a_parameter_type_only_valohai_knows_fails_once_as_an_invalid_request(backend, valohai, tmp_path):
+    """When the configuration cannot be read, the platform's own 400 names the field; sent once, never retried."""
+    req = request(tmp_path, "train", params={"alpha": "abc"}, inputs={"dataset": "https://example.com/d.csv"})
+    commit = next(iter(valohai.commits.values()))
+    valohai.inject_fault(503, method="GET", path=f"/api/v0/commits/{commit.id}/")
+    with pytest.raises(InvalidRequestError) as err:
+        backend.submit(req)
+    assert isinstance(err.value, ConfigError) and err.value.status_code == 400
+    assert err.value.field == "valohai.parameters" and "abc is not a floating-point number" in str(err.value)
+    assert valohai.count("POST", "/api/v0/executions/") == 1 and not valohai.executions  # sent once, not retried
 
 
 def test_an_unknown_step_names_the_step_field(backend, tmp_path):

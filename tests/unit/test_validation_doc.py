@@ -1,9 +1,11 @@
-"""docs/validation.md's table of checks is true: each parse-time example fails as documented.
+"""The tables of what is checked where (docs/validation.md in full, docs/concepts.md in short) are true.
 
-The table is the user's map of what is checked where; this test keeps it from drifting from the
-code. Every row's "proved by" test must exist; every ``parse`` row's example, evaluated as the
-operator's keyword arguments, must raise a ConfigError for exactly the documented field both at
-parse time (validate_operator_arguments) and at render time (build_operator_spec).
+The tables are the user's map of what is checked where; this test keeps them from drifting from the
+code. Every row's "proved by" test must exist. Every ``parse`` row's example, evaluated as the
+operator's keyword arguments, must raise a ConfigError for exactly the documented field both at parse
+time (validate_operator_arguments) and at render time (build_operator_spec); every ``render`` row's
+example is what a template rendered to, and must fail the same way at render time. Each row of the short
+table in concepts.md is also a row of the full one, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from airflow_remote_ml.core import ConfigError
 from airflow_remote_ml.core.validation import build_operator_spec, check_backend_name, validate_operator_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "validation.md"
+FULL = ROOT / "docs" / "validation.md"
+SHORT = ROOT / "docs" / "concepts.md"
+STAGES = {"parse", "render", "before submit", "remote"}
 SPEC_ARGUMENTS = {"image", "command", "callable", "shell", "parameters", "env", "secrets", "inputs", "outputs",
                   "compute", "timeout", "backend_options"}
 BASE = {"command": ["python", "train.py"]}
@@ -32,8 +36,8 @@ def nested(depth: int) -> Any:
     return value
 
 
-def rows() -> list[dict[str, str]]:
-    lines = DOC.read_text(encoding="utf-8").splitlines()
+def rows(doc: Path) -> list[dict[str, str]]:
+    lines = doc.read_text(encoding="utf-8").splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| field | example |"))
     names = [cell.strip() for cell in lines[header].strip("|").split("|")]
     table = []
@@ -51,17 +55,31 @@ def unquote(cell: str) -> str:
     return cell[1:-1] if cell.startswith("`") and cell.endswith("`") else cell
 
 
-ROWS = rows()
-PARSE_ROWS = [row for row in ROWS if row["stage"] == "parse"]
+ROWS = [(doc.name, row) for doc in (FULL, SHORT) for row in rows(doc)]
+EVALUATED = [(name, row) for name, row in ROWS if row["stage"] in ("parse", "render")]
 
 
-def test_the_table_is_there_and_covers_every_stage():
-    assert len(PARSE_ROWS) >= 30
-    assert {row["stage"] for row in ROWS} == {"parse", "before submit", "remote"}
+def ids(items: list[tuple[str, dict[str, str]]]) -> list[str]:
+    return [f"{name}: {row['field']} {row['example']}" for name, row in items]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=[f"{r['field']} {r['example']}" for r in ROWS])
-def test_each_row_names_a_test_that_exists(row):
+@pytest.mark.parametrize("doc", [FULL, SHORT], ids=lambda d: d.name)
+def test_the_table_is_there_and_covers_every_stage(doc):
+    table = rows(doc)
+    assert {row["stage"] for row in table} == STAGES
+    if doc == FULL:
+        assert sum(row["stage"] == "parse" for row in table) >= 30
+
+
+def test_the_short_table_is_a_part_of_the_full_one():
+    full = rows(FULL)
+    for row in rows(SHORT):
+        assert row in full, f"docs/concepts.md row not in docs/validation.md: {row}"
+
+
+@pytest.mark.parametrize(("doc", "row"), ROWS, ids=ids(ROWS))
+def test_each_row_names_a_test_that_exists(doc, row):
+    assert row["stage"] in STAGES, row
     path, _, name = unquote(row["proved by"]).partition("::")
     source = (ROOT / path).read_text(encoding="utf-8")
     assert re.search(rf"^def {re.escape(name)}\(", source, re.M), f"{path} has no test {name}"
@@ -71,14 +89,15 @@ def matches(field: str, documented: str) -> bool:
     return field.startswith(documented[:-1]) if documented.endswith("*") else field == documented
 
 
-@pytest.mark.parametrize("row", PARSE_ROWS, ids=[r["example"] for r in PARSE_ROWS])
-def test_each_parse_row_fails_as_documented(row):
+@pytest.mark.parametrize(("doc", "row"), EVALUATED, ids=ids(EVALUATED))
+def test_each_parse_and_render_row_fails_as_documented(doc, row):
     documented = unquote(row["field"])
     # The examples are this repository's own text, written as keyword arguments.
     kwargs = eval(f"dict({unquote(row['example'])})", {"nested": nested, "timedelta": timedelta})
-    with pytest.raises(ConfigError) as parse_time:
-        validate_operator_arguments(kwargs, is_templated=lambda _value: False)
-    assert matches(parse_time.value.field, documented), parse_time.value
+    if row["stage"] == "parse":
+        with pytest.raises(ConfigError) as parse_time:
+            validate_operator_arguments(kwargs, is_templated=lambda _value: False)
+        assert matches(parse_time.value.field, documented), parse_time.value
     # Render time: the same value, arriving through a template, fails the same way.
     spec_kwargs = {k: v for k, v in kwargs.items() if k in SPEC_ARGUMENTS}
     if spec_kwargs:
@@ -89,3 +108,4 @@ def test_each_parse_row_fails_as_documented(row):
         with pytest.raises(ConfigError) as render_time:
             check_backend_name(kwargs["backend"], ["docker", "kubernetes", "local"])
         assert matches(render_time.value.field, documented), render_time.value
+    assert spec_kwargs or "backend" in kwargs or row["stage"] == "parse", "a render row must be checkable"

@@ -204,3 +204,129 @@ def test_operator_arguments_raise_only_config_error(values):
     spec_args = {k: v for k, v in values.items() if k not in ("backend", "backend_config", "artifact_root",
                                                                "code_version", "deferrable")}
     assert_config_error_or_valid(lambda: build_operator_spec(spec_args, known_backends=BACKENDS))
+
+
+# -- each backend's validate(), and the operator's constructor ------------------------------------------------
+
+
+def _backends(tmp: str) -> dict[str, Any]:
+    """One backend of each kind, built from minimal valid settings, with no client I/O possible."""
+    from airflow_remote_ml.backends.databricks import DatabricksBackend, DatabricksConfig
+    from airflow_remote_ml.backends.docker import DockerBackend, DockerConfig
+    from airflow_remote_ml.backends.kubernetes import KubernetesBackend, KubernetesConfig
+    from airflow_remote_ml.backends.local import LocalBackend, LocalConfig
+    from airflow_remote_ml.backends.valohai import ValohaiAPI, ValohaiBackend, ValohaiConfig
+
+    return {
+        "local": LocalBackend(LocalConfig(state_dir=f"{tmp}/jobs")),
+        "docker": DockerBackend(DockerConfig(), api_client=object()),
+        "kubernetes": KubernetesBackend(KubernetesConfig.from_mapping({"namespace": "ml"}, "kubernetes"),
+                                        core_v1=object()),
+        "databricks": DatabricksBackend(DatabricksConfig.from_mapping(
+            {"new_cluster": {"spark_version": "15.4.x-scala2.12", "node_type_id": "i3.xlarge", "num_workers": 1}},
+            "databricks")),
+        "valohai": ValohaiBackend(ValohaiConfig(token="t", project="demo", branch="main"),
+                                  api=ValohaiAPI("vh.example", "t")),
+    }
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    made = _backends(str(tmp_path_factory.mktemp("backends")))
+    yield made
+    for backend in made.values():
+        backend.close()
+
+
+def _option_values(name: str) -> st.SearchStrategy[dict[str, Any]]:
+    from airflow_remote_ml.core import get_backend_class
+
+    known = sorted(get_backend_class(name).option_names)
+    return st.dictionaries(st.one_of(st.sampled_from(known), st.text(max_size=6)), anything, max_size=4)
+
+
+PLAUSIBLE_SPEC = st.fixed_dictionaries({}, optional={
+    "image": st.sampled_from(["python:3.12", "ghcr.io/acme/train:1", "Upper/Case:1", "busybox@sha256:12"]),
+    "inputs": st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True),
+                              st.sampled_from(["s3://b/x.csv", "/tmp", "/nonexistent/x.csv", "datum://0d7ae1f2",
+                                               "https://h/x", "file:///tmp", "gs://b/k"]), max_size=3),
+    "params": st.dictionaries(st.from_regex(r"[a-z][a-z0-9_]{0,6}", fullmatch=True),
+                              st.one_of(st.integers(-5, 5), st.text(max_size=5), st.lists(st.integers(), max_size=2)),
+                              max_size=3),
+    "secrets": st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,6}", fullmatch=True),
+                               st.sampled_from(["db/pass", "creds", "a}}b/k", "Db_Creds/pass:word"]), max_size=2),
+    "resources": st.fixed_dictionaries({}, optional={"cpu": st.sampled_from([1, "500m", 64]),
+                                                     "memory": st.sampled_from(["1Gi", "1Ki"]),
+                                                     "gpu": st.integers(0, 2)}),
+})
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@SETTINGS
+@given(data=st.data())
+def test_each_backends_validate_raises_only_config_error(backends, tmp_path_factory, name, data):
+    """Whatever reaches a backend's validate() (options of any type, a profile of any shape, odd inputs)
+    is a ConfigError or accepted: never a TypeError from a builder that trusted a type."""
+    import dataclasses
+
+    from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest
+
+    backend = backends[name]
+    options = data.draw(_option_values(name), label="options")
+    profile = data.draw(st.one_of(st.none(), st.dictionaries(st.text(max_size=12), anything, max_size=3),
+                                  _option_values(name)), label="profile")
+    # Mostly specs StepSpec accepts (so validate() is reached), sometimes anything at all.
+    spec_fields = data.draw(st.one_of(st.just({}), PLAUSIBLE_SPEC, st.fixed_dictionaries({}, optional={
+        "image": FIELD_VALUES["image"], "inputs": FIELD_VALUES["inputs"], "params": FIELD_VALUES["params"],
+        "secrets": FIELD_VALUES["secrets"], "resources": FIELD_VALUES["resources"]})), label="spec")
+    try:
+        spec = StepSpec.build(command=["python3", "-c", "pass"], **spec_fields,
+                              backend_options={name: options}, known_backends=BACKENDS)
+    except ConfigError:
+        return  # refused by the spec itself: not this test's subject
+    if profile is not None:
+        spec = dataclasses.replace(spec, resources=dataclasses.replace(spec.resources, profile="p"))
+    try:
+        backend.config = dataclasses.replace(backend.config, profiles={} if profile is None else {"p": profile})
+    except ConfigError:
+        return  # refused as a setting (a config that checks itself): earlier still than validate()
+    if name == "valohai":  # validate reads the settings merged with the connection's
+        backend.settings = backend.config
+    request = StepRequest.create(spec, StepIdentity("dag", "task", "manual__1"),
+                                 ArtifactStore(str(tmp_path_factory.getbasetemp() / "artifacts")))
+    assert_config_error_or_valid(lambda: backend.validate(request))
+
+
+@SETTINGS
+@given(st.fixed_dictionaries({}, optional=OPERATOR_VALUES))
+def test_the_operator_constructor_raises_only_config_error(values):
+    """The constructor runs at parse time and again when a mapped task is unmapped on a worker."""
+    from airflow_remote_ml.operators import RemoteExecutionOperator
+
+    def construct() -> None:
+        RemoteExecutionOperator(task_id="fuzzed", **values)
+
+    assert_config_error_or_valid(construct)
+
+
+# What a parsed valohai.yaml and JSON-checked parameters can hold: JSON values (YAML's too).
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=8)
+
+
+@SETTINGS
+@given(declaration=st.lists(st.one_of(st.fixed_dictionaries(
+           {"name": st.sampled_from(["a", "b"])},
+           optional={"type": st.sampled_from(["integer", "float", "string", "flag", "weird"]) | yaml_values,
+                     "min": yaml_values, "max": yaml_values, "choices": yaml_values, "multiple": yaml_values}),
+           yaml_values), max_size=3) | yaml_values,
+       values=st.dictionaries(st.sampled_from(["a", "b", "c"]), yaml_values, max_size=3))
+def test_valohai_parameter_declarations_of_any_shape_raise_only_config_error(declaration, values):
+    """The declaration comes from a user's valohai.yaml, parsed by the platform: any shape of YAML at all."""
+    from airflow_remote_ml.backends.valohai._validation import check_step_parameters, declared_step
+
+    step = declared_step([{"step": {"name": "s", "parameters": declaration}}], "s")
+    assert step is not None
+    assert_config_error_or_valid(lambda: check_step_parameters(step, values, lambda name: f"parameters.{name}"))

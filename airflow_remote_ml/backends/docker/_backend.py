@@ -26,8 +26,6 @@ from airflow_remote_ml.backends.docker._config import (
     MARK_FINISHED,
     OPTION_NAMES,
     PROFILE_NAMES,
-    PULL_POLICIES,
-    REMOVAL_POLICIES,
     DockerConfig,
     read_connection,
 )
@@ -43,9 +41,16 @@ from airflow_remote_ml.backends.docker._containers import (
     status_after_removal,
     status_from_inspect,
 )
+from airflow_remote_ml.backends.docker._validation import (
+    check_config,
+    check_image,
+    check_option_values,
+    engine_refusal,
+    locate,
+)
 from airflow_remote_ml.core.artifacts import is_local, local_path, read_json
 from airflow_remote_ml.core.backend import Backend, StepRequest
-from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, TransientBackendError
+from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, InvalidRequestError, TransientBackendError
 from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
@@ -78,17 +83,10 @@ class DockerBackend(Backend):
         """``api_client``: a ready ``docker.APIClient`` (or a test double with its methods) to use instead
         of connecting lazily from the configuration."""
         super().__init__(config)
-        if config.removal_policy not in REMOVAL_POLICIES:
-            raise ConfigError("backend_config[docker].removal_policy", f"{config.removal_policy!r} is not known",
-                              f"use one of {', '.join(REMOVAL_POLICIES)}")
-        if config.pull not in PULL_POLICIES:
-            raise ConfigError("backend_config[docker].pull", f"{config.pull!r} is not known",
-                              f"use one of {', '.join(PULL_POLICIES)}")
-        if config.secrets_from not in ("airflow", "env"):
-            raise ConfigError("backend_config[docker].secrets_from", f"{config.secrets_from!r} is not known",
-                              "use 'airflow' or 'env'")
+        check_config(config)  # every setting by type and range before anything computes with it
         for name, settings in config.profiles.items():
             _check_options(f"profiles.{name}", settings or {}, frozenset(PROFILE_NAMES))
+            check_option_values(f"profiles.{name}", settings or {})
         for i, mount in enumerate(config.mounts):
             parse_mount(mount, f"backend_config[docker].mounts[{i}]")
         _volume_mounts(config.volumes)
@@ -148,6 +146,12 @@ class DockerBackend(Backend):
         except APIError as exc:
             code = exc.status_code
             message = f"{action}: {exc.explanation or exc}"
+            # A create or start refused for a setting names what is wrong: final, never retried. (Other
+            # calls send nothing the user wrote, so their 400 is not a configuration error.)
+            if action.startswith(("creating container", "starting container")):
+                refusal = engine_refusal(action, str(exc.explanation or exc), code)
+                if refusal is not None:
+                    raise refusal from exc
             if code is not None and (code == 429 or code >= 500):
                 raise TransientBackendError(self.name, message, code) from exc
             raise BackendAPIError(self.name, message, code) from exc
@@ -176,7 +180,9 @@ class DockerBackend(Backend):
         if not spec.image:
             raise ConfigError("image", "is not set: the docker backend needs an image",
                               "set image='airflow-remote-ml/runner:latest' (or any image with python3)")
+        check_image("image", spec.image)
         _check_options("backend_options.docker", spec.options_for(self.name), self.option_names)
+        check_option_values("backend_options.docker", spec.options_for(self.name))
         profile = self.config.profile(spec.resources.profile, self.name)
         if spec.resources.gpu and profile.get("gpus") not in (None, "all") and spec.resources.gpu > profile["gpus"]:
             raise ConfigError("resources.gpu", f"asks for {spec.resources.gpu} GPUs but profile "
@@ -211,6 +217,13 @@ class DockerBackend(Backend):
 
     def submit(self, request: StepRequest) -> RunHandle:
         profile = self.config.profile(request.spec.resources.profile, self.name)
+        try:
+            return self._submit(request, profile)
+        except InvalidRequestError as exc:  # the engine refused a setting: name it where it was written
+            raise locate(exc, request.spec.options_for(self.name), request.spec.resources.profile, profile,
+                         self.config) from exc.__cause__
+
+    def _submit(self, request: StepRequest, profile: Mapping[str, Any]) -> RunHandle:
         self._ensure_artifact_root(request)
         built = container_request(self.config, request, profile, self._secret_env(request))
         create, image, name = built["create"], request.spec.image or "", built["create"]["name"]
@@ -246,9 +259,6 @@ class DockerBackend(Backend):
             if "executable file not found" in str(exc):
                 raise ConfigError("python", f"{self.config.python!r} is not in image {image!r}",
                                   "use an image with python3, or set backend_config python='/path/to/python'") from None
-            if exc.status_code == 400:
-                raise ConfigError("image", f"the container could not start: {exc}",
-                                  "fix the setting the engine names") from None
             raise
         log.info("docker: started container %s (%s) for %s", name, container_id[:12], request.identity.key)
         return self._handle(container_id, name, create["labels"], request.identity)

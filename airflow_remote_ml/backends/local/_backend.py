@@ -28,7 +28,7 @@ from airflow_remote_ml.backends.local._procs import (
     stop,
     wait_for_exit,
 )
-from airflow_remote_ml.core.artifacts import is_local, local_path
+from airflow_remote_ml.backends.local._validation import check_request
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import StepIdentity
@@ -77,14 +77,7 @@ class LocalBackend(Backend):
 
     def validate(self, request: StepRequest) -> None:
         super().validate(request)
-        if not is_local(request.artifact_root):
-            return  # the runtime uploads through fsspec; nothing to check here
-        root = local_path(request.artifact_root)
-        if not os.path.isabs(root):
-            raise ConfigError("artifact_root", f"{root!r} is relative", "use an absolute path")
-        cwd = request.spec.options_for(self.name).get("cwd")
-        if cwd is not None and not os.path.isdir(cwd):
-            raise ConfigError("backend_options.local.cwd", f"{cwd!r} is not a directory", "give an existing directory")
+        check_request(request)  # backends/local/_validation.py
 
     def _secret_env(self, request: StepRequest) -> dict[str, str]:
         if not request.spec.secrets:

@@ -21,7 +21,6 @@ from airflow_remote_ml.backends.valohai._client import ValohaiAPI, _NotFound
 from airflow_remote_ml.backends.valohai._execution import (
     IDENTITY_TAG_PREFIX,
     MANIFEST_NAME,
-    RUNTIME_INPUT_SLOTS,
     LogCursor,
     ValohaiConfig,
     _handle_data,
@@ -30,9 +29,6 @@ from airflow_remote_ml.backends.valohai._execution import (
     event_line,
     events_to_fetch,
     explain_failure,
-    flag,
-    input_url_problem,
-    input_urls,
     map_status,
     match_outputs,
     new_events,
@@ -40,18 +36,21 @@ from airflow_remote_ml.backends.valohai._execution import (
     step_mode,
 )
 from airflow_remote_ml.backends.valohai._shared import ProjectWatch, watch_for
+from airflow_remote_ml.backends.valohai._validation import (
+    OPTION_NAMES,
+    check_config,
+    check_request,
+    check_step_parameters,
+    declared_step,
+)
 from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.poll import PollPolicy
-from airflow_remote_ml.core.spec import reject_unknown_options
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
 log = logging.getLogger(__name__)
-
-#: The longest client request timeout this backend accepts: create_settle_seconds must outlast it.
-MAX_REQUEST_TIMEOUT = 60.0
 
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
@@ -59,8 +58,7 @@ _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 class ValohaiBackend(Backend):
     name: ClassVar[str] = "valohai"
     config_class = ValohaiConfig
-    option_names = frozenset({"step", "commit", "environment", "title", "tags", "inputs", "parameters",
-                              "image", "priority", "runtime_config", "export_outputs"})
+    option_names = OPTION_NAMES
     # Executions take minutes; starting a machine alone takes a while. Ask often at first, then every 20 s:
     # one request per look (the execution with its latest events, see poll), so a waiting execution costs
     # 3 requests a minute including its log, and its end is noticed 10 s later on median (half the period).
@@ -80,6 +78,7 @@ class ValohaiBackend(Backend):
     def __init__(self, config: ValohaiConfig, *, api: ValohaiAPI | None = None) -> None:
         super().__init__(config)
         self.settings = _effective_settings(config)
+        check_config(self.settings)  # every setting by type and range before the client computes with it
         if api is None:
             if not self.settings.token:
                 raise ConfigError("backend_config[valohai].token", "no Valohai API token",
@@ -96,72 +95,17 @@ class ValohaiBackend(Backend):
         self._watching: dict[str, tuple[ProjectWatch, float]] = {}
         self._last_status: dict[str, RunStatus] = {}
         self._last_log_read: dict[str, float] = {}
+        # Commits' parsed valohai.yaml (None: unreadable) and their API URLs, for the parameter check.
+        self._configs: dict[tuple[str, str], Any] = {}
+        self._commit_urls: dict[str, str] = {}
 
     # -- checks and lookups ------------------------------------------------------------------------------
 
     def validate(self, request: StepRequest) -> None:
-        # Not super().validate(): profiles may come from the connection, so check them on the settings.
-        spec, settings = request.spec, self.settings
-        options = spec.options_for(self.name)
-        reject_unknown_options(f"backend_options.{self.name}", options, set(self.option_names))
-        mode, _ = step_mode(request, settings)
-        if not settings.project:
-            raise ConfigError("backend_config[valohai].project", "no Valohai project",
-                              "set 'project' (name, 'owner/name' or id) in the config or the connection")
-        if not (options.get("commit") or settings.commit or settings.branch):
-            raise ConfigError("backend_config[valohai].branch", "no commit or branch to run",
-                              "set 'branch' (e.g. 'main') or 'commit' in the config or the connection")
-        profile = settings.profile(spec.resources.profile, self.name)
-        unknown = sorted(set(profile) - {"environment"})
-        if unknown:
-            raise ConfigError(f"profiles.{spec.resources.profile}.{unknown[0]}",
-                              "is not a Valohai profile setting",
-                              "a Valohai profile sets 'environment' (a machine type slug)")
-        if spec.secrets:
-            raise ConfigError("secrets", "the valohai backend does not pass secrets",
-                              "define them as secret environment variables of the Valohai project (Valohai "
-                              "injects them into every execution) and drop them from 'secrets'")
-        if spec.resources.gpu and not (options.get("environment") or profile.get("environment")
-                                       or settings.environment):
-            raise ConfigError("resources.gpu", "Valohai picks the machine from the environment; none is set",
-                              "set resources.profile to a profile whose 'environment' is a GPU machine")
-        # The create serializer's field types (the API answers 400 otherwise): refuse them before submit.
-        for key, kind in (("tags", list), ("inputs", Mapping), ("parameters", Mapping), ("title", str),
-                          ("step", str), ("commit", str), ("environment", str), ("image", str),
-                          ("runtime_config", Mapping)):
-            if key in options and not isinstance(options[key], kind):
-                raise ConfigError(f"backend_options.valohai.{key}",
-                                  f"expected a {kind.__name__}, got {type(options[key]).__name__}",
-                                  "see docs/backends/valohai.md")
-        if "tags" in options and not all(isinstance(t, str) for t in options["tags"]):
-            raise ConfigError("backend_options.valohai.tags", "every tag must be a string", "e.g. ['nightly']")
-        if "priority" in options and (isinstance(options["priority"], bool)
-                                      or not isinstance(options["priority"], int)):
-            raise ConfigError("backend_options.valohai.priority", f"{options['priority']!r} is not an integer",
-                              "give a whole number, e.g. 1")
-        if not 0 < settings.request_timeout <= MAX_REQUEST_TIMEOUT:
-            raise ConfigError("backend_config[valohai].request_timeout",
-                              f"{settings.request_timeout!r} is not between 0 and {MAX_REQUEST_TIMEOUT:g} seconds",
-                              f"a create that outlasts the timeout is looked up for {self.create_settle_seconds:g}"
-                              " s before a new submit; keep request_timeout at most "
-                              f"{MAX_REQUEST_TIMEOUT:g}")
-        flag(options.get("export_outputs", settings.export_outputs), "backend_options.valohai.export_outputs")
-        given = [(f"inputs.{name}", url) for name, uri in spec.inputs.items() for url in input_urls(uri)]
-        given += [(f"backend_options.valohai.inputs.{name}", url)
-                  for name, value in (options.get("inputs") or {}).items()
-                  for url in ([value] if isinstance(value, str) else list(value))]
-        for field_name, url in given:
-            problem = input_url_problem(url) if isinstance(url, str) else f"{url!r} is not a URL string"
-            if problem:
-                raise ConfigError(field_name, problem,
-                                  "pass the datum:// URI of a Valohai output (set export_outputs false on an "
-                                  "upstream Valohai step), or keep artifacts where Valohai can fetch them: an "
-                                  "s3://, gs:// or azure:// [remote_ml] artifact_root the project can read")
-        if mode == "runtime":
+        # Not super().validate(): profiles may come from the connection, so they are checked on the settings.
+        check_request(request, self.settings)
+        if step_mode(request, self.settings)[0] == "runtime":
             check_code_reachable(request)
-        if mode == "runtime" and len(spec.inputs) > len(RUNTIME_INPUT_SLOTS):
-            raise ConfigError("inputs", f"the runtime step takes at most {len(RUNTIME_INPUT_SLOTS)} inputs",
-                              "pass a directory URI, or run a Valohai step declaring its own inputs")
 
     def publish_code(self, request: StepRequest) -> None:
         # A Valohai step of valohai.yaml runs the repository's own code; only the runtime step imports the
@@ -208,9 +152,46 @@ class ValohaiBackend(Backend):
                 on_branch.append(commit)
         if on_branch:
             newest = max(on_branch, key=lambda c: str(c.get("commit_time") or ""))
+            if newest.get("url"):
+                self._commit_urls[str(newest["identifier"])] = str(newest["url"])
             return str(newest["identifier"])
         raise ConfigError("backend_config[valohai].branch", f"Valohai knows no commit on branch {branch!r}",
                           "check the branch name; after pushing it set 'fetch': true so Valohai fetches it")
+
+    def _check_parameters(self, request: StepRequest, project_id: str, commit: str, step: str,
+                          values: Mapping[str, Any]) -> None:
+        """The parameter values against their types in the commit's valohai.yaml, before the create.
+
+        ``valohai-cli`` does the same: it loads the commit with ``?include=config`` and types each parameter
+        option from the step's declaration (``RemoteProject.get_config``, ``RunCommand``). Best effort: when
+        the declaration cannot be read (an outage, an old server), the create's own 400 still names the
+        field. Read once per commit and backend.
+        """
+        key = (project_id, commit)
+        if key not in self._configs:
+            try:
+                self._configs[key] = self._commit_config(project_id, commit)
+            except Exception as exc:  # the create's own validation is the backstop
+                log.info("valohai: could not read the configuration of commit %s (%s); the parameters are "
+                         "checked by Valohai itself", commit, exc)
+                self._configs[key] = None
+        declared = declared_step(self._configs[key], step)
+        if declared is None:
+            return
+        from_options = set(request.spec.options_for(self.name).get("parameters") or {})
+        check_step_parameters(declared, values, lambda name: (
+            f"backend_options.valohai.parameters.{name}" if name in from_options else f"parameters.{name}"))
+
+    def _commit_config(self, project_id: str, commit: str) -> Any:
+        url = self._commit_urls.get(commit)
+        if url is None:
+            params = {"project": project_id, "identifier": commit, "limit": 100}
+            page = self.api.request("GET", "commits/", params=params, retry=False)
+            found = [c for c in (page.get("results") or []) if c.get("identifier") == commit]
+            if not found:
+                return None
+            url = str(found[0].get("url") or f"commits/{found[0]['id']}/")
+        return (self.api.request("GET", url, params={"include": "config"}, retry=False) or {}).get("config")
 
     def _handle(self, execution: Mapping[str, Any], data: Mapping[str, Any]) -> RunHandle:
         url = (execution.get("urls") or {}).get("display")
@@ -231,6 +212,8 @@ class ValohaiBackend(Backend):
             self.api.request("POST", f"projects/{project_id}/fetch/", json_body={})
         if not (request.spec.options_for(self.name).get("commit") or self.settings.commit):
             body["commit"] = self.branch_commit(project_id, str(self.settings.branch))
+        if data["mode"] == "step" and body["parameters"]:
+            self._check_parameters(request, project_id, str(body["commit"]), str(body["step"]), body["parameters"])
         # Sent once: creating is not idempotent. A timeout, a dropped connection or a 5xx leaves the outcome
         # unknown (the execution may exist), so it surfaces as TransientBackendError and the lifecycle looks
         # the identity tag up for create_settle_seconds before any new submit; a 429 was refused for now

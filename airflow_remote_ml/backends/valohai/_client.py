@@ -16,6 +16,7 @@ from airflow_remote_ml.core.errors import (
     ArtifactError,
     BackendAPIError,
     ConfigError,
+    InvalidRequestError,
     TransientBackendError,
 )
 from airflow_remote_ml.core.poll import parse_retry_after
@@ -127,10 +128,19 @@ class ValohaiAPI:
             return ConfigError("conn_id" if self.conn_id else "token",
                                f"Valohai at {self.host} refused the API token ({detail})", fix)
         if code == 400 and isinstance(body, dict) and body and "detail" not in body:
+            # DRF's field errors, {"<field>": [{"message", "code"}]} (valohai-cli's error formatter and its
+            # find_error(..., code="does_not_exist") read this shape): the request is wrong, retrying cannot
+            # help. An InvalidRequestError is a ConfigError, so the task fails once, naming Valohai's field.
             name = next(iter(body))
             problems = "; ".join(f"{k}: {_field_text(v)}" for k, v in body.items())
-            return ConfigError(f"valohai.{name}", f"Valohai refused {where}: {problems}",
-                               _FIELD_FIXES.get(name, "fix the field Valohai names"))
+            # valohai-cli's ErrorFormatter treats these keys as errors of no one field.
+            field = "valohai" if name in ("non_field_errors", "error") else f"valohai.{name}"
+            inner = body[name]
+            if isinstance(inner, dict) and inner and not {"message", "code"} & set(inner):
+                # A nested serializer or a DictField (parameters, inputs) keys its errors by the item.
+                field += f".{next(iter(inner))}"
+            return InvalidRequestError("valohai", field, f"{where}: {problems}", code,
+                                       _FIELD_FIXES.get(name, "fix the field Valohai names"))
         if code == 403:
             return BackendAPIError("valohai", f"{where}: permission denied ({detail}); the token's user "
                                    "needs access to the project", code)
