@@ -201,17 +201,19 @@ def retention_of(config: Any, backend: str) -> Retention:
     return Retention.from_config(getattr(config, "retention", None), backend)
 
 
-def retire(admin: JobAdmin, retention: Retention, *, now: float | None = None,
-           limit: int = RETIRE_BATCH, jobs: Sequence[JobInfo] | None = None) -> list[JobInfo]:
+def retire(admin: JobAdmin, retention: Retention, *, now: float | None = None, limit: int = RETIRE_BATCH,
+           jobs: Sequence[JobInfo] | None = None, keep: str | None = None) -> list[JobInfo]:
     """Remove up to ``limit`` jobs the policy retires (the oldest first); what was removed.
 
     Called as each job finishes (from a backend's ``cleanup``): one listing and at most ``limit`` removals,
-    so a finishing task never pays for a whole backlog. A removal that fails is logged and skipped.
+    so a finishing task never pays for a whole backlog. ``keep``: the job that just finished, never retired
+    by its own finish (its log is what its user looks at now). A removal that fails is logged and skipped.
     """
     if retention.max_age is None and retention.max_count is None:
         return []
     now = clock() if now is None else now
-    chosen = retention.select(admin.list_jobs(None) if jobs is None else jobs, now)[:max(0, limit)]
+    listed = admin.list_jobs(None) if jobs is None else jobs
+    chosen = [j for j in retention.select(listed, now) if j.job_id != keep][:max(0, limit)]
     removed = []
     for job in chosen:
         try:

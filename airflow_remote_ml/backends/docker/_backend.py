@@ -409,7 +409,7 @@ class DockerBackend(Backend):
         else:
             self._remove(handle)
         # Kept containers (failed ones, removal_policy=never) go when the retention policy retires them.
-        _jobs.retire_containers(self)
+        _jobs.retire_containers(self, keep=handle.job_id)
 
     # -- jobs (see ._jobs) ----------------------------------------------------------------------------------
 

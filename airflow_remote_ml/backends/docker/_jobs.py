@@ -118,7 +118,7 @@ def remove(backend: DockerBackend, job: JobInfo) -> None:
                                                                                if job.handle else job.job_id)}))
 
 
-def retire_containers(backend: DockerBackend) -> list[JobInfo]:
+def retire_containers(backend: DockerBackend, keep: str | None = None) -> list[JobInfo]:
     """The retention policy as one container finishes: one list call, and inspects only where age needs it.
 
     The count limit needs only the order (creation time, from the list). An age limit needs the end time,
@@ -140,4 +140,4 @@ def retire_containers(backend: DockerBackend) -> list[JobInfo]:
             if attrs is not None:
                 refined[job.job_id] = _job(backend, summaries[job.job_id], attrs)
         jobs = [refined.get(j.job_id, j) for j in jobs]
-    return retire(backend, retention, jobs=jobs)
+    return retire(backend, retention, jobs=jobs, keep=keep)

@@ -644,7 +644,7 @@ class KubernetesBackend(Backend):
         """
         key = self._key(handle)
         if key in self._deleted:
-            self._retire()
+            self._retire(handle)
             return
         namespace, name = key
         if not self._removes(status, self._pods.get(key)):
@@ -653,11 +653,11 @@ class KubernetesBackend(Backend):
                          self.config.delete_policy)
         else:
             self._delete(namespace, name, None)
-        self._retire()
+        self._retire(handle)
 
-    def _retire(self) -> None:
+    def _retire(self, handle: RunHandle) -> None:
         """Kept pods (failed ones, delete_policy=never) go when the retention policy retires them."""
-        retire(self, retention_of(self.config, self.name))
+        retire(self, retention_of(self.config, self.name), keep=handle.job_id)
 
     # -- jobs (see ._jobs) ------------------------------------------------------------------------------------
 

@@ -240,6 +240,8 @@ class LocalBackend(Backend):
         The same call serves the worker and the trigger (``acancel``), from any process.
         """
         job_dir = handle.data["job_dir"]
+        if not os.path.isdir(job_dir):
+            return  # removed (``jobs gc``, retention): only a terminal job's directory is ever removed
         if _read(os.path.join(job_dir, "exit_code")) is None:
             with open(os.path.join(job_dir, "cancelled"), "w", encoding="utf-8") as fh:
                 fh.write(str(time.time()))
@@ -290,7 +292,7 @@ class LocalBackend(Backend):
 
     def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
         """Job directories are kept (the log, for debugging) until the retention policy retires them."""
-        retire(self, retention_of(self.config, self.name))
+        retire(self, retention_of(self.config, self.name), keep=handle.job_id)
 
     # -- jobs (see ._jobs) ----------------------------------------------------------------------------------
 
