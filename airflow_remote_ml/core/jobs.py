@@ -177,21 +177,29 @@ class Retention:
             max_count = count
         return cls(max_age, max_count)
 
-    def select(self, jobs: Iterable[JobInfo], now: float) -> list[JobInfo]:
+    def select(self, jobs: Iterable[JobInfo], now: float, newest: str | None = None) -> list[JobInfo]:
         """The jobs this policy retires, oldest first: terminal, marked finished by Airflow, removable,
         and either ended more than ``max_age`` ago or beyond the ``max_count`` newest such jobs.
 
         Age counts from the job's end; a job whose end is unknown is retired by count only (its creation
-        says nothing about when a long step ended). Ranks order by end, else creation, newest first."""
+        says nothing about when a long step ended). Ranks order by end, then creation, newest first;
+        ``newest`` (the job that just finished) ranks first whatever its clock says, and is never retired.
+        Platforms stamp times to the second: two quick steps often end within the same one."""
         done = [j for j in jobs if not j.running and j.marked_finished and j.removable]
-        # A job whose times are all unknown counts as the newest: never retired on a guess.
-        done.sort(key=lambda j: (j.ended_at if j.ended_at is not None else math.inf, j.job_id), reverse=True)
+
+        def order(j: JobInfo) -> tuple[bool, float, float, str]:
+            # A job whose times are unknown counts as the newest: never retired on a guess.
+            unknown = math.inf
+            return (j.job_id == newest, j.ended_at if j.ended_at is not None else unknown,
+                    j.created if j.created is not None else unknown, j.job_id)
+
+        done.sort(key=order, reverse=True)
         retired = []
         for rank, job in enumerate(done):
             too_many = self.max_count is not None and rank >= self.max_count
             too_old = (self.max_age is not None and job.finished is not None
                        and now - job.finished > self.max_age)
-            if too_many or too_old:
+            if (too_many or too_old) and job.job_id != newest:
                 retired.append(job)
         return retired[::-1]
 
@@ -213,18 +221,23 @@ def retire(admin: JobAdmin, retention: Retention, *, now: float | None = None, l
         return []
     now = clock() if now is None else now
     listed = admin.list_jobs(None) if jobs is None else jobs
-    chosen = [j for j in retention.select(listed, now) if j.job_id != keep][:max(0, limit)]
+    removed = remove_jobs(admin, retention.select(listed, now, newest=keep), limit)
+    if removed:
+        log.info("%s: removed %d finished job(s) by the retention policy (max_age=%s s, max_count=%s)",
+                 admin.name, len(removed), retention.max_age, retention.max_count)
+    return removed
+
+
+def remove_jobs(admin: JobAdmin, jobs: Sequence[JobInfo], limit: int = RETIRE_BATCH) -> list[JobInfo]:
+    """Remove the first ``limit`` of ``jobs``; a removal that fails is logged and skipped. What was removed."""
     removed = []
-    for job in chosen:
+    for job in jobs[:max(0, limit)]:
         try:
             admin.remove_job(job)
         except Exception as exc:  # one stuck job must not stop the others, nor fail the finishing task
             log.warning("%s: could not remove job %s (%s): %s", admin.name, job.job_id, job.where, exc)
             continue
         removed.append(job)
-    if removed:
-        log.info("%s: removed %d finished job(s) by the retention policy (max_age=%s s, max_count=%s)",
-                 admin.name, len(removed), retention.max_age, retention.max_count)
     return removed
 
 

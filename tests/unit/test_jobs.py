@@ -299,3 +299,12 @@ def test_retention_off_keeps_everything(tmp_path):
     backend = make_backend(tmp_path, retention=False)
     handles = [finish(backend, make_request(tmp_path, command=["python3", "-c", "pass"]))[0] for _ in range(2)]
     assert all(os.path.isdir(h.data["job_dir"]) for h in handles)
+
+
+def test_the_job_that_just_finished_ranks_newest_even_within_the_same_second():
+    # Kubernetes and Docker stamp times to the second: the finishing job may tie with (or, by its clock,
+    # trail) the one before it. It is the newest all the same, and never retired by its own finish.
+    jobs = [job("zzz-previous", finished=NOW, created=NOW), job("aaa-just-finished", finished=NOW, created=NOW - 1)]
+    retired = Retention(None, 1).select(jobs, NOW, newest="aaa-just-finished")
+    assert [j.job_id for j in retired] == ["zzz-previous"]
+    assert Retention(0.0, 0).select(jobs[1:], NOW + DAY, newest="aaa-just-finished") == []
