@@ -121,6 +121,11 @@ def test_the_provider_registers_the_command_group(airflow_db, tmp_path):
     assert "jobs" in group
     jobs = deployment.airflow("remote-ml", "jobs", "--help").stdout
     assert all(name in jobs for name in ("list", "cancel", "gc"))
+    # docs/operations.md shows this very help text.
+    doc = (REPO / "docs" / "operations.md").read_text()
+    shown = doc.split("$ airflow remote-ml jobs --help\n", 1)[1].split("```", 1)[0]
+    assert [line.rstrip() for line in shown.strip().splitlines()] == \
+        [line.rstrip() for line in jobs.strip().splitlines()]
     info = deployment.airflow("providers", "get", "airflow-remote-ml", "--full", "-o", "json").stdout
     assert "airflow_remote_ml.cli.get_cli_commands" in info
     bad = deployment.airflow("remote-ml", "jobs", "list", "--older-than", "soon", check=False)

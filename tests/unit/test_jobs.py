@@ -7,9 +7,11 @@ Clocks are injected (``core.jobs.clock`` and ``now=``); no test waits for time t
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -308,3 +310,20 @@ def test_the_job_that_just_finished_ranks_newest_even_within_the_same_second():
     retired = Retention(None, 1).select(jobs, NOW, newest="aaa-just-finished")
     assert [j.job_id for j in retired] == ["zzz-previous"]
     assert Retention(0.0, 0).select(jobs[1:], NOW + DAY, newest="aaa-just-finished") == []
+
+
+# -- docs/operations.md says what the code does ----------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+
+
+def test_the_documented_retention_settings_are_accepted_and_the_documented_error_is_real(tmp_path):
+    text = DOC.read_text()
+    example = json.loads(text.split("```json\n", 1)[1].split("```", 1)[0])
+    assert Retention.from_config(example["local"]["retention"], "local") == Retention(7 * DAY, 100)
+    assert Retention.from_config(example["docker"]["retention"], "docker") == Retention(2 * DAY, 20)
+    assert Retention.from_config(example["kubernetes"]["retention"], "kubernetes") == Retention(None, None)
+    with pytest.raises(ConfigError) as info:
+        LocalBackend.from_config({"state_dir": str(tmp_path), "retention": {"max_age": "a week"}})
+    assert f"`{info.value}`" in " ".join(text.split())
+    assert f"at most {RETIRE_BATCH} removals" in text
