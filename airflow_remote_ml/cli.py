@@ -246,13 +246,15 @@ def _each_backend(args: argparse.Namespace, act: Any) -> None:
     from airflow_remote_ml.core import jobs as core_jobs
     from airflow_remote_ml.core.errors import RemoteMLError
 
+    if args.older_than is not None:  # a bad value is the user's, not a backend's failure: refuse it first
+        core_jobs.parse_duration(args.older_than, "--older-than")
     failed = []
     for backend in _backends(args):
         try:
             act(backend, rows_for(backend, args, core_jobs.clock()))
-        except RemoteMLError as exc:
+        except Exception as exc:  # one unreachable backend must not hide the others' jobs
             failed.append(backend.name)
-            _note(f"{backend.name}: {exc}")
+            _note(f"{backend.name}: {exc if isinstance(exc, RemoteMLError) else f'{type(exc).__name__}: {exc}'}")
         finally:
             backend.close()
     if failed:
