@@ -90,7 +90,10 @@ def _job(backend: DockerBackend, summary: dict[str, Any], attrs: dict[str, Any] 
 
 def label_filter(backend: DockerBackend) -> list[str]:
     """Ours, and carrying every label the configuration puts on its containers: two deployments that share an
-    engine and set ``labels`` each see (and retire) only their own. The engine ANDs several label filters."""
+    engine and set ``labels`` each see (and retire) only their own.
+
+    Several ``label`` filters must all match (the engine's list filter, ``docker ps --filter label=a
+    --filter label=b``; docker-py documents ``label`` as "a list of such" in ``APIClient.containers``)."""
     return [f"{LABEL_MANAGED_BY}={MANAGED_BY}", *(f"{k}={v}" for k, v in sorted(backend.config.labels.items()))]
 
 

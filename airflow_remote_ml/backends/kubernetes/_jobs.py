@@ -69,7 +69,8 @@ def _job(backend: KubernetesBackend, pod: dict[str, Any]) -> JobInfo:
 def list_jobs(backend: KubernetesBackend, dag_id: str | None = None) -> list[JobInfo]:
     """Every pod of this provider in the namespace (of ``dag_id`` only), newest first."""
     # Ours, with every label the configuration puts on its pods: two deployments sharing a namespace and
-    # setting ``labels`` each see (and retire) only their own. A selector's terms are ANDed.
+    # setting ``labels`` each see (and retire) only their own. A selector's comma-separated requirements must
+    # all hold (Kubernetes "Labels and Selectors": the comma acts as a logical AND).
     selector = ",".join([f"{LABEL_MANAGED_BY}={MANAGED_BY}",
                          *(f"{k}={v}" for k, v in sorted(backend.config.labels.items()))])
     body = backend._json("listing pods", backend.core.list_namespaced_pod, backend.namespace(),

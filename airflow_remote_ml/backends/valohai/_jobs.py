@@ -5,8 +5,9 @@ tags, so the newest ``find_scan_limit`` executions are scanned, as ``find`` does
 the step document the runtime reads (``REMOTE_ML_STEP`` in the execution's environment, runtime mode),
 checked against the tag; a plain Valohai step (step mode) only says its DAG and task in readable tags.
 
-Nothing is removed: a finished execution holds no machine, and deleting it would delete its outputs
-(data other steps may read as ``datum://`` URIs) with it.
+Nothing is removed: a finished execution holds no machine, and it is the lineage record of its outputs
+(datums other steps may read as ``datum://`` URIs); deleting executions is left to the platform's own
+data retention.
 """
 
 from __future__ import annotations
@@ -89,4 +90,4 @@ def list_jobs(backend: ValohaiBackend, dag_id: str | None = None) -> list[JobInf
 
 
 def remove(backend: ValohaiBackend, job: JobInfo) -> None:
-    """Nothing to remove: deleting an execution would delete its outputs with it."""
+    """Nothing to remove: a finished execution holds no machine; it is the record of its outputs' lineage."""
