@@ -220,7 +220,11 @@ def retire(admin: JobAdmin, retention: Retention, *, now: float | None = None, l
     if retention.max_age is None and retention.max_count is None:
         return []
     now = clock() if now is None else now
-    listed = admin.list_jobs(None) if jobs is None else jobs
+    try:
+        listed = admin.list_jobs(None) if jobs is None else jobs
+    except Exception as exc:  # retention is housekeeping: the step's own outcome stands, the next finish retries
+        log.warning("%s: could not list jobs for the retention policy: %s", admin.name, exc)
+        return []
     removed = remove_jobs(admin, retention.select(listed, now, newest=keep), limit)
     if removed:
         log.info("%s: removed %d finished job(s) by the retention policy (max_age=%s s, max_count=%s)",

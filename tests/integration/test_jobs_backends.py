@@ -152,6 +152,31 @@ class TestDockerJobs(JobsContract):
                 container.remove(force=True)
 
 
+    def test_finishing_a_container_retires_kept_ones_that_ended_long_ago(self, engine, artifact_root, image,  # noqa: F811
+                                                                         monkeypatch):
+        from airflow_remote_ml.backends.docker import DockerBackend
+        from airflow_remote_ml.core import jobs as core_jobs
+
+        run = uuid.uuid4().hex[:12]
+        backend = DockerBackend.from_config({"network_mode": "none", "pull": "never", "removal_policy": "never",
+                                             "labels": {TEST_LABEL: run},
+                                             "retention": {"max_age": "1h", "max_count": None}})
+        try:
+            dag_id = f"jobs-{uuid.uuid4().hex[:8]}"
+            old = self.finished(backend, self.request(artifact_root, image, dag_id, command=QUICK_STEP))
+            backend.cleanup(old, backend.poll(old))
+            assert old.job_id in self.mine(backend, dag_id)  # ended just now: kept
+            # Two hours later by the clock retention reads: the old container ended (State.FinishedAt) too long ago.
+            monkeypatch.setattr(core_jobs, "clock", lambda: time.time() + 7200)
+            new = self.finished(backend, self.request(artifact_root, image, dag_id, command=QUICK_STEP))
+            backend.cleanup(new, backend.poll(new))
+            assert set(self.mine(backend, dag_id)) == {new.job_id}
+        finally:
+            backend.close()
+            for container in engine.containers.list(all=True, filters={"label": f"{TEST_LABEL}={run}"}):
+                container.remove(force=True)
+
+
 class TestKubernetesJobs(JobsContract):
     @pytest.fixture
     def backend(self, k8s, k8s_root):  # noqa: F811

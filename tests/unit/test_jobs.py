@@ -327,3 +327,12 @@ def test_the_documented_retention_settings_are_accepted_and_the_documented_error
         LocalBackend.from_config({"state_dir": str(tmp_path), "retention": {"max_age": "a week"}})
     assert f"`{info.value}`" in " ".join(text.split())
     assert f"at most {RETIRE_BATCH} removals" in text
+
+
+def test_a_listing_that_fails_costs_the_finishing_step_nothing(caplog):
+    class Down(Admin):
+        def list_jobs(self, dag_id: str | None = None) -> list[JobInfo]:
+            raise OSError("engine unreachable")
+
+    assert retire(Down([]), Retention(DAY, 1), now=NOW) == []
+    assert "could not list jobs for the retention policy: engine unreachable" in caplog.text

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from airflow_remote_ml.backends.docker._config import LABEL_MANIFEST, MARK_FINISHED
 from airflow_remote_ml.backends.docker._containers import marks, status_from_inspect
 from airflow_remote_ml.core.identity import LABEL_DAG_ID, LABEL_MANAGED_BY, LABEL_STEP_ID, LABEL_TASK_ID, MANAGED_BY
+from airflow_remote_ml.core import jobs as core_jobs
 from airflow_remote_ml.core.jobs import (
     RETIRE_BATCH,
     JobInfo,
-    clock,
     identity_from_manifest_uri,
     remove_jobs,
     retention_of,
@@ -144,7 +144,11 @@ def retire_containers(backend: DockerBackend, keep: str | None = None) -> list[J
     retention = retention_of(backend.config, backend.name)
     if retention.max_age is None and retention.max_count is None:
         return []
-    summaries = {s["Id"][:12]: s for s in _summaries(backend)}
+    try:
+        summaries = {s["Id"][:12]: s for s in _summaries(backend)}
+    except Exception as exc:  # housekeeping: the step's own outcome stands, the next finish retries
+        log.warning("docker: could not list containers for the retention policy: %s", exc)
+        return []
     done = [j for j in (_job(backend, s, None) for s in summaries.values())
             if not j.running and j.marked_finished]
     inspected: dict[str, JobInfo] = {}
@@ -168,7 +172,7 @@ def retire_containers(backend: DockerBackend, keep: str | None = None) -> list[J
             done = sorted([precise(j) if j.created == boundary else j for j in done], key=rank, reverse=True)
         chosen.update((j.job_id, j) for j in done[retention.max_count:])
     if retention.max_age is not None:
-        cutoff = clock() - retention.max_age
+        cutoff = core_jobs.clock() - retention.max_age
         old = sorted((j for j in done if (j.created or 0.0) < cutoff and j.job_id not in chosen),
                      key=lambda j: j.created or 0.0)
         for job in old[:RETIRE_BATCH]:
