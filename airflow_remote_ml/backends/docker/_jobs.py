@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from airflow_remote_ml.backends.docker._config import LABEL_MANIFEST, MARK_FINISHED
 from airflow_remote_ml.backends.docker._containers import marks, status_from_inspect
-from airflow_remote_ml.core.identity import LABEL_DAG_ID, LABEL_MANAGED_BY, LABEL_STEP_ID, LABEL_TASK_ID, MANAGED_BY
 from airflow_remote_ml.core import jobs as core_jobs
+from airflow_remote_ml.core.identity import LABEL_DAG_ID, LABEL_MANAGED_BY, LABEL_STEP_ID, LABEL_TASK_ID, MANAGED_BY
 from airflow_remote_ml.core.jobs import (
     RETIRE_BATCH,
     JobInfo,
