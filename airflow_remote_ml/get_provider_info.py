@@ -38,6 +38,8 @@ def get_provider_info() -> dict[str, Any]:
         ],
         "extra-links": ["airflow_remote_ml.links.RemoteJobLink"],
         "plugins": [{"name": "remote_ml", "plugin-class": "airflow_remote_ml.ui.plugin.RemoteMLPlugin"}],
+        # `airflow remote-ml jobs list|cancel|gc` (Airflow >= 3.3 reads provider CLI commands from here).
+        "cli": ["airflow_remote_ml.cli.get_cli_commands"],
         "config": {
             "remote_ml": {
                 "description": "Settings of the airflow-remote-ml provider.",

@@ -118,6 +118,9 @@ class BackendConfig:
     """
 
     profiles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: How long finished jobs are kept (see :class:`airflow_remote_ml.core.jobs.Retention`): a mapping
+    #: ``{"max_age": "7d", "max_count": 100}``, ``false`` to keep all, or unset for those defaults.
+    retention: dict[str, Any] | bool | None = None
 
     #: Whether naming a profile this configuration does not define is an error. Production backends say
     #: yes (a typo must not land a GPU job on the default pool); laptop backends (local, docker) run the
@@ -134,6 +137,10 @@ class BackendConfig:
         reject_unknown_options(prefix, data, set(fields))
         for name, value in data.items():
             _check_container_type(f"{prefix}.{name}", value, fields[name])
+        if "retention" in data:  # refused here, before anything is submitted, not when a job finishes
+            from airflow_remote_ml.core.jobs import Retention
+
+            Retention.from_config(data["retention"], backend)
         return cls(**dict(data))
 
     def to_json(self) -> dict[str, Any]:

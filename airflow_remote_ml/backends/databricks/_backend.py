@@ -21,6 +21,7 @@ from airflow.providers.databricks.hooks.databricks import DatabricksHook
 from tenacity import stop_after_attempt
 
 from airflow_remote_ml import runtime
+from airflow_remote_ml.backends.databricks import _jobs
 from airflow_remote_ml.backends.databricks._errors import RetryAfterWait, map_error
 from airflow_remote_ml.backends.databricks._payload import (
     NAME,
@@ -49,6 +50,7 @@ from airflow_remote_ml.core.errors import (
     RemoteMLError,
 )
 from airflow_remote_ml.core.identity import StepIdentity
+from airflow_remote_ml.core.jobs import JobInfo
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
@@ -576,6 +578,14 @@ class DatabricksBackend(Backend):
             if exc.status_code != 400:  # 400 INVALID_STATE: already over, which is what we want
                 raise
         self._forget_fresh(run_id)
+
+    # -- jobs (see ._jobs) ----------------------------------------------------------------------------------
+
+    def list_jobs(self, dag_id: str | None = None) -> list[JobInfo]:
+        return _jobs.list_jobs(self, dag_id)
+
+    def remove_job(self, job: JobInfo) -> None:
+        _jobs.remove(self, job)
 
     async def acancel(self, handle: RunHandle) -> None:
         run_id = int(handle.data["run_id"])

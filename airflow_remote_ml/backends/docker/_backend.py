@@ -18,6 +18,7 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
+from airflow_remote_ml.backends.docker import _jobs
 from airflow_remote_ml.backends.docker._config import (
     DEFAULT_SOCKET,
     LABEL_MANIFEST,
@@ -52,6 +53,7 @@ from airflow_remote_ml.core.artifacts import is_local, local_path, read_json
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, InvalidRequestError, TransientBackendError
 from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
+from airflow_remote_ml.core.jobs import JobInfo
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
 
@@ -414,8 +416,18 @@ class DockerBackend(Backend):
             if not status.is_successful:
                 log.info("docker: keeping container %s for debugging (removal_policy=%s)", handle.job_id,
                          self.config.removal_policy)
-            return
-        self._remove(handle)
+        else:
+            self._remove(handle)
+        # Kept containers (failed ones, removal_policy=never) go when the retention policy retires them.
+        _jobs.retire_containers(self, keep=handle.job_id)
+
+    # -- jobs (see ._jobs) ----------------------------------------------------------------------------------
+
+    def list_jobs(self, dag_id: str | None = None) -> list[JobInfo]:
+        return _jobs.list_jobs(self, dag_id)
+
+    def remove_job(self, job: JobInfo) -> None:
+        _jobs.remove(self, job)
 
     def _remove(self, handle: RunHandle) -> None:
         try:

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 import kubernetes  # noqa: F401 - a missing SDK must surface as BackendUnavailableError when the module loads
 
+from airflow_remote_ml.backends.kubernetes import _jobs, validation
 from airflow_remote_ml.backends.kubernetes import logs as logcursor
-from airflow_remote_ml.backends.kubernetes import validation
 from airflow_remote_ml.backends.kubernetes.client import (
     AlreadyExists,
     ConnectionSettings,
@@ -60,6 +60,7 @@ from airflow_remote_ml.core.artifacts import read_json
 from airflow_remote_ml.core.backend import Backend, StepRequest, result_from_manifest
 from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
+from airflow_remote_ml.core.jobs import JobInfo, retention_of, retire
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
@@ -643,14 +644,28 @@ class KubernetesBackend(Backend):
         """
         key = self._key(handle)
         if key in self._deleted:
+            self._retire(handle)
             return
         namespace, name = key
         if not self._removes(status, self._pods.get(key)):
             if not status.is_successful:
                 log.info("kubernetes: keeping pod %s/%s for debugging (delete_policy=%s)", namespace, name,
                          self.config.delete_policy)
-            return
-        self._delete(namespace, name, None)
+        else:
+            self._delete(namespace, name, None)
+        self._retire(handle)
+
+    def _retire(self, handle: RunHandle) -> None:
+        """Kept pods (failed ones, delete_policy=never) go when the retention policy retires them."""
+        retire(self, retention_of(self.config, self.name), keep=handle.job_id)
+
+    # -- jobs (see ._jobs) ------------------------------------------------------------------------------------
+
+    def list_jobs(self, dag_id: str | None = None) -> list[JobInfo]:
+        return _jobs.list_jobs(self, dag_id)
+
+    def remove_job(self, job: JobInfo) -> None:
+        _jobs.remove(self, job)
 
     # -- results ----------------------------------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import time
 from typing import Any, ClassVar
 
 from airflow_remote_ml import runtime
+from airflow_remote_ml.backends.local import _jobs
 from airflow_remote_ml.backends.local._config import LocalConfig, step_environment
 from airflow_remote_ml.backends.local._procs import (
     StepProcesses,
@@ -32,6 +33,7 @@ from airflow_remote_ml.backends.local._validation import check_request
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import StepIdentity
+from airflow_remote_ml.core.jobs import JobInfo, retention_of, retire
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
 
@@ -231,6 +233,8 @@ class LocalBackend(Backend):
         The same call serves the worker and the trigger (``acancel``), from any process.
         """
         job_dir = handle.data["job_dir"]
+        if not os.path.isdir(job_dir):
+            return  # removed (``jobs gc``, retention): only a terminal job's directory is ever removed
         if _read(os.path.join(job_dir, "exit_code")) is None:
             with open(os.path.join(job_dir, "cancelled"), "w", encoding="utf-8") as fh:
                 fh.write(str(time.time()))
@@ -278,6 +282,18 @@ class LocalBackend(Backend):
     def mark_finished(self, handle: RunHandle) -> None:
         with contextlib.suppress(OSError), open(os.path.join(handle.data["job_dir"], "finished"), "w") as fh:
             fh.write(str(time.time()))
+
+    def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
+        """Job directories are kept (the log, for debugging) until the retention policy retires them."""
+        retire(self, retention_of(self.config, self.name), keep=handle.job_id)
+
+    # -- jobs (see ._jobs) ----------------------------------------------------------------------------------
+
+    def list_jobs(self, dag_id: str | None = None) -> list[JobInfo]:
+        return _jobs.list_jobs(self, dag_id)
+
+    def remove_job(self, job: JobInfo) -> None:
+        _jobs.remove(self, job)
 
     # -- process bookkeeping -----------------------------------------------------------------------------
 

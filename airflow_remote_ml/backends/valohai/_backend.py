@@ -17,6 +17,7 @@ from dataclasses import fields
 from typing import Any, ClassVar
 from urllib.parse import urljoin
 
+from airflow_remote_ml.backends.valohai import _jobs
 from airflow_remote_ml.backends.valohai._client import ValohaiAPI, _NotFound
 from airflow_remote_ml.backends.valohai._execution import (
     IDENTITY_TAG_PREFIX,
@@ -47,6 +48,7 @@ from airflow_remote_ml.core.artifacts import is_local, local_path
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
+from airflow_remote_ml.core.jobs import JobInfo
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
@@ -287,6 +289,14 @@ class ValohaiBackend(Backend):
         exit_code = manifest.get("exit_code")
         return RunStatus(status.state, status.remote_state, message,
                          exit_code if exit_code is not None else status.exit_code, status.reason)
+
+    # -- jobs (see ._jobs) ----------------------------------------------------------------------------------
+
+    def list_jobs(self, dag_id: str | None = None) -> list[JobInfo]:
+        return _jobs.list_jobs(self, dag_id)
+
+    def remove_job(self, job: JobInfo) -> None:
+        _jobs.remove(self, job)
 
     def cancel(self, handle: RunHandle) -> None:
         try:
