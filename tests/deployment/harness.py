@@ -423,11 +423,23 @@ class Deployment:
                          map_index=map_index)
         return entry["value"]
 
+    def xcom_keys(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[str]:
+        """The keys of every XCom row of one task instance (``GET .../xcomEntries``)."""
+        body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries",
+                        map_index=map_index, limit=100)
+        return sorted(entry["key"] for entry in body["xcom_entries"])
+
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> list[str]:
         """The task's log as its events (``GET .../logs/{try}`` with ``Accept: application/json``)."""
         body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
                         full_content="true", map_index=map_index)
         return [item["event"] if isinstance(item, dict) else str(item) for item in body["content"]]
+
+    def task_log_json(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
+        """The task's whole log as JSON text: each event with its fields (an error's ``error_detail`` too)."""
+        body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                        full_content="true", map_index=map_index)
+        return json.dumps(body["content"])
 
     def describe_run(self, dag_id: str, run_id: str) -> str:
         """Every task instance of a run, with the log of its latest try: what a failure report needs."""
