@@ -197,7 +197,8 @@ class Deployment:
     # -- life ------------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, home: Path) -> Deployment:
+    def start(cls, home: Path, extra_dags: Path | None = None) -> Deployment:
+        """Start a deployment in ``home``; ``extra_dags`` adds a DAG bundle (bench/bench_deferred.py's DAGs)."""
         database = f"{DATABASE_PREFIX}{os.getpid()}"
         url = postgres("--database", database)
         drop_stale_databases(url)
@@ -212,12 +213,16 @@ class Deployment:
         # Every process of this deployment carries this mark, so teardown finds each one, orphans too.
         env["REMOTE_ML_DEPLOYMENT_TEST"] = str(home)
         # Two DAG bundles: the repository's dags/ and the test-only DAGs next to this file.
-        env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps([
+        bundles = [
             {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
              "kwargs": {}},
             {"name": "deployment-tests", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
              "kwargs": {"path": str(TEST_DAGS)}},
-        ])
+        ]
+        if extra_dags is not None:
+            bundles.append({"name": "extra", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                            "kwargs": {"path": str(extra_dags)}})
+        env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(bundles)
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
         home.mkdir(parents=True, exist_ok=True)
