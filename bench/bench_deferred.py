@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -46,8 +47,14 @@ def load() -> str:
 
 
 def tis(live: Deployment, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    body = live.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", task_id="step", limit=1000)
-    return [ti for ti in body["task_instances"] if ti["task_id"] == "step" and ti["map_index"] >= 0]
+    """Every mapped task instance of the run, page by page (the API serves at most 100 per page)."""
+    found: list[dict[str, Any]] = []
+    while True:
+        body = live.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100, offset=len(found))
+        found.extend(body["task_instances"])
+        if not body["task_instances"] or len(found) >= body["total_entries"]:
+            break
+    return [ti for ti in found if ti["task_id"] == "step" and ti["map_index"] >= 0]
 
 
 def one_round(live: Deployment, side: str, steps: int, root: Path) -> dict[str, Any]:
@@ -96,6 +103,8 @@ def main() -> int:
     parser.add_argument("--only", choices=sorted(DAGS), help="measure one side only (to look into it)")
     parser.add_argument("--keep", type=Path, help="run the deployment in this directory and keep its logs")
     args = parser.parse_args()
+    # A SIGTERM (a bounded run's timeout) still stops the deployment: the finally below runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     command = f".venv/bin/python bench/bench_deferred.py --steps {args.steps} --rounds {args.rounds}"
     start_load = load()
     with tempfile.TemporaryDirectory(prefix="bench-deferred-") as tmp:
