@@ -24,14 +24,16 @@ from airflow_remote_ml.core.status import RunHandle, RunStatus
 from airflow_remote_ml.core.validation import build_operator_spec, check_backend_name, validate_operator_arguments
 from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
-from airflow_remote_ml.triggers import RemoteStepTrigger, checkpoint_uri, result_xcoms
+from airflow_remote_ml.results import StepResultArg
+from airflow_remote_ml.triggers import RemoteStepTrigger, checkpoint_uri
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
 #: Key of this operator's record in Airflow's task state store.
 STATE_KEY = "airflow_remote_ml"
-#: XCom keys the operator pushes besides ``return_value``; an output may not take one of these names.
+#: Names an output may not take: the keys of the step's result and the XCom keys of earlier versions
+#: (which pushed ``outputs``, ``metrics`` and each output under its own key; see docs/concepts.md).
 RESERVED_XCOM_KEYS = frozenset({"return_value", "outputs", "metrics", "backend", "job_id", "url",
                                 "remote_job_url"})
 #: Extra seconds past a step's own timeout before Airflow cancels it (the runtime stops it first).
@@ -68,7 +70,7 @@ class RemoteExecutionOperator(BaseOperator):
         parameters: JSON-serialisable parameters of the step.
         env: environment variables of the step.
         secrets: ``{ENV_NAME: 'secret-name/key'}`` references resolved where the step runs.
-        inputs: ``{name: uri}``; an upstream step's ``.output["outputs"]["name"]`` works.
+        inputs: ``{name: uri}``; an upstream step's ``.output["outputs"]["name"]`` works (see :attr:`output`).
         outputs: names of the artifacts the step must produce.
         compute: the step's resources, ``{'cpu': 2, 'memory': '4Gi', 'gpu': 1, 'profile': 'gpu'}``
             (named ``compute`` because ``resources`` is taken by BaseOperator).
@@ -84,7 +86,8 @@ class RemoteExecutionOperator(BaseOperator):
             warning) when this worker cannot import it; a named package must be importable here.
         deferrable: wait in the triggerer instead of on a worker; default ``[operators] default_deferrable``.
 
-    Returns (XCom): ``{"outputs": {name: uri}, "metrics": {...}, "backend", "job_id", "url"}``.
+    Returns (XCom): ``{"outputs": {name: uri}, "metrics": {...}, "backend", "job_id", "url"}``, the task's
+    one XCom row besides its extra link's.
     """
 
     template_fields: Sequence[str] = (
@@ -191,6 +194,11 @@ class RemoteExecutionOperator(BaseOperator):
         return create_backend(name, merge_backend_config(name, hooks.deployment_backend_config(name),
                                                          self.backend_config))
 
+    @property
+    def output(self) -> StepResultArg:
+        """The step's result; ``output["outputs"]["model"]`` is the model's URI, read from that one XCom row."""
+        return StepResultArg(operator=self)
+
     # -- execution -------------------------------------------------------------------------------------------
 
     def execute(self, context: Context) -> Any:
@@ -228,9 +236,9 @@ class RemoteExecutionOperator(BaseOperator):
         backend, handle = lifecycle.backend, lifecycle.handle
         assert handle is not None
         self._handle = handle
-        # Always pushed (empty without a page) so the extra link never looks up a missing XCom.
-        ti.xcom_push(key=XCOM_JOB_URL_KEY, value=handle.url or "")
         if handle.url:
+            # The extra link's own row, written now so the link works while the job runs (links.py).
+            ti.xcom_push(key=XCOM_JOB_URL_KEY, value=handle.url)
             self.log.info("Remote job: %s", handle.url)
         submitted_at = lifecycle.record.submitted_at if lifecycle.record else None
         deadline = self._deadline(spec, started, submitted_at)
@@ -239,7 +247,8 @@ class RemoteExecutionOperator(BaseOperator):
             trigger = RemoteStepTrigger(backend=backend.name, backend_config=backend.config_json(),
                                         handle=handle.to_json(), deadline=deadline,
                                         secret_refs=_secret_refs(spec, backend),
-                                        checkpoint_uri=checkpoint_uri(artifacts, lifecycle.identity))
+                                        checkpoint_uri=checkpoint_uri(artifacts, lifecycle.identity),
+                                        end_task=self._may_end_in_triggerer(), push_result=bool(self.do_xcom_push))
             # From here the trigger owns the job: a SIGTERM that reaches this process after defer() (a slow
             # "deferred" report) must not cancel what the trigger is waiting for.
             lifecycle.hand_over()
@@ -248,7 +257,12 @@ class RemoteExecutionOperator(BaseOperator):
         return self._finish(lifecycle, outcome.status, outcome.tail, outcome.timed_out, spec.timeout)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
-        """Resume after the trigger fired: turn its event into the task's result or error."""
+        """Resume after the trigger fired: turn its event into the task's result or error.
+
+        A success usually ends the task in the triggerer and never comes here (see
+        :meth:`_may_end_in_triggerer`); failures always do, so their error is raised on a worker.
+        """
+        self.log.info("Resumed on a worker after the trigger fired")
         with _final_on_config_error():
             self._ti = context["ti"]
             backend = self._backend = self._make_backend()
@@ -269,6 +283,21 @@ class RemoteExecutionOperator(BaseOperator):
         status = RunStatus.from_json(event["status"])
         return self._finish(lifecycle, status, list(event.get("tail") or []), bool(event.get("timed_out")),
                             self._build_spec().timeout)
+
+    def _may_end_in_triggerer(self) -> bool:
+        """Whether a success may end the task in the triggerer (``TaskSuccessEvent``): no worker slot.
+
+        Not when something must run on a worker at the end: a subclass's own ``execute_complete``; asset
+        outlets (the task runner emits their events on success; the triggerer's ``TaskSuccessEvent``
+        handler only sets the state, airflow/models/trigger.py); a mapped downstream that expands over
+        this result (the task runner records its length with the return value).
+        """
+        if type(self).execute_complete is not RemoteExecutionOperator.execute_complete:
+            return False
+        if getattr(self, "outlets", None):
+            return False
+        # A task outside a DAG (a test calling execute) has no downstream at all.
+        return not self.has_dag() or next(self.iter_mapped_dependants(), None) is None
 
     def on_kill(self) -> None:
         lifecycle = self._lifecycle
@@ -298,9 +327,8 @@ class RemoteExecutionOperator(BaseOperator):
                 self.log.info("Output %s: %s", name, uri)
             if result.metrics:
                 self.log.info("Metrics: %s", result.metrics)
-            xcom = result.to_xcom()
-            self._push_parts(xcom)
-            return xcom
+            # Airflow pushes it as ``return_value``: the one row that ``output["outputs"][name]`` reads.
+            return result.to_xcom()
         finally:
             if lifecycle.owns_job and status.is_terminal:
                 lifecycle.finish(status)
@@ -308,14 +336,6 @@ class RemoteExecutionOperator(BaseOperator):
                 backend.cleanup(handle, status)
             except Exception:
                 self.log.warning("Cleaning up job %s failed", handle.job_id, exc_info=True)
-
-    def _push_parts(self, xcom: dict[str, Any]) -> None:
-        """Push the result's parts besides ``return_value`` (which Airflow pushes from the return)."""
-        if self._ti is None:
-            return
-        for key, value in result_xcoms(xcom).items():
-            if key != "return_value":
-                self._ti.xcom_push(key=key, value=value)
 
     def _deadline(self, spec: StepSpec, started: float, submitted_at: float | None) -> float | None:
         """Wall-clock time after which Airflow cancels the job (the runtime stops it at its timeout)."""

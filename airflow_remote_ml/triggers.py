@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from airflow_remote_ml.core.errors import ConfigError
 from airflow_remote_ml.core.poll import PollPolicy
@@ -34,6 +34,11 @@ class RemoteStepTrigger(BaseTrigger):
             values are resolved here only to be masked in every log line the trigger writes.
         checkpoint_uri: where the log cursor is saved for a restarted trigger (see :func:`checkpoint_uri`);
             by default beside the handle's result manifest, when it has one Airflow can write to.
+        end_task: on success, end the task here (``TaskSuccessEvent``): no worker slot, no DAG parse, no
+            queue. The result is pushed first, as the task runner would push it (see :meth:`_end_task`).
+            Failures, and a success whose result cannot be read or pushed, resume on a worker, whose
+            error names the reason.
+        push_result: push the result as ``return_value`` when the task ends here (``do_xcom_push``).
 
     The event payload is ``{"status", "handle", "tail", "cursor", "timed_out", "error"}``.
 
@@ -53,6 +58,8 @@ class RemoteStepTrigger(BaseTrigger):
         poll_policy: dict[str, Any] | None = None,
         secret_refs: list[dict[str, Any]] | None = None,
         checkpoint_uri: str | None = None,
+        end_task: bool = False,
+        push_result: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(backend, str) or not backend:
@@ -65,6 +72,8 @@ class RemoteStepTrigger(BaseTrigger):
         self.poll_policy = PollPolicy.from_json(poll_policy) if poll_policy else None
         self.secret_refs = [dict(ref) for ref in secret_refs or []]
         self.checkpoint_uri = checkpoint_uri
+        self.end_task = bool(end_task)
+        self.push_result = bool(push_result)
         self.checkpoint = (CursorCheckpoint.at(checkpoint_uri, self.handle.job_id) if checkpoint_uri
                            else CursorCheckpoint.for_handle(self.handle))
 
@@ -80,6 +89,8 @@ class RemoteStepTrigger(BaseTrigger):
                 "poll_policy": self.poll_policy.to_json() if self.poll_policy else None,
                 "secret_refs": self.secret_refs,
                 "checkpoint_uri": self.checkpoint_uri,
+                "end_task": self.end_task,
+                "push_result": self.push_result,
             },
         )
 
@@ -87,6 +98,7 @@ class RemoteStepTrigger(BaseTrigger):
         backend = create_backend(self.backend_name, self.backend_config)
         payload: dict[str, Any] = {"handle": self.handle.to_json(), "timed_out": False, "error": None,
                                    "tail": [], "cursor": self.log_cursor, "status": None}
+        ended = False
         try:
             await asyncio.to_thread(_mask_secrets, self.secret_refs)
             deadline = None
@@ -111,12 +123,53 @@ class RemoteStepTrigger(BaseTrigger):
                 status = await backend.apoll(self.handle)
             payload.update(status=status.to_json(), tail=outcome.tail, cursor=outcome.cursor,
                            timed_out=outcome.timed_out)
+            if self.end_task and status.is_successful and not outcome.timed_out:
+                ended = await self._end_task(backend, status)
         except Exception as exc:  # the task must hear about it, not the triggerer's log only
             self.log.exception("Waiting for remote job %s failed", self.handle.job_id)
             payload["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             await backend.aclose()
-        yield TriggerEvent(payload)
+        yield TaskSuccessEvent() if ended else TriggerEvent(payload)
+
+    async def _end_task(self, backend: Any, status: Any) -> bool:
+        """Push a succeeded job's result for its task; False to let the task resume on a worker instead.
+
+        The result goes through the Task SDK's ``XCom.aset``, the way the task runner pushes a return value
+        (serde-serialised, stored as JSON through the execution API). It is not handed to
+        ``TaskSuccessEvent(xcoms=...)``: Airflow 3.3's handler of that event pushes through
+        ``TaskInstance.xcom_push`` -> ``XComModel.set(serialize=True)``, which ``json.dumps`` the value
+        into the JSON column, so a task reading it through the execution API (which returns the column
+        as it is, airflow/api_fastapi/execution_api/routes/xcoms.py) gets a JSON *string*: a downstream
+        step received ``'"/path/to/dataset"'`` (docs/concepts.md). Only a trigger that a triggerer runs for
+        a task instance (``self.task_instance``) can do this; ``dag.test()`` runs triggers without one.
+        """
+        ti = getattr(self, "task_instance", None)
+        if ti is None:
+            return False
+        try:
+            result = await asyncio.to_thread(backend.fetch_result, self.handle)
+        except Exception as exc:  # e.g. a declared output is missing: the worker raises it with the details
+            self.log.info("The job succeeded but its result is not usable here (%s); resuming on a worker", exc)
+            return False
+        for name, uri in result.outputs.items():
+            self.log.info("Output %s: %s", name, uri)
+        if result.metrics:
+            self.log.info("Metrics: %s", result.metrics)
+        if self.push_result:
+            try:
+                await _push_return_value(ti, result.to_xcom())
+            except Exception:
+                self.log.warning("Could not push the result of job %s; resuming on a worker", self.handle.job_id,
+                                 exc_info=True)
+                return False
+        for call in (backend.mark_finished, lambda handle: backend.cleanup(handle, status)):
+            try:
+                await asyncio.to_thread(call, self.handle)
+            except Exception:
+                self.log.warning("Cleaning up job %s failed", self.handle.job_id, exc_info=True)
+        self.log.info("Job %s succeeded; the task ends in the triggerer", self.handle.job_id)
+        return True
 
     async def on_kill(self) -> None:
         """A user killed the deferred task (mark failed/success, clear): stop the remote job too."""
@@ -134,15 +187,18 @@ def checkpoint_uri(artifacts: Any, identity: Any) -> str:
     return artifacts.manifest_uri(identity).rsplit("/", 1)[0] + "/" + CursorCheckpoint.NAME
 
 
-def result_xcoms(xcom: dict[str, Any]) -> dict[str, Any]:
-    """Every XCom a succeeded step leaves: its result, ``outputs``, ``metrics`` and each output's URI.
+async def _push_return_value(ti: Any, value: dict[str, Any]) -> None:
+    """Store ``value`` as the task instance's ``return_value``, as the task runner's own push does.
 
-    ``upstream.output["outputs"]["model"]`` is an XComArg for key ``model`` (Airflow's XComArg keeps the
-    last key), so the URI under that key is what a downstream step receives.
+    ``XCom`` is the deployment's XCom backend (``resolve_xcom_backend()``), as for a task; its ``aset``
+    sends ``SetXCom`` over the trigger runner's comms to the triggerer, which stores it through the
+    execution API (``serialize=False``: the value as JSON, exactly as a worker's push).
     """
-    rows: dict[str, Any] = {"return_value": xcom, "outputs": xcom["outputs"], "metrics": xcom["metrics"]}
-    rows.update(xcom["outputs"])
-    return rows
+    from airflow.sdk.execution_time.xcom import XCom
+
+    map_index = getattr(ti, "map_index", -1)
+    await XCom.aset(key="return_value", value=value, dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+                    map_index=-1 if map_index is None else map_index)
 
 
 class CursorCheckpoint:

@@ -197,7 +197,8 @@ class Deployment:
     # -- life ------------------------------------------------------------------------------------------
 
     @classmethod
-    def start(cls, home: Path) -> Deployment:
+    def start(cls, home: Path, extra_dags: Path | None = None) -> Deployment:
+        """Start a deployment in ``home``; ``extra_dags`` adds a DAG bundle (bench/bench_deferred.py's DAGs)."""
         database = f"{DATABASE_PREFIX}{os.getpid()}"
         url = postgres("--database", database)
         drop_stale_databases(url)
@@ -212,12 +213,16 @@ class Deployment:
         # Every process of this deployment carries this mark, so teardown finds each one, orphans too.
         env["REMOTE_ML_DEPLOYMENT_TEST"] = str(home)
         # Two DAG bundles: the repository's dags/ and the test-only DAGs next to this file.
-        env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps([
+        bundles = [
             {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
              "kwargs": {}},
             {"name": "deployment-tests", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
              "kwargs": {"path": str(TEST_DAGS)}},
-        ])
+        ]
+        if extra_dags is not None:
+            bundles.append({"name": "extra", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+                            "kwargs": {"path": str(extra_dags)}})
+        env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"] = json.dumps(bundles)
         bin_dir = str(Path(sys.executable).parent)
         env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
         home.mkdir(parents=True, exist_ok=True)
@@ -423,11 +428,23 @@ class Deployment:
                          map_index=map_index)
         return entry["value"]
 
+    def xcom_keys(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> list[str]:
+        """The keys of every XCom row of one task instance (``GET .../xcomEntries``)."""
+        body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries",
+                        map_index=map_index, limit=100)
+        return sorted(entry["key"] for entry in body["xcom_entries"])
+
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> list[str]:
         """The task's log as its events (``GET .../logs/{try}`` with ``Accept: application/json``)."""
         body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
                         full_content="true", map_index=map_index)
         return [item["event"] if isinstance(item, dict) else str(item) for item in body["content"]]
+
+    def task_log_json(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
+        """The task's whole log as JSON text: each event with its fields (an error's ``error_detail`` too)."""
+        body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                        full_content="true", map_index=map_index)
+        return json.dumps(body["content"])
 
     def describe_run(self, dag_id: str, run_id: str) -> str:
         """Every task instance of a run, with the log of its latest try: what a failure report needs."""

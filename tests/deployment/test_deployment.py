@@ -30,7 +30,14 @@ from tests.deployment.harness import (
 )
 
 PIPELINE = "example_ml_pipeline"
+DEFERRED_STEPS = "example_deferred_steps"
+FAIL_DEFERRED = "remote_ml_deploy_fail_deferred"
 HOLD = {"sync": "remote_ml_deploy_hold", "deferred": "remote_ml_deploy_hold_deferred"}
+#: What the trigger logs when it ends a succeeded task itself, and what execute_complete logs on a worker.
+ENDED_IN_TRIGGERER = "the task ends in the triggerer"
+RESUMED_ON_WORKER = "Resumed on a worker after the trigger fired"
+#: The XCom rows a step may leave (issue 11: at most 3): its result and its extra link's row.
+ALLOWED_XCOM_KEYS = {"return_value", "_link_RemoteJobLink"}
 #: What the Task SDK's task runner logs when a task defers (airflow/sdk/execution_time/task_runner.py).
 DEFERRED_LINE = "Pausing task as DEFERRED."
 #: Bound of the wait for a step's processes to end after its task was stopped. The step never ends on
@@ -40,7 +47,7 @@ STEP_GONE_TIMEOUT = 60.0
 
 @pytest.fixture(scope="module")
 def live(deployment: Deployment) -> Deployment:
-    deployment.wait_for_dags([PIPELINE, *HOLD.values()])
+    deployment.wait_for_dags([PIPELINE, DEFERRED_STEPS, FAIL_DEFERRED, *HOLD.values()])
     return deployment
 
 
@@ -112,6 +119,49 @@ def test_example_pipeline_runs_end_to_end(live: Deployment, mode: str) -> None:
     deferred = any(line.strip().startswith(DEFERRED_LINE.rstrip(".")) for line in log)
     assert deferred == (mode == "deferred"), f"prepare {'did not defer' if mode == 'deferred' else 'deferred'}:\n" \
                                               + "\n".join(log)
+    for task_id, map_index in (("prepare", -1), ("train", 0), ("evaluate", 0), ("pick_best", -1)):
+        keys = live.xcom_keys(PIPELINE, run_id, task_id, map_index)
+        assert set(keys) <= ALLOWED_XCOM_KEYS and "return_value" in keys, f"{task_id}[{map_index}]: {keys}"
+
+
+# -- 1b. deferred steps end in the triggerer; the next step reads the URI through the documented syntax ----
+
+def test_a_deferred_success_ends_in_the_triggerer_and_hands_its_uri_on(live: Deployment) -> None:
+    """No worker slot after the trigger fired: the trigger pushes the result and ends the task itself.
+
+    ``sum_rows`` reads ``count_rows.output["outputs"]["rows"]``: a quoted or missing URI (what Airflow
+    3.3.2 made of ``TaskSuccessEvent(xcoms=...)``) fails it, since it opens that path.
+    """
+    run_id = live.trigger(DEFERRED_STEPS, {"backend": "local"})
+    state = live.wait_for_run(DEFERRED_STEPS, run_id)
+    assert state == "success", live.describe_run(DEFERRED_STEPS, run_id)
+
+    root = live.env["AIRFLOW__REMOTE_ML__ARTIFACT_ROOT"]
+    counted = live.xcom(DEFERRED_STEPS, run_id, "count_rows")
+    _assert_uri_under(counted["outputs"]["rows"], root)
+    assert counted["metrics"] == {"rows": 1000}
+    summed = live.xcom(DEFERRED_STEPS, run_id, "sum_rows")
+    assert summed["metrics"] == {"total": 500500}, summed
+    for task_id in ("count_rows", "sum_rows"):
+        log = live.task_log(DEFERRED_STEPS, run_id, task_id, 1)
+        text = "\n".join(log)
+        assert any(DEFERRED_LINE.rstrip(".") in line for line in log), f"{task_id} did not defer:\n{text}"
+        assert any(ENDED_IN_TRIGGERER in line for line in log), f"{task_id} did not end in the triggerer:\n{text}"
+        assert not any(RESUMED_ON_WORKER in line for line in log), f"{task_id} resumed on a worker:\n{text}"
+        # The link's row is Airflow's: the task runner pushes it when the worker's part ends (here, at defer).
+        keys = live.xcom_keys(DEFERRED_STEPS, run_id, task_id)
+        assert set(keys) <= ALLOWED_XCOM_KEYS and "return_value" in keys, f"{task_id}: {keys}"
+
+
+def test_a_deferred_failure_resumes_on_a_worker_with_the_real_reason(live: Deployment) -> None:
+    run_id = live.trigger(FAIL_DEFERRED)
+    state = live.wait_for_run(FAIL_DEFERRED, run_id)
+    assert state == "failed", live.describe_run(FAIL_DEFERRED, run_id)
+    ti = live.task_instance(FAIL_DEFERRED, run_id, "fail")
+    assert ti["state"] == "failed"
+    text = live.task_log_json(FAIL_DEFERRED, run_id, "fail", 1)
+    assert RESUMED_ON_WORKER in text and ENDED_IN_TRIGGERER not in text, text
+    assert "exit code: 3" in text and "loss went NaN at epoch 3" in text, text
 
 
 # -- 2. a worker SIGKILLed mid-step: the retry reattaches ------------------------------------------------

@@ -47,9 +47,9 @@ def _xcom(run, task_id: str, key: str):
 def test_all_local(dag) -> None:
     run = dag.test(run_conf={"features_backend": "local", "train_backend": "local", "feature_engine": "python"})
     assert run.state == "success"
-    assert _xcom(run, "features", "metrics") == {"engine": "python", "feature_count": 13, "train_rows": 331,
+    assert _xcom(run, "features", "return_value")["metrics"] == {"engine": "python", "feature_count": 13, "train_rows": 331,
                                                  "test_rows": 111}
-    assert _xcom(run, "evaluate", "metrics")["test_rmse"] > 0
+    assert _xcom(run, "evaluate", "return_value")["metrics"]["test_rmse"] > 0
 
 
 def test_features_on_databricks_training_local(dag, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -73,5 +73,5 @@ def test_features_on_databricks_training_local(dag, tmp_path: Path, monkeypatch:
     result = _xcom(run, "features", "return_value")
     assert result["backend"] == "databricks" and result["job_id"] == str(run_id)
     assert result["url"].endswith(f"/run/{run_id}")
-    assert _xcom(run, "features", "remote_job_url").endswith(f"/run/{run_id}")
-    assert _xcom(run, "evaluate", "metrics")["r2"] > 0.3
+    assert _xcom(run, "features", "_link_RemoteJobLink").endswith(f"/run/{run_id}")
+    assert _xcom(run, "evaluate", "return_value")["metrics"]["r2"] > 0.3

@@ -99,9 +99,9 @@ def test_the_example_dag_runs_on_valohai_by_param(valohai, monkeypatch, airflow_
     run = dag.test(run_conf={"backend": "valohai", "scenario_set": "quick"})
     assert run.state == "success"
     with create_session() as session:
-        value = session.query(XComModel).filter(XComModel.run_id == run.run_id, XComModel.task_id == "pick_best",
-                                                XComModel.key == "selection").one().value
-    uri = json.loads(value) if isinstance(value, str) and value.startswith('"') else value
+        row = session.query(XComModel).filter(XComModel.run_id == run.run_id, XComModel.task_id == "pick_best",
+                                              XComModel.key == "return_value").one()
+        uri = XComModel.deserialize_value(row)["outputs"]["selection"]
     assert uri.startswith("datum://")
     assert json.loads(open(valohai.data[uri.removeprefix("datum://")].path).read())["scenario"] == "ridge-all-a1"
     steps = sorted(valohai.execution(x)["step"] for x in valohai.executions)

@@ -51,8 +51,8 @@ def _selection(run) -> dict:
 
     with create_session() as session:
         row = session.query(XComModel).filter(XComModel.dag_id == run.dag_id, XComModel.run_id == run.run_id,
-                                              XComModel.task_id == "pick_best", XComModel.key == "selection").one()
-        uri = row.value if not isinstance(row.value, str) or not row.value.startswith('"') else json.loads(row.value)
+                                              XComModel.task_id == "pick_best", XComModel.key == "return_value").one()
+        uri = XComModel.deserialize_value(row)["outputs"]["selection"]
     with open(uri, encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -84,10 +84,11 @@ def test_deferred_mode_end_to_end_through_dag_test(dagbag):
     run = dagbag.dags["example_deferred_steps"].test()
     assert run.state == "success", _final_states(run)
     with create_session() as session:
-        metrics = session.query(XComModel).filter(XComModel.run_id == run.run_id, XComModel.task_id == "sum_rows",
-                                                  XComModel.key == "metrics").one().value
-    metrics = json.loads(metrics) if isinstance(metrics, str) else metrics
-    assert metrics == {"total": 500500}
+        rows = session.query(XComModel).filter(XComModel.run_id == run.run_id, XComModel.task_id == "sum_rows").all()
+        result = XComModel.deserialize_value(next(row for row in rows if row.key == "return_value"))
+    # sum_rows read count_rows.output["outputs"]["rows"] from count_rows' one result row.
+    assert result["metrics"] == {"total": 500500}
+    assert {row.key for row in rows} <= {"return_value", "_link_RemoteJobLink"}
 
 
 @pytest.fixture(scope="module")

@@ -56,13 +56,14 @@ def starts(tmp_path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_success_returns_uris_and_metrics_and_pushes_each_output(tmp_path, config, store):
+def test_success_returns_uris_and_metrics_as_its_one_xcom_row(tmp_path, config, store):
     ti = FakeTI()
     result = make(tmp_path, config, **counted_step(tmp_path, 0)).execute(context(ti, store))
     assert result["backend"] == "local" and result["metrics"] == {"score": 0.9}
     assert os.path.exists(result["outputs"]["model"])
-    assert ti.xcoms["model"] == result["outputs"]["model"]
-    assert ti.xcoms["outputs"] == result["outputs"] and ti.xcoms["metrics"] == {"score": 0.9}
+    # Airflow pushes the return value; the operator pushes nothing else (the local backend has no job
+    # page, so not even the link's row). Issue 11: 6 rows per task before.
+    assert ti.xcoms == {}
     assert len(json.dumps(result)) < 1024
     assert store.get(STATE_KEY)["phase"] == "finished"
 
@@ -240,12 +241,12 @@ def test_deferred_mode_runs_through_the_trigger(tmp_path, config, store):
         async for event in rebuilt.run():
             return event.payload
 
+    # Outside a triggerer (no task instance on the trigger, as under dag.test()) the task resumes on the worker.
     payload = asyncio.run(first_event())
     assert payload["status"]["state"] == "succeeded" and payload["error"] is None
     result = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 0.5)).execute_complete(
         context(ti, store), payload)
-    assert result["metrics"] == {"score": 0.9}
-    assert ti.xcoms["model"] == result["outputs"]["model"]
+    assert result["metrics"] == {"score": 0.9} and os.path.exists(result["outputs"]["model"])
     assert starts(tmp_path) == 1
     # The next try (a user's clear) runs anew rather than adopting this result.
     again = make(tmp_path, config, **counted_step(tmp_path, 0)).execute(context(FakeTI(try_number=2), store))
@@ -370,9 +371,39 @@ class _FailingXComTI(FakeTI):
         raise TimeoutError("api-server: read timed out")
 
 
-def test_a_failure_between_submit_and_the_wait_stops_the_job(tmp_path, config, store):
+@pytest.fixture
+def paged_local(monkeypatch):
+    """The local backend with a job page, like the platforms: its handle has a URL, so the link is pushed."""
+    from airflow_remote_ml.backends.local import LocalBackend
+    from airflow_remote_ml.core import registry
+
+    class PagedLocalBackend(LocalBackend):
+        name = "local-paged"
+
+        def _handle(self, job_id, step):
+            handle = super()._handle(job_id, step)
+            return type(handle)(handle.backend, handle.job_id, f"https://jobs.example/{job_id}", handle.data)
+
+    monkeypatch.setitem(registry._extra_backends, PagedLocalBackend.name, PagedLocalBackend)
+    return PagedLocalBackend.name
+
+
+def test_a_job_page_is_the_extra_links_own_row_pushed_at_submit(tmp_path, config, store, paged_local):
+    ti = FakeTI()
+    op = make(tmp_path, config, **counted_step(tmp_path, 0))
+    op.backend = paged_local
+    result = op.execute(context(ti, store))
+    # One row for the link, under the key Airflow's link machinery reads (BaseOperatorLink.xcom_key).
+    from airflow_remote_ml.links import RemoteJobLink
+
+    assert ti.xcoms == {RemoteJobLink().xcom_key: f"https://jobs.example/{result['job_id']}"}
+    assert result["url"] == f"https://jobs.example/{result['job_id']}"
+
+
+def test_a_failure_between_submit_and_the_wait_stops_the_job(tmp_path, config, store, paged_local):
     """Item 4: an XCom push that failed after submit left the step running, unowned."""
     op = make(tmp_path, config, **counted_step(tmp_path, 120))
+    op.backend = paged_local
     with pytest.raises(TimeoutError):
         op.execute(context(_FailingXComTI(), store))
     record = store.get(STATE_KEY)

@@ -47,3 +47,20 @@ for dag_id, deferrable in (("remote_ml_deploy_hold", False), ("remote_ml_deploy_
             retry_delay=timedelta(seconds=1),
         )
     globals()[dag_id] = dag
+
+
+with DAG(
+    dag_id="remote_ml_deploy_fail_deferred",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    tags=["deployment-test"],
+) as fail_dag:
+    # A deferred step that fails: the task resumes on a worker, whose error carries the exit code and log.
+    RemoteExecutionOperator(
+        task_id="fail",
+        backend="local",
+        shell=True,
+        command="echo 'loss went NaN at epoch 3'; exit 3",
+        deferrable=True,
+    )
