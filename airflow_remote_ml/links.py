@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 from airflow.sdk import BaseOperatorLink
 from airflow.sdk.execution_time.xcom import XCom
 
+from airflow_remote_ml.ui.paths import run_url
+
 if TYPE_CHECKING:
     from airflow.sdk import BaseOperator
     from airflow.sdk.types import TaskInstanceKey
@@ -31,4 +33,5 @@ class RemoteJobLink(BaseOperatorLink):
         return XCOM_JOB_URL_KEY
 
     def get_link(self, operator: BaseOperator, *, ti_key: TaskInstanceKey) -> str:
-        return XCom.get_value(key=XCOM_JOB_URL_KEY, ti_key=ti_key) or ""
+        # A backend without a page of its own (local, docker): the run's "Remote ML" view (airflow_remote_ml.ui).
+        return XCom.get_value(key=XCOM_JOB_URL_KEY, ti_key=ti_key) or run_url(ti_key.dag_id, ti_key.run_id)

@@ -26,6 +26,7 @@ from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
 from airflow_remote_ml.results import StepResultArg
 from airflow_remote_ml.triggers import RemoteStepTrigger, checkpoint_uri
+from airflow_remote_ml.ui.paths import run_url
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -236,9 +237,10 @@ class RemoteExecutionOperator(BaseOperator):
         backend, handle = lifecycle.backend, lifecycle.handle
         assert handle is not None
         self._handle = handle
+        # The extra link's own row, written now so the link works while the job runs (links.py). A backend
+        # without a page of its own (local, docker) links to the run's "Remote ML" view instead.
+        ti.xcom_push(key=XCOM_JOB_URL_KEY, value=handle.url or run_url(ti.dag_id, ti.run_id))
         if handle.url:
-            # The extra link's own row, written now so the link works while the job runs (links.py).
-            ti.xcom_push(key=XCOM_JOB_URL_KEY, value=handle.url)
             self.log.info("Remote job: %s", handle.url)
         submitted_at = lifecycle.record.submitted_at if lifecycle.record else None
         deadline = self._deadline(spec, started, submitted_at)

@@ -20,19 +20,11 @@ from sqlalchemy import select
 
 from airflow_remote_ml.core.report import RunReport, StepRecord, load_run, recent_runs, render_html
 
-URL_PREFIX = "/remote-ml"
 HISTORY_RUNS = 10
 
 app = FastAPI(title="Remote ML", description="Steps, metrics and lineage of airflow-remote-ml DAG runs.")
 
 _can_read_runs = Depends(requires_access_dag("GET", DagAccessEntity.RUN))
-
-
-def run_path(dag_id: str, run_id: str) -> str:
-    """The view of one DAG run, relative to the api-server's base URL (what the extra link points at)."""
-    from urllib.parse import quote
-
-    return f"{URL_PREFIX}/dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
 
 
 def _artifact_root() -> str:

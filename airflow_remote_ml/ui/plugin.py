@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
-from airflow_remote_ml.ui.app import URL_PREFIX, app
+from airflow_remote_ml.ui.app import app
+from airflow_remote_ml.ui.paths import URL_PREFIX
 
 
 class RemoteMLPlugin(AirflowPlugin):

@@ -140,3 +140,12 @@ def test_the_view_needs_an_airflow_login(deployment: Deployment, finished_run: s
     steps = ok.json()["steps"]
     assert [s["label"] for s in steps] == STEPS
     assert {s["backend"] for s in steps} == {"local"}
+
+
+def test_a_local_steps_remote_job_link_opens_the_view(deployment: Deployment, finished_run: str) -> None:
+    """The local backend has no job page: its "Remote job" extra link is the run's view, and it loads."""
+    links = deployment.get(f"/dags/{PIPELINE}/dagRuns/{finished_run}/taskInstances/train/links", map_index=0)
+    link = links["extra_links"]["Remote job"]
+    assert link == f"{deployment.base_url}/remote-ml/dags/{PIPELINE}/runs/{finished_run}", links
+    page = httpx.get(link, headers={"Authorization": f"Bearer {_token(deployment)}"}, timeout=30)
+    assert page.status_code == 200 and 'data-step="train[0]"' in page.text
