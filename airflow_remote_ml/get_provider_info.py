@@ -37,6 +37,8 @@ def get_provider_info() -> dict[str, Any]:
             }
         ],
         "extra-links": ["airflow_remote_ml.links.RemoteJobLink"],
+        # @task.remote_ml, the way the Docker and Kubernetes providers register @task.docker/@task.kubernetes.
+        "task-decorators": [{"class-name": "airflow_remote_ml.decorators.remote_ml_task", "name": "remote_ml"}],
         "config": {
             "remote_ml": {
                 "description": "Settings of the airflow-remote-ml provider.",

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_remote_ml import assets as asset_support
 from airflow_remote_ml import hooks
 from airflow_remote_ml.core.artifacts import ArtifactStore
 from airflow_remote_ml.core.backend import Backend, StepRequest
@@ -19,7 +20,7 @@ from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.lifecycle import StepLifecycle
 from airflow_remote_ml.core.registry import available_backends, create_backend
 from airflow_remote_ml.core.spec import StepSpec
-from airflow_remote_ml.core.status import RunHandle, RunStatus
+from airflow_remote_ml.core.status import RunHandle, RunStatus, StepResult
 from airflow_remote_ml.core.validation import build_operator_spec, check_backend_name, validate_operator_arguments
 from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
@@ -76,6 +77,8 @@ class RemoteExecutionOperator(BaseOperator):
         artifact_root: where outputs go; default ``[remote_ml] artifact_root``.
         code_version: recorded in the step's version record (e.g. a git SHA).
         deferrable: wait in the triggerer instead of on a worker; default ``[operators] default_deferrable``.
+        assets: publish outputs as Airflow Assets: ``True`` (every output), output names, or
+            ``{output: Asset}``; an input may be an ``Asset`` (docs/assets.md).
 
     Returns (XCom): ``{"outputs": {name: uri}, "metrics": {...}, "backend", "job_id", "url"}``.
     """
@@ -109,6 +112,7 @@ class RemoteExecutionOperator(BaseOperator):
         artifact_root: str | None = None,
         code_version: str | None = None,
         deferrable: bool | None = None,
+        assets: bool | Sequence[str] | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -146,6 +150,7 @@ class RemoteExecutionOperator(BaseOperator):
         self._lifecycle: StepLifecycle | None = None
         self._ti: Any = None
         try:
+            self._declare_assets(assets)
             self._validate_literal_arguments()
         except (ConfigError, BackendUnavailableError) as exc:
             # Still a ConfigError at DAG parse time; when a mapped task is unmapped on a worker the same
@@ -280,6 +285,7 @@ class RemoteExecutionOperator(BaseOperator):
             if result.metrics:
                 self.log.info("Metrics: %s", result.metrics)
             xcom = result.to_xcom()
+            self._on_result(result, xcom)
             self._push_parts(xcom)
             return xcom
         finally:
@@ -310,6 +316,67 @@ class RemoteExecutionOperator(BaseOperator):
 
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
+
+
+    # -- assets (docs/assets.md) --------------------------------------------------------------------------------
+    # Outputs published as Airflow Assets and Assets read as inputs. The Assets join outlets/inlets when the
+    # DAG is parsed (Airflow accepts events only for those); their events are filled in once the step succeeded.
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:  # type: ignore[override]
+        """``BaseOperator.partial``, with the Assets of ``assets`` in the mapped task's outlets at parse time."""
+        return super().partial(**_with_asset_outlets(kwargs))  # type: ignore[misc]
+
+    def _declare_assets(self, assets: Any) -> None:
+        """Put the output Assets in ``outlets`` and the Asset inputs in ``inlets`` (both needed at parse time)."""
+        self.assets = asset_support.output_assets(assets, self.outputs, self.dag_id if self.has_dag() else None,
+                                                  self.task_id)
+        self.outlets = _union(self.outlets, self.assets.values())
+        self.inlets = _union(self.inlets, asset_support.asset_inputs(self.inputs).values())
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        # An input given as an Asset stands for the artifact of its newest event (or the triggering one).
+        if isinstance(self.inputs, Mapping) and asset_support.asset_inputs(self.inputs):
+            self.inputs = {name: asset_support.input_uri(name, value, context)
+                           if name in asset_support.asset_inputs(self.inputs) else value
+                           for name, value in self.inputs.items()}
+
+    def _on_result(self, result: StepResult, xcom: dict[str, Any]) -> None:
+        """A succeeded step's result, before it is pushed: fill in the asset event of each published output.
+
+        Airflow emits one event per outlet when the task succeeds, with the ``extra`` set here.
+        """
+        if not self.assets:
+            return
+        from airflow.sdk import get_current_context
+
+        outlet_events = get_current_context()["outlet_events"]
+        for name, asset in self.assets.items():
+            outlet_events[asset].extra = asset_support.event_extra(result, name)
+
+
+def _with_asset_outlets(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``partial()`` keyword arguments with the default Assets of ``assets`` added to ``outlets``."""
+    if not kwargs.get("assets"):
+        return kwargs
+    from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
+
+    dag = kwargs.get("dag") or DagContext.get_current()
+    group = kwargs.get("task_group") or (TaskGroupContext.get_current(dag) if dag else None)
+    task_id = str(kwargs.get("task_id"))
+    task_id = group.child_id(task_id) if group else task_id
+    try:
+        published = asset_support.output_assets(kwargs["assets"], kwargs.get("outputs"), dag.dag_id if dag else None,
+                                                task_id)
+    except ConfigError as exc:
+        raise final(exc) from exc
+    return {**kwargs, "outlets": _union(kwargs.get("outlets"), published.values())}
+
+
+def _union(existing: Any, extra: Any) -> list[Any]:
+    items = list(existing) if isinstance(existing, (list, tuple)) else ([existing] if existing else [])
+    return items + [item for item in extra if item not in items]
 
 
 class TaskStateJournal:
@@ -402,6 +469,8 @@ def _is_templated(value: Any) -> bool:
         XComArg = ()  # type: ignore[assignment,misc]
     if isinstance(value, XComArg):
         return True
+    if _is_asset(value):  # an Asset input's artifact is known at run time (docs/assets.md)
+        return True
     if isinstance(value, str):
         return "{{" in value or "{%" in value
     if isinstance(value, Mapping):
@@ -409,3 +478,9 @@ def _is_templated(value: Any) -> bool:
     if isinstance(value, (list, tuple, set)):
         return any(_is_templated(v) for v in value)
     return False
+
+
+def _is_asset(value: Any) -> bool:
+    from airflow.sdk import Asset
+
+    return isinstance(value, Asset)
