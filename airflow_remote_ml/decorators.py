@@ -138,10 +138,6 @@ def _parameter_signature(function: Callable[..., Any]) -> inspect.Signature:
         if parameter.kind is inspect.Parameter.POSITIONAL_ONLY:
             raise ConfigError(f"{field}({parameter.name})", "is positional-only; the step passes every parameter by "
                               "name", "remove the '/' from the signature")
-        if parameter.name in KNOWN_CONTEXT_KEYS:
-            raise ConfigError(f"{field}({parameter.name})", "is an Airflow context variable; the function runs in the "
-                              "remote step, where there is no Airflow context",
-                              f"pass what it needs as an argument, e.g. {function.__name__}(run_id='{{{{ run_id }}}}')")
     return signature.replace(parameters=[p for p in signature.parameters.values() if p.name not in RUNTIME_PARAMETERS])
 
 
@@ -199,7 +195,8 @@ class RemoteMLDecoratedOperator(DecoratedOperator, RemoteExecutionOperator):
                                   "(the runtime gives the function their local paths)",
                                   "use @task.remote_ml(outputs=['model']) or .override(outputs=[...])")
             kwargs["inputs"] = _merged_inputs(kwargs.get("inputs"), op_kwargs.pop("inputs", None))
-            _check_call_is_json(python_callable.__name__, signature, list(op_args or ()), op_kwargs)
+            _check_call_is_json(python_callable.__name__, signature, list(op_args or ()), op_kwargs,
+                                complete=not kwargs.get("_airflow_mapped_validation_only"))
         except ConfigError as exc:
             raise final(exc) from exc
         super().__init__(python_callable=_validation_stand_in(python_callable, signature), op_args=op_args,
@@ -266,21 +263,39 @@ def call_parameters(function_name: str, signature: inspect.Signature, args: Coll
             parameters.update(value)
         else:
             parameters[name] = value
+    _check_context_names(function_name, signature, bound.arguments)
     for name, value in parameters.items():
         check_json(f"{function_name}({name})", _plain(value), _JSON_FIX)
     return {name: _plain(value) for name, value in parameters.items()}
 
 
+def _check_context_names(function_name: str, signature: inspect.Signature, given: Mapping[str, Any]) -> None:
+    """A parameter named like an Airflow context variable must be passed: the step gets no Airflow context.
+
+    ``@task`` fills ``ti``, ``run_id``, ``params``... in; a remote step cannot receive them (most are not JSON),
+    so leaving one out would silently call the function with its default.
+    """
+    for name in signature.parameters:
+        if name in KNOWN_CONTEXT_KEYS and name not in given:
+            raise ConfigError(f"{function_name}({name})", "is an Airflow context variable, which a remote step does "
+                              "not receive (the function runs where there is no Airflow context)",
+                              f"pass it in the call, e.g. {function_name}({name}='{{{{ {name} }}}}') for a value a "
+                              "template renders")
+
+
 def _check_call_is_json(function_name: str, signature: inspect.Signature, args: Collection[Any],
-                        kwargs: Mapping[str, Any]) -> None:
-    """Parse-time JSON check of the literal arguments (templated ones are checked once rendered)."""
-    literal = {k: v for k, v in kwargs.items() if not _is_templated(v)}
-    literal_args = [a for a in args if not _is_templated(a)]
-    if len(literal_args) == len(args):
-        call_parameters(function_name, signature, literal_args, literal)
-    else:
-        for name, value in literal.items():
-            check_json(f"{function_name}({name})", value, _JSON_FIX)
+                        kwargs: Mapping[str, Any], *, complete: bool) -> None:
+    """Parse-time check of the call: literal arguments are JSON (templated ones are checked once rendered),
+    and, for a call that is complete (not a mapped task's partial one), every context-named parameter is given."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{function_name}()", str(exc), "call it with the function's parameters") from None
+    if complete:
+        _check_context_names(function_name, signature, bound.arguments)
+    for name, value in bound.arguments.items():
+        if not _is_templated(value):
+            check_json(f"{function_name}({name})", _plain(value), _JSON_FIX)
 
 
 @attr.define(slots=False)

@@ -12,7 +12,8 @@ def get_provider_info() -> dict[str, Any]:
         "package-name": "airflow-remote-ml",
         "name": "Remote ML",
         "description": "Run each ML pipeline step on the compute it needs (local, Docker, Kubernetes, "
-        "Databricks, Valohai) from one operator, with artifacts passed between steps as URIs.",
+        "Databricks, Valohai) from one operator or the TaskFlow decorator @task.remote_ml, with artifacts "
+        "passed between steps as URIs (and published as Assets).",
         "versions": [__version__],
         "integrations": [
             {
