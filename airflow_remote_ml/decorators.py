@@ -40,10 +40,9 @@ from airflow.sdk.bases.decorator import DecoratedOperator, _TaskDecorator, get_u
 from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
 from airflow.sdk.definitions.context import KNOWN_CONTEXT_KEYS
 
-from airflow_remote_ml import assets as asset_support
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.validation import check_json, short_repr
-from airflow_remote_ml.operators import RemoteExecutionOperator, _is_templated, _plain, final
+from airflow_remote_ml.operators import RemoteExecutionOperator, _is_templated, _plain, _with_asset_outlets, final
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -308,16 +307,9 @@ class _RemoteMLTaskDecorator(_TaskDecorator):  # type: ignore[type-arg]
             return super()._expand(expand_input, strict=strict)
         dag = self.kwargs.get("dag") or DagContext.get_current()
         group = self.kwargs.get("task_group") or TaskGroupContext.get_current(dag)
-        task_id = get_unique_task_id(self.kwargs["task_id"], dag, group)
-        task_id = group.child_id(task_id) if group else task_id
-        try:
-            published = asset_support.output_assets(self.kwargs["assets"], self.kwargs.get("outputs"),
-                                                    dag.dag_id if dag else None, task_id)
-        except ConfigError as exc:
-            raise final(exc) from exc
-        outlets = list(self.kwargs.get("outlets") or [])
-        outlets += [asset for asset in published.values() if asset not in outlets]
-        evolved = attr.evolve(self, kwargs={**self.kwargs, "outlets": outlets})
+        # The id _expand will give the task (get_unique_task_id), so the Assets are named after it.
+        unique_id = get_unique_task_id(self.kwargs["task_id"], dag, group)
+        evolved = attr.evolve(self, kwargs=_with_asset_outlets(self.kwargs, task_id=unique_id))
         return _TaskDecorator._expand(evolved, expand_input, strict=strict)
 
 

@@ -317,7 +317,6 @@ class RemoteExecutionOperator(BaseOperator):
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
 
-
     # -- assets (docs/assets.md) --------------------------------------------------------------------------------
     # Outputs published as Airflow Assets and Assets read as inputs. The Assets join outlets/inlets when the
     # DAG is parsed (Airflow accepts events only for those); their events are filled in once the step succeeded.
@@ -337,9 +336,9 @@ class RemoteExecutionOperator(BaseOperator):
     def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
         super().render_template_fields(context, jinja_env)
         # An input given as an Asset stands for the artifact of its newest event (or the triggering one).
-        if isinstance(self.inputs, Mapping) and asset_support.asset_inputs(self.inputs):
-            self.inputs = {name: asset_support.input_uri(name, value, context)
-                           if name in asset_support.asset_inputs(self.inputs) else value
+        assets = asset_support.asset_inputs(self.inputs)
+        if assets:
+            self.inputs = {name: asset_support.input_uri(name, assets[name], context) if name in assets else value
                            for name, value in self.inputs.items()}
 
     def _on_result(self, result: StepResult, xcom: dict[str, Any]) -> None:
@@ -356,15 +355,19 @@ class RemoteExecutionOperator(BaseOperator):
             outlet_events[asset].extra = asset_support.event_extra(result, name)
 
 
-def _with_asset_outlets(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``partial()`` keyword arguments with the default Assets of ``assets`` added to ``outlets``."""
+def _with_asset_outlets(kwargs: dict[str, Any], *, task_id: str | None = None) -> dict[str, Any]:
+    """``partial()`` keyword arguments with the Assets of ``assets`` added to ``outlets``.
+
+    ``task_id`` is the id the task will get, when it is not ``kwargs["task_id"]`` (a TaskFlow task
+    called twice becomes ``train__1``); the task group's prefix is added here, as ``partial`` does.
+    """
     if not kwargs.get("assets"):
         return kwargs
     from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
 
     dag = kwargs.get("dag") or DagContext.get_current()
     group = kwargs.get("task_group") or (TaskGroupContext.get_current(dag) if dag else None)
-    task_id = str(kwargs.get("task_id"))
+    task_id = str(task_id or kwargs.get("task_id"))
     task_id = group.child_id(task_id) if group else task_id
     try:
         published = asset_support.output_assets(kwargs["assets"], kwargs.get("outputs"), dag.dag_id if dag else None,

@@ -171,3 +171,12 @@ def test_rendering_resolves_asset_inputs_before_the_spec_is_built() -> None:
     op.render_template_fields(_context(newest=[_event("/art/run9/model")]))
     assert op.inputs == {"model": "/art/run9/model", "data": "/d"}
     assert op._build_spec().inputs["model"] == "/art/run9/model"
+
+
+def test_a_taskflow_task_mapped_twice_names_each_asset_after_its_own_task_id() -> None:
+    with make_dag() as dag:
+        decorated = remote_ml_task(outputs=["model"], assets=True)(fit)
+        decorated.expand(alpha=[0.1])
+        decorated.expand(alpha=[1.0])
+    assert dag.task_dict["fit"].outlets == [asset_support.step_asset("demo", "fit", "model")]
+    assert dag.task_dict["fit__1"].outlets == [asset_support.step_asset("demo", "fit__1", "model")]
