@@ -194,8 +194,7 @@ class RemoteMLDecoratedOperator(DecoratedOperator, RemoteExecutionOperator):
                                   "(the runtime gives the function their local paths)",
                                   "use @task.remote_ml(outputs=['model']) or .override(outputs=[...])")
             kwargs["inputs"] = _merged_inputs(kwargs.get("inputs"), op_kwargs.pop("inputs", None))
-            _check_call_is_json(python_callable.__name__, signature, list(op_args or ()), op_kwargs,
-                                complete=not kwargs.get("_airflow_mapped_validation_only"))
+            _check_call_is_json(python_callable.__name__, signature, list(op_args or ()), op_kwargs)
         except ConfigError as exc:
             raise final(exc) from exc
         super().__init__(python_callable=_validation_stand_in(python_callable, signature), op_args=op_args,
@@ -214,7 +213,7 @@ class RemoteMLDecoratedOperator(DecoratedOperator, RemoteExecutionOperator):
         return super().execute_complete(context, event)
 
     def _bind_call(self) -> None:
-        """The rendered call (XComArgs resolved, templates rendered) as the step's parameters and inputs."""
+        """The rendered call (XComArgs resolved, templates rendered) as the step's parameters."""
         try:
             self.parameters = call_parameters(self.python_callable.__name__, self._signature, self.op_args,
                                               self.op_kwargs)
@@ -283,15 +282,17 @@ def _check_context_names(function_name: str, signature: inspect.Signature, given
 
 
 def _check_call_is_json(function_name: str, signature: inspect.Signature, args: Collection[Any],
-                        kwargs: Mapping[str, Any], *, complete: bool) -> None:
-    """Parse-time check of the call: literal arguments are JSON (templated ones are checked once rendered),
-    and, for a call that is complete (not a mapped task's partial one), every context-named parameter is given."""
+                        kwargs: Mapping[str, Any]) -> None:
+    """Check the call when the task is created: literal arguments are JSON (templated ones are checked once
+    rendered) and every context-named parameter is given.
+
+    A mapped task's operator is only created when it is unmapped, with the mapped arguments in ``kwargs``.
+    """
     try:
         bound = signature.bind_partial(*args, **kwargs)
     except TypeError as exc:
         raise ConfigError(f"{function_name}()", str(exc), "call it with the function's parameters") from None
-    if complete:
-        _check_context_names(function_name, signature, bound.arguments)
+    _check_context_names(function_name, signature, bound.arguments)
     for name, value in bound.arguments.items():
         if not _is_templated(value):
             check_json(f"{function_name}({name})", _plain(value), _JSON_FIX)
