@@ -12,7 +12,8 @@ def get_provider_info() -> dict[str, Any]:
         "package-name": "airflow-remote-ml",
         "name": "Remote ML",
         "description": "Run each ML pipeline step on the compute it needs (local, Docker, Kubernetes, "
-        "Databricks, Valohai) from one operator, with artifacts passed between steps as URIs.",
+        "Databricks, Valohai) from one operator or the TaskFlow decorator @task.remote_ml, with artifacts "
+        "passed between steps as URIs (and published as Assets).",
         "versions": [__version__],
         "integrations": [
             {
@@ -40,6 +41,8 @@ def get_provider_info() -> dict[str, Any]:
         "plugins": [{"name": "remote_ml", "plugin-class": "airflow_remote_ml.ui.plugin.RemoteMLPlugin"}],
         # `airflow remote-ml jobs list|cancel|gc` (Airflow >= 3.3 reads provider CLI commands from here).
         "cli": ["airflow_remote_ml.cli.get_cli_commands"],
+        # @task.remote_ml, the way the Docker and Kubernetes providers register @task.docker/@task.kubernetes.
+        "task-decorators": [{"class-name": "airflow_remote_ml.decorators.remote_ml_task", "name": "remote_ml"}],
         "config": {
             "remote_ml": {
                 "description": "Settings of the airflow-remote-ml provider.",

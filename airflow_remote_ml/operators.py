@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from airflow_remote_ml import assets as asset_support
 from airflow_remote_ml import hooks
 from airflow_remote_ml.core import codepkg
 from airflow_remote_ml.core.artifacts import ArtifactStore
@@ -20,7 +21,7 @@ from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.lifecycle import StepLifecycle
 from airflow_remote_ml.core.registry import available_backends, create_backend
 from airflow_remote_ml.core.spec import StepSpec
-from airflow_remote_ml.core.status import RunHandle, RunStatus
+from airflow_remote_ml.core.status import RunHandle, RunStatus, StepResult
 from airflow_remote_ml.core.validation import build_operator_spec, check_backend_name, validate_operator_arguments
 from airflow_remote_ml.core.wait import failure_error
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
@@ -86,6 +87,8 @@ class RemoteExecutionOperator(BaseOperator):
             ``False``: the image already has the code. The callable's package is left to the image (with a
             warning) when this worker cannot import it; a named package must be importable here.
         deferrable: wait in the triggerer instead of on a worker; default ``[operators] default_deferrable``.
+        assets: publish outputs as Airflow Assets: ``True`` (every output), output names, or
+            ``{output: Asset}``; an input may be an ``Asset`` (docs/assets.md).
 
     Returns (XCom): ``{"outputs": {name: uri}, "metrics": {...}, "backend", "job_id", "url"}``, the task's
     one XCom row besides its extra link's.
@@ -121,6 +124,7 @@ class RemoteExecutionOperator(BaseOperator):
         code_version: str | None = None,
         code: bool | Sequence[str] = True,
         deferrable: bool | None = None,
+        assets: bool | Sequence[str] | Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -162,6 +166,7 @@ class RemoteExecutionOperator(BaseOperator):
         self._lifecycle: StepLifecycle | None = None
         self._ti: Any = None
         try:
+            self._declare_assets(assets)
             self._validate_literal_arguments()
         except (ConfigError, BackendUnavailableError) as exc:
             # Still a ConfigError at DAG parse time; when a mapped task is unmapped on a worker the same
@@ -289,12 +294,16 @@ class RemoteExecutionOperator(BaseOperator):
     def _may_end_in_triggerer(self) -> bool:
         """Whether a success may end the task in the triggerer (``TaskSuccessEvent``): no worker slot.
 
-        Not when something must run on a worker at the end: a subclass's own ``execute_complete``; asset
+        Not when something must run on a worker at the end: a subclass's own ``execute_complete`` or
+        ``_on_result``; asset
         outlets (the task runner emits their events on success; the triggerer's ``TaskSuccessEvent``
         handler only sets the state, airflow/models/trigger.py); a mapped downstream that expands over
         this result (the task runner records its length with the return value).
         """
         if type(self).execute_complete is not RemoteExecutionOperator.execute_complete:
+            return False
+        # A subclass that adds to the result (@task.remote_ml's return value) must run where it is built.
+        if type(self)._on_result is not RemoteExecutionOperator._on_result:
             return False
         if getattr(self, "outlets", None):
             return False
@@ -329,8 +338,10 @@ class RemoteExecutionOperator(BaseOperator):
                 self.log.info("Output %s: %s", name, uri)
             if result.metrics:
                 self.log.info("Metrics: %s", result.metrics)
+            xcom = result.to_xcom()
+            self._on_result(result, xcom)
             # Airflow pushes it as ``return_value``: the one row that ``output["outputs"][name]`` reads.
-            return result.to_xcom()
+            return xcom
         finally:
             if lifecycle.owns_job and status.is_terminal:
                 lifecycle.finish(status)
@@ -355,6 +366,70 @@ class RemoteExecutionOperator(BaseOperator):
 
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
+
+    # -- assets (docs/assets.md) --------------------------------------------------------------------------------
+    # Outputs published as Airflow Assets and Assets read as inputs. The Assets join outlets/inlets when the
+    # DAG is parsed (Airflow accepts events only for those); their events are filled in once the step succeeded.
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:  # type: ignore[override]
+        """``BaseOperator.partial``, with the Assets of ``assets`` in the mapped task's outlets at parse time."""
+        return super().partial(**_with_asset_outlets(kwargs))  # type: ignore[misc]
+
+    def _declare_assets(self, assets: Any) -> None:
+        """Put the output Assets in ``outlets`` and the Asset inputs in ``inlets`` (both needed at parse time)."""
+        self.assets = asset_support.output_assets(assets, self.outputs, self.dag_id if self.has_dag() else None,
+                                                  self.task_id)
+        self.outlets = _union(self.outlets, self.assets.values())
+        self.inlets = _union(self.inlets, asset_support.asset_inputs(self.inputs).values())
+
+    def render_template_fields(self, context: Any, jinja_env: Any = None) -> None:
+        super().render_template_fields(context, jinja_env)
+        # An input given as an Asset stands for the artifact of its newest event (or the triggering one).
+        assets = asset_support.asset_inputs(self.inputs)
+        if assets:
+            self.inputs = {name: asset_support.input_uri(name, assets[name], context) if name in assets else value
+                           for name, value in self.inputs.items()}
+
+    def _on_result(self, result: StepResult, xcom: dict[str, Any]) -> None:
+        """A succeeded step's result, before it is pushed: fill in the asset event of each published output.
+
+        Airflow emits one event per outlet when the task succeeds, with the ``extra`` set here.
+        """
+        if not self.assets:
+            return
+        from airflow.sdk import get_current_context
+
+        outlet_events = get_current_context()["outlet_events"]
+        for name, asset in self.assets.items():
+            outlet_events[asset].extra = asset_support.event_extra(result, name)
+
+
+def _with_asset_outlets(kwargs: dict[str, Any], *, task_id: str | None = None) -> dict[str, Any]:
+    """``partial()`` keyword arguments with the Assets of ``assets`` added to ``outlets``.
+
+    ``task_id`` is the id the task will get, when it is not ``kwargs["task_id"]`` (a TaskFlow task
+    called twice becomes ``train__1``); the task group's prefix is added here, as ``partial`` does.
+    """
+    if not kwargs.get("assets"):
+        return kwargs
+    from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
+
+    dag = kwargs.get("dag") or DagContext.get_current()
+    group = kwargs.get("task_group") or (TaskGroupContext.get_current(dag) if dag else None)
+    task_id = str(task_id or kwargs.get("task_id"))
+    task_id = group.child_id(task_id) if group else task_id
+    try:
+        published = asset_support.output_assets(kwargs["assets"], kwargs.get("outputs"), dag.dag_id if dag else None,
+                                                task_id)
+    except ConfigError as exc:
+        raise final(exc) from exc
+    return {**kwargs, "outlets": _union(kwargs.get("outlets"), published.values())}
+
+
+def _union(existing: Any, extra: Any) -> list[Any]:
+    items = list(existing) if isinstance(existing, (list, tuple)) else ([existing] if existing else [])
+    return items + [item for item in extra if item not in items]
 
 
 class TaskStateJournal:
@@ -447,6 +522,8 @@ def _is_templated(value: Any) -> bool:
         XComArg = ()  # type: ignore[assignment,misc]
     if isinstance(value, XComArg):
         return True
+    if _is_asset(value):  # an Asset input's artifact is known at run time (docs/assets.md)
+        return True
     if isinstance(value, str):
         return "{{" in value or "{%" in value
     if isinstance(value, Mapping):
@@ -454,3 +531,9 @@ def _is_templated(value: Any) -> bool:
     if isinstance(value, (list, tuple, set)):
         return any(_is_templated(v) for v in value)
     return False
+
+
+def _is_asset(value: Any) -> bool:
+    from airflow.sdk import Asset
+
+    return isinstance(value, Asset)

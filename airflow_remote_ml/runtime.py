@@ -49,6 +49,9 @@ EXIT_BAD_CONFIG = 2
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 #: Kubernetes truncates termination messages to 4096 bytes.
 TERMINATION_LOG_LIMIT = 4096
+#: Largest JSON text of a callable's return value kept in the manifest (it travels on as XCom, which lives
+#: in Airflow's metadata database: bigger results belong in a declared output).
+RETURN_VALUE_LIMIT = 64 * 1024
 
 _PREFIX_MAP = (("dbfs:/", "/dbfs/"),)
 #: The name the step's code archive is fetched under, through the same path as every input (so whatever
@@ -377,6 +380,7 @@ def _import_hint(step: dict[str, Any], exc: BaseException) -> str:
 class _MetricsCollector:
     def __init__(self) -> None:
         self.metrics: dict[str, Any] = {}
+        self.returned: Any = None  # what a callable step returned
 
     def line(self, text: str) -> None:
         text = text.strip()
@@ -730,7 +734,20 @@ def _call(step: dict[str, Any], inputs: dict[str, str], outputs: dict[str, str],
             signal.setitimer(signal.ITIMER_REAL, 0)
     if isinstance(result, dict):
         collector.metrics.update(result)
+    collector.returned = result
     return 0
+
+
+def _return_value(value: Any) -> tuple[Any, str | None]:
+    """A callable's return value as the manifest keeps it, or why it cannot (never fails the step itself)."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return None, f"the function returned a {type(value).__name__}, which is not JSON ({exc})"
+    if len(text) > RETURN_VALUE_LIMIT:
+        return None, (f"the function returned {len(text)} bytes of JSON, more than the {RETURN_VALUE_LIMIT} kept "
+                      "as its result; write large results to a declared output")
+    return value, None
 
 
 def run(step: dict[str, Any]) -> int:
@@ -810,6 +827,10 @@ def run(step: dict[str, Any]) -> int:
     finally:
         scratch.remove()
     manifest["metrics"] = collector.metrics
+    if collector.returned is not None:
+        manifest["return_value"], error = _return_value(collector.returned)
+        if error:
+            manifest["return_value_error"] = error
     manifest["finished_at"] = time.time()
     manifest["duration_seconds"] = round(manifest["finished_at"] - started, 3)
     if step.get("manifest_uri"):
