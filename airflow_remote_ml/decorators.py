@@ -39,10 +39,12 @@ import attr
 from airflow.sdk.bases.decorator import DecoratedOperator, _TaskDecorator, get_unique_task_id
 from airflow.sdk.definitions._internal.contextmanager import DagContext, TaskGroupContext
 from airflow.sdk.definitions.context import KNOWN_CONTEXT_KEYS
+from airflow.sdk.definitions.xcom_arg import PlainXComArg
 
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.validation import check_json, short_repr
 from airflow_remote_ml.operators import RemoteExecutionOperator, _is_templated, _plain, _with_asset_outlets, final
+from airflow_remote_ml.results import StepResultArg
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -302,6 +304,14 @@ def _check_call_is_json(function_name: str, signature: inspect.Signature, args: 
 class _RemoteMLTaskDecorator(_TaskDecorator):  # type: ignore[type-arg]
     """``@task.remote_ml``'s task factory: gives a mapped task the outlets of its Assets when the DAG is
     parsed (a mapped task's outlets come from its partial arguments, not from the operator's __init__)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # The task's result is one ``return_value`` row; ``fit(...)["outputs"]["model"]`` reads into it the
+        # way ``RemoteExecutionOperator.output[...]`` does (results.py), not a row per key.
+        arg = super().__call__(*args, **kwargs)
+        if type(arg) is PlainXComArg:
+            return StepResultArg(operator=arg.operator, key=arg.key)
+        return arg
 
     def _expand(self, expand_input: Any, *, strict: bool) -> Any:
         if not self.kwargs.get("assets"):

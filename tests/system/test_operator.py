@@ -61,9 +61,9 @@ def test_success_returns_uris_and_metrics_as_its_one_xcom_row(tmp_path, config, 
     result = make(tmp_path, config, **counted_step(tmp_path, 0)).execute(context(ti, store))
     assert result["backend"] == "local" and result["metrics"] == {"score": 0.9}
     assert os.path.exists(result["outputs"]["model"])
-    # Airflow pushes the return value; the operator pushes nothing else (the local backend has no job
-    # page, so not even the link's row). Issue 11: 6 rows per task before.
-    assert ti.xcoms == {}
+    # Airflow pushes the return value; the operator pushes only the extra link's row, which for a backend
+    # without a job page (local) is the run's "Remote ML" view. Issue 11: 6 rows per task before.
+    assert ti.xcoms == {"_link_RemoteJobLink": "/remote-ml/dags/dag/runs/manual__run"}
     assert len(json.dumps(result)) < 1024
     assert store.get(STATE_KEY)["phase"] == "finished"
 
