@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from airflow_remote_ml import runtime
+from airflow_remote_ml.core import transfer
 from airflow_remote_ml.core.artifacts import ArtifactStore, read_json
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
@@ -24,6 +27,8 @@ from airflow_remote_ml.core.spec import StepSpec, reject_unknown_options
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunStatus, StepResult
 
 B = TypeVar("B", bound="Backend")
+#: What the signed URLs of a runtime config depend on.
+_SIGNED_KEYS = ("inputs", "outputs", "manifest_uri", "timeout")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,22 @@ class StepRequest:
             "versions": {"image": spec.image, "code_version": self.code_version},
         }
         config.update(overrides)
+        # s3:// locations get short-lived signed URLs (signed here with the worker's credentials), so the
+        # stdlib-only runtime reads and writes the store on every backend without credentials of its own.
+        # Signed once per request and location set: a backend builds its payload in validate() and again in
+        # submit(), and each signing lists inputs and opens a multipart upload per output.
+        key = json.dumps([config.get("inputs"), config.get("outputs"), config.get("manifest_uri"),
+                          config.get("timeout")], sort_keys=True, default=str)
+        if key not in self._signed:
+            self._signed[key] = transfer.attach({k: config.get(k) for k in _SIGNED_KEYS}, spec.env)
+        signed = self._signed[key]
+        config.update({k: signed[k] for k in ("transfers", "transfer") if k in signed})
         return config
+
+    @functools.cached_property
+    def _signed(self) -> dict[str, dict[str, Any]]:
+        # cached_property writes the instance __dict__ directly, which a frozen dataclass allows.
+        return {}
 
     def to_json(self) -> dict[str, Any]:
         return {
