@@ -198,6 +198,10 @@ class S3Server:
 def s3_server(monkeypatch: Any, bucket: str = "ml-artifacts") -> Iterator[S3Server]:
     """A running server with ``bucket``, its settings in the worker's environment (for a fixture)."""
     with S3Server() as server:
+        # moto keeps its state per process, not per server: start every test from an empty store.
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{server.endpoint}/moto-api/reset", method="POST")).close()
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
