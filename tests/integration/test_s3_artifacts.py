@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +65,8 @@ def _request(root: str, task: str = "step", **spec: Any) -> StepRequest:
 def _run(backend: Any, request: StepRequest) -> Any:
     backend.validate(request)
     handle = backend.submit(request)
-    status = wait_for_completion(backend, handle, deadline=240)
-    return handle, status
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 240)
+    return handle, outcome.status
 
 
 # -- the example pipeline, end to end --------------------------------------------------------------------
