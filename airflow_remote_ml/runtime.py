@@ -273,7 +273,8 @@ def _refused(what: str, status: int, body: bytes) -> StepError:
     reason = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
     info = _TRANSFERS.get("info") or {}
     if status == 403 and ("expired" in message.lower() or code == "ExpiredToken"):
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info["expires_at"])) if info.get("expires_at") else "?"
+        expires_at = info.get("expires_at")
+        when = "?" if expires_at is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
         hint = (f"the signed URLs were valid for {info.get('lifetime_seconds', '?')} s, until {when}: the step "
                 "started or ran too long after it was submitted; raise the step's timeout or "
                 "REMOTE_ML_TRANSFER_MARGIN on the worker, or check the clocks")

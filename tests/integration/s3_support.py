@@ -13,7 +13,9 @@ before handing the request to moto unchanged:
   ``AccessDenied`` "Invalid according to Policy: Policy Condition failed: ..." (S3 API reference,
   "Creating a POST Policy"); a bad policy signature -> 403 ``SignatureDoesNotMatch``.
 
-``clock_offset`` moves the server's clock, so an expiry is tested without waiting for it.
+``clock_offset`` moves the server's clock, so an expiry is tested without waiting for it; ``fail_next(n)``
+answers the next ``n`` requests with 503 ``SlowDown`` "Please reduce your request rate.", S3's answer when
+a prefix gets more requests than it can take (S3 docs, "Error responses"; clients are to retry it).
 """
 
 from __future__ import annotations
@@ -62,11 +64,28 @@ class PresignCheck:
         self.app = app
         self.clock_offset = 0.0
         self.refused: list[str] = []
+        self._failures = 0
+        self._lock = threading.Lock()
+
+    def fail_next(self, count: int) -> None:
+        with self._lock:
+            self._failures = count
+
+    def _take_failure(self) -> bool:
+        with self._lock:
+            if self._failures <= 0:
+                return False
+            self._failures -= 1
+            return True
 
     def now(self) -> float:
         return time.time() + self.clock_offset
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if self._take_failure():
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            self.refused.append("slowdown")
+            return _error(start_response, "503 Slow Down", "SlowDown", "Please reduce your request rate.")
         query = dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
         if query.get("X-Amz-Algorithm") == "AWS4-HMAC-SHA256":
             refusal = self._check_query(environ, query, start_response)

@@ -232,6 +232,20 @@ def test_an_expired_url_fails_the_step_with_the_stores_reason(s3, tmp_path):
     assert "expired" in s3.check.refused
 
 
+def test_throttled_requests_are_retried_until_they_pass(s3, tmp_path):
+    s3.client().put_object(Bucket=BUCKET, Key="data/in.csv", Body=b"a,b\n1,2\n")
+    request = _request(_root(), command=["python3", "-c", "import os; print(open(os.environ['REMOTE_ML_INPUT_TABLE']).read())"],
+                       inputs={"table": f"s3://{BUCKET}/data/in.csv"}, outputs=[])
+    step = request.runtime_config()
+    s3.check.fail_next(2)
+    done = _runtime(step, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "a,b\n1,2" in done.stdout
+    assert "attempt 1 failed, retrying" in done.stderr and "attempt 2 failed, retrying" in done.stderr
+    assert s3.check.refused == ["slowdown", "slowdown"]
+    assert json.loads(_read(s3, request.manifest_uri))["status"] == "succeeded"
+
+
 def test_a_forged_url_is_refused_with_the_stores_reason(s3, tmp_path):
     client = s3.client()
     client.put_object(Bucket=BUCKET, Key="data/in.csv", Body=b"a,b\n")
