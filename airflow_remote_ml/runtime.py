@@ -112,15 +112,16 @@ def _resolve_inputs(inputs: dict[str, str], scratch: _Scratch,
                     transfers: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Local paths of ``inputs``: as they are when local, else downloaded into ``scratch``.
 
-    An input named in ``transfers`` (default: the signed URLs of the step being run, see
+    A non-local input named in ``transfers`` (default: the signed URLs of the step being run, see
     :func:`_set_transfers`) is fetched with plain HTTP from its signed URL(s), whatever its name; any
-    other non-local input needs fsspec in the image.
+    other non-local input needs fsspec in the image. A local one (a platform that already downloaded it
+    rewrote the URI to a path) is used where it is.
     """
     signed = _TRANSFERS.get("inputs") or {} if transfers is None else transfers
     paths = {}
     for name, uri in inputs.items():
         local = _local_of(uri)
-        if name in signed:
+        if local is None and name in signed:
             base = os.path.basename(uri.rstrip("/")) or name
             local = os.path.join(str(scratch), "inputs", name, base)
             _download_signed(signed[name], local, f"input {name!r} ({uri})")

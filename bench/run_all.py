@@ -29,6 +29,7 @@ RUNS: list[tuple[str, str, list[str]]] = [
     ("databricks", "bench_databricks.py", []),
     ("databricks", "bench_databricks.py", ["--many", "10,50", "--many-seconds", "75"]),
     ("valohai", "bench_valohai.py", ["-n", "8", "--deferred", "--many", "50"]),
+    ("s3", "bench_s3.py", ["--iterations", "7", "--sizes", "4,128"]),
 ]
 
 

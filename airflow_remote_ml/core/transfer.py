@@ -20,7 +20,7 @@ limit of 7 days. URLs signed with temporary credentials (an instance role, IRSA,
 those credentials expire, whatever their own lifetime.
 
 A step whose image has fsspec and the store's implementation (s3fs, gcsfs, adlfs) and its own credentials
-can instead set ``env={"REMOTE_ML_TRANSFER": "fsspec"}``: nothing is signed and the runtime uses fsspec.
+can instead set ``env={"ARTIFACT_TRANSFER": "fsspec"}``: nothing is signed and the runtime uses fsspec.
 Other schemes (``gs://``, ``az://``) are not signed and always take that fsspec path.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ from airflow_remote_ml.core.errors import BackendUnavailableError, ConfigError
 
 #: Schemes the worker signs URLs for.
 SIGNED_SCHEMES = frozenset({"s3", "s3a"})
-#: The step-side switch: "presigned" (default) or "fsspec" (the image brings fsspec and credentials).
-MODE_ENV = "REMOTE_ML_TRANSFER"
+#: The step-side switch, in the step's env: "presigned" (default) or "fsspec" (the image brings fsspec and
+#: credentials). Not REMOTE_ML_*: those names are reserved for what the runtime sets itself.
+MODE_ENV = "ARTIFACT_TRANSFER"
 MODES = ("presigned", "fsspec")
 #: SigV4 presigned URLs are valid for at most 7 days.
 MAX_LIFETIME_SECONDS = 7 * 24 * 3600
@@ -112,15 +114,30 @@ def split(uri: str) -> tuple[str, str]:
     return parsed.netloc, parsed.path.lstrip("/")
 
 
+#: What a worker's S3 client depends on in its environment (a client is reused while these stay the same).
+_CLIENT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION",
+               "AWS_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+_clients: dict[tuple[str | None, ...], Any] = {}
+_clients_lock = threading.Lock()
+
+
 def client() -> Any:
-    """A boto3 S3 client from the worker's own configuration (credential chain, ``AWS_ENDPOINT_URL_S3``)."""
+    """A boto3 S3 client from the worker's own configuration (credential chain, ``AWS_ENDPOINT_URL_S3``).
+
+    Made once per process and configuration: creating one loads botocore's service model, which costs
+    more than signing every URL of a step. boto3 clients are thread-safe and refresh expiring credentials.
+    """
     try:
         import boto3
         from botocore.config import Config
     except ImportError:
         raise BackendUnavailableError("s3 artifacts", "s3", "boto3") from None
-    # SigV4 always: it is the only signature S3 accepts in every region, and the one POST policies use.
-    return boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+    key = tuple(os.environ.get(name) for name in _CLIENT_ENV)
+    with _clients_lock:
+        if key not in _clients:
+            # SigV4 always: the only signature S3 accepts in every region, and the one POST policies use.
+            _clients[key] = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+        return _clients[key]
 
 
 def attach(config: dict[str, Any], env: Mapping[str, str], *, settings: TransferSettings | None = None,

@@ -39,8 +39,8 @@ def test_settings_from_the_environment():
 
 def test_an_unknown_mode_is_a_config_error_on_the_steps_env():
     with pytest.raises(ConfigError) as raised:
-        transfer.mode_of({"REMOTE_ML_TRANSFER": "magic"})
-    assert raised.value.field == "env.REMOTE_ML_TRANSFER"
+        transfer.mode_of({"ARTIFACT_TRANSFER": "magic"})
+    assert raised.value.field == "env.ARTIFACT_TRANSFER"
     assert "presigned, fsspec" in str(raised.value)
 
 
@@ -52,7 +52,7 @@ def test_local_locations_are_left_alone_and_need_no_client():
 
 def test_fsspec_mode_signs_nothing_and_says_so():
     config = {"inputs": {}, "outputs": {"b": "s3://bkt/art/b"}, "manifest_uri": "s3://bkt/art/manifest.json"}
-    attached = transfer.attach(dict(config), {"REMOTE_ML_TRANSFER": "fsspec"})
+    attached = transfer.attach(dict(config), {"ARTIFACT_TRANSFER": "fsspec"})
     assert attached["transfer"] == {"mode": "fsspec"}
     assert "transfers" not in attached
 
