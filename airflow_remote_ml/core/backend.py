@@ -80,8 +80,11 @@ class StepRequest:
         config.update(overrides)
         # s3:// locations get short-lived signed URLs (signed here with the worker's credentials), so the
         # stdlib-only runtime reads and writes the store on every backend without credentials of its own.
-        # Signed once per request and location set: a backend builds its payload in validate() and again in
-        # submit(), and each signing lists inputs and opens a multipart upload per output.
+        # Signed once per request and location set: a submit retried after an ambiguous answer must hand the
+        # step the same URLs (and not open another multipart upload per output).
+        # Only while a backend submits (transfer.signing): validate() and other builds stay free of I/O.
+        if not transfer.active():
+            return config
         key = json.dumps([config.get("inputs"), config.get("outputs"), config.get("manifest_uri"),
                           config.get("timeout")], sort_keys=True, default=str)
         if key not in self._signed:
@@ -208,6 +211,20 @@ class Backend(ABC):
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every backend's submit signs the s3:// locations of the runtime config it builds (see
+        # core/transfer.py), without each backend having to ask for it.
+        submit = cls.__dict__.get("submit")
+        if submit is not None and not getattr(submit, "_signs_transfers", False):
+            @functools.wraps(submit)
+            def signed_submit(self: Backend, request: StepRequest) -> RunHandle:
+                with transfer.signing():
+                    return submit(self, request)
+
+            signed_submit._signs_transfers = True  # type: ignore[attr-defined]
+            cls.submit = signed_submit  # type: ignore[method-assign]
 
     @classmethod
     def from_config(cls: type[B], config: Mapping[str, Any]) -> B:

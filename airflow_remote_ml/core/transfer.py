@@ -26,11 +26,13 @@ Other schemes (``gs://``, ``az://``) are not signed and always take that fsspec 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -90,6 +92,29 @@ class TransferSettings:
                               f"S3 refuses parts smaller than {MIN_PART_SIZE} bytes (but the last)",
                               f"use at least {MIN_PART_SIZE}")
         return settings
+
+
+#: Set while a backend submits (see :func:`signing`): only then are URLs signed.
+_signing: contextvars.ContextVar[bool] = contextvars.ContextVar("remote_ml_signing", default=False)
+
+
+@contextlib.contextmanager
+def signing() -> Iterator[None]:
+    """Sign the s3:// locations of every runtime config built inside this block.
+
+    :class:`~airflow_remote_ml.core.backend.Backend` wraps every backend's ``submit`` in it, so building a
+    payload anywhere else (``validate``, a dry run, a unit test) stays free of I/O and credentials: signing
+    lists inputs and opens multipart uploads, which belongs to submitting a step, not to checking one.
+    """
+    token = _signing.set(True)
+    try:
+        yield
+    finally:
+        _signing.reset(token)
+
+
+def active() -> bool:
+    return _signing.get()
 
 
 def is_signed_scheme(uri: str) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
+from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec, transfer
 from airflow_remote_ml.core.status import RunState
 from airflow_remote_ml.core.wait import wait_for_completion
 from tests.conftest import RUNNER_IMAGE
@@ -60,6 +60,12 @@ def _open_uploads(s3: S3Server) -> list[Any]:
 def _request(root: str, task: str = "step", **spec: Any) -> StepRequest:
     identity = StepIdentity("s3-it", task, f"run-{uuid.uuid4().hex[:10]}")
     return StepRequest.create(StepSpec.build(**spec), identity, ArtifactStore(root))
+
+
+def _signed(request: StepRequest, **overrides: Any) -> dict[str, Any]:
+    """The runtime config a backend's submit builds: with signed URLs (signing happens only there)."""
+    with transfer.signing():
+        return request.runtime_config(**overrides)
 
 
 def _run(backend: Any, request: StepRequest) -> Any:
@@ -188,7 +194,7 @@ def test_a_large_output_is_streamed_up_in_parts(s3, monkeypatch, tmp_path):
     monkeypatch.setenv("REMOTE_ML_MULTIPART_PARTS", "4")
     size = (96 << 20) + 12345
     request = _request(_root(), command=["python3", "-c", BIG, str(size)], outputs=["blob"], timeout=600)
-    step = request.runtime_config()
+    step = _signed(request)
     # The runtime's peak resident memory, from the kernel's VmHWM: getrusage's ru_maxrss read 100-600 MB for
     # the same runs (it can carry a child's usage over fork/exec), so it says nothing about the runtime.
     probe = ("import runpy, sys; sys.argv = ['runtime']\ntry:\n"
@@ -219,7 +225,7 @@ def test_an_expired_url_fails_the_step_with_the_stores_reason(s3, tmp_path):
     client.put_object(Bucket=BUCKET, Key="data/in.csv", Body=b"a,b\n")
     request = _request(_root(), command=["python3", "-c", "print('never runs')"], inputs={"table": f"s3://{BUCKET}/data/in.csv"},
                        outputs=["out"], timeout=60)
-    step = request.runtime_config()
+    step = _signed(request)
     lifetime = step["transfer"]["lifetime_seconds"]
     assert lifetime == 60 + 3600  # the timeout plus the default margin
     s3.check.clock_offset = lifetime + 1  # the step starts after its URLs expired (queued too long)
@@ -236,7 +242,7 @@ def test_throttled_requests_are_retried_until_they_pass(s3, tmp_path):
     s3.client().put_object(Bucket=BUCKET, Key="data/in.csv", Body=b"a,b\n1,2\n")
     request = _request(_root(), command=["python3", "-c", "import os; print(open(os.environ['REMOTE_ML_INPUT_TABLE']).read())"],
                        inputs={"table": f"s3://{BUCKET}/data/in.csv"}, outputs=[])
-    step = request.runtime_config()
+    step = _signed(request)
     s3.check.fail_next(2)
     done = _runtime(step, tmp_path)
     assert done.returncode == 0, done.stderr
@@ -251,7 +257,7 @@ def test_a_forged_url_is_refused_with_the_stores_reason(s3, tmp_path):
     client.put_object(Bucket=BUCKET, Key="data/in.csv", Body=b"a,b\n")
     client.put_object(Bucket=BUCKET, Key="data/secret.csv", Body=b"no")
     request = _request(_root(), command=["python3", "-c", "print('never runs')"], inputs={"table": f"s3://{BUCKET}/data/in.csv"})
-    step = request.runtime_config()
+    step = _signed(request)
     # A step that edits its URL to reach another object: the signature covers the path, so S3 refuses it.
     step["transfers"]["inputs"]["table"]["get"] = step["transfers"]["inputs"]["table"]["get"].replace("in.csv", "secret.csv")
     done = _runtime(step, tmp_path)
@@ -264,7 +270,7 @@ def test_a_post_outside_the_outputs_key_is_refused(s3, tmp_path):
     from airflow_remote_ml import runtime
 
     request = _request(_root(), command=["true"], outputs=["model"])
-    signed = request.runtime_config()["transfers"]["outputs"]["model"]
+    signed = _signed(request)["transfers"]["outputs"]["model"]
     path = tmp_path / "x"
     path.write_bytes(b"x")
     with pytest.raises(runtime.StepError) as raised:
@@ -274,20 +280,26 @@ def test_a_post_outside_the_outputs_key_is_refused(s3, tmp_path):
     assert _keys(s3, "elsewhere") == []
 
 
-def test_a_missing_input_is_a_config_error_before_submit(s3):
+def test_a_missing_input_is_a_config_error_and_starts_nothing(s3, tmp_path):
+    from airflow_remote_ml.backends.local import LocalBackend
     from airflow_remote_ml.core import ConfigError
 
+    backend = LocalBackend.from_config({"state_dir": str(tmp_path / "jobs")})
     request = _request(_root(), command=["true"], inputs={"table": f"s3://{BUCKET}/nothing/here"})
+    backend.validate(request)  # checking a step does no I/O: signing belongs to submit
     with pytest.raises(ConfigError) as raised:
-        request.runtime_config()
+        backend.submit(request)
     assert raised.value.field == "inputs.table"
     assert "nothing exists at" in str(raised.value)
+    assert backend.find(request.identity) is None
 
 
-def test_validate_and_submit_share_one_signing(s3):
+def test_validate_signs_nothing_and_a_retried_submit_signs_once(s3):
     request = _request(_root(), command=["true"], outputs=["a"])
-    first = request.runtime_config()
-    second = request.runtime_config(python_path=["/x"])
+    assert "transfers" not in request.runtime_config()  # a build outside submit: no I/O, no credentials
+    assert _open_uploads(s3) == []
+    first = _signed(request)
+    second = _signed(request, python_path=["/x"])
     assert first["transfers"] == second["transfers"]
     assert len(_open_uploads(s3)) == 1  # one multipart upload opened for output 'a', not one per build
 

@@ -98,3 +98,39 @@ def test_the_version_record_names_the_transfer_path():
     runtime._USED.add("presigned")
     assert runtime._transfer_version(local_only=False) == "presigned"
     runtime._set_transfers({})
+
+
+def test_every_backends_submit_signs_and_nothing_else_does():
+    from airflow_remote_ml.core import Backend, RunHandle
+
+    seen: dict[str, bool] = {}
+
+    class Probe(Backend):
+        name = "probe"
+
+        def validate(self, request):
+            seen["validate"] = transfer.active()
+
+        def submit(self, request):
+            seen["submit"] = transfer.active()
+            return RunHandle(backend="probe", job_id="1")
+
+        def find(self, identity):
+            return None
+
+        def poll(self, handle):
+            raise NotImplementedError
+
+        def cancel(self, handle):
+            pass
+
+    class Child(Probe):  # an override of an override is wrapped too, and signing nests
+        def submit(self, request):
+            seen["child"] = transfer.active()
+            return super().submit(request)
+
+    probe = Child.from_config({})
+    probe.validate(None)
+    probe.submit(None)
+    assert seen == {"validate": False, "child": True, "submit": True}
+    assert not transfer.active()
