@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from airflow_remote_ml.core.errors import BackendUnavailableError, ConfigError
+from airflow_remote_ml.core.errors import BackendUnavailableError, ConfigError, TransientBackendError
 
 #: Schemes the worker signs URLs for.
 SIGNED_SCHEMES = frozenset({"s3", "s3a"})
@@ -160,8 +160,14 @@ def client() -> Any:
     key = tuple(os.environ.get(name) for name in _CLIENT_ENV)
     with _clients_lock:
         if key not in _clients:
+            session = boto3.session.Session()
+            if session.get_credentials() is None:
+                # botocore signs a POST policy without credentials by failing with an AttributeError.
+                from botocore.exceptions import NoCredentialsError
+
+                raise NoCredentialsError()
             # SigV4 always: the only signature S3 accepts in every region, and the one POST policies use.
-            _clients[key] = boto3.session.Session().client("s3", config=Config(signature_version="s3v4"))
+            _clients[key] = session.client("s3", config=Config(signature_version="s3v4"))
         return _clients[key]
 
 
@@ -182,20 +188,48 @@ def attach(config: dict[str, Any], env: Mapping[str, str], *, settings: Transfer
         config["transfer"] = {"mode": "fsspec"}
         return config
     settings = settings or TransferSettings.from_env()
-    s3 = s3 or client()
     lifetime = url_lifetime(config.get("timeout"), settings)
-    signer = _Signer(s3, lifetime, settings)
     transfers: dict[str, Any] = {"inputs": {}, "outputs": {}}
-    for name, uri in inputs.items():
-        transfers["inputs"][name] = signer.input(name, uri)
-    for name, uri in outputs.items():
-        transfers["outputs"][name] = signer.output(uri)
-    if manifest:
-        transfers["manifest"] = {"put": signer.put(manifest)}
+    field = "artifact_root"
+    try:
+        signer = _Signer(s3 or client(), lifetime, settings)
+        for name, uri in inputs.items():
+            field = f"inputs.{name}"
+            transfers["inputs"][name] = signer.input(name, uri)
+        for name, uri in outputs.items():
+            field = f"outputs.{name}"
+            transfers["outputs"][name] = signer.output(uri)
+        if manifest:
+            field = "artifact_root"
+            transfers["manifest"] = {"put": signer.put(manifest)}
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise _mapped(exc, field) from exc
     config["transfers"] = transfers
     config["transfer"] = {"mode": "presigned", "expires_at": int(time.time()) + lifetime,
                           "lifetime_seconds": lifetime, "multipart_threshold": settings.multipart_threshold}
     return config
+
+
+def _mapped(exc: Exception, field: str) -> Exception:
+    """botocore's failures as this package's errors: what to fix, or that trying again may help."""
+    from botocore import exceptions as boto
+
+    if isinstance(exc, (boto.NoCredentialsError, boto.PartialCredentialsError)):
+        return ConfigError(field, f"the worker has no usable AWS credentials to sign the step's URLs ({exc})",
+                           "give the worker credentials (a role, AWS_PROFILE, AWS_ACCESS_KEY_ID...), or set env "
+                           f"{{'{MODE_ENV}': 'fsspec'}} for a step that brings its own")
+    if isinstance(exc, boto.ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status and (status >= 500 or status == 429):
+            return TransientBackendError("s3", f"{field}: the object store answered {error.get('Code')}", status)
+        return ConfigError(field, f"the object store refused the worker: {error.get('Code')}: {error.get('Message')}",
+                           "check the bucket and that the worker's credentials may write under the artifact root")
+    if isinstance(exc, boto.BotoCoreError):  # endpoint unreachable, connection closed, read timeout
+        return TransientBackendError("s3", f"{field}: the object store could not be reached: {exc}")
+    return exc
 
 
 class _Signer:

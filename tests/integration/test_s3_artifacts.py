@@ -294,6 +294,34 @@ def test_a_missing_input_is_a_config_error_and_starts_nothing(s3, tmp_path):
     assert backend.find(request.identity) is None
 
 
+def test_a_worker_without_credentials_or_bucket_gets_a_config_error(s3, monkeypatch):
+    from airflow_remote_ml.core import ConfigError
+
+    request = _request(f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/ml", command=["true"], outputs=["model"])
+    with pytest.raises(ConfigError) as raised:
+        _signed(request)
+    assert raised.value.field == "outputs.model"
+    assert "NoSuchBucket" in str(raised.value)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to find on a test machine
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(ConfigError) as raised:
+        _signed(_request(_root(), command=["true"], outputs=["model"]))
+    assert "no usable AWS credentials" in str(raised.value)
+
+
+def test_an_unreachable_store_is_transient(s3, monkeypatch):
+    from airflow_remote_ml.core import TransientBackendError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(TransientBackendError) as raised:
+        _signed(_request(_root(), command=["true"], outputs=["model"]))
+    assert "could not be reached" in str(raised.value)
+
+
 def test_validate_signs_nothing_and_a_retried_submit_signs_once(s3):
     request = _request(_root(), command=["true"], outputs=["a"])
     assert "transfers" not in request.runtime_config()  # a build outside submit: no I/O, no credentials
