@@ -41,6 +41,9 @@ from airflow_remote_ml.core.errors import BackendUnavailableError, ConfigError, 
 
 #: Schemes the worker signs URLs for.
 SIGNED_SCHEMES = frozenset({"s3", "s3a"})
+#: Inputs in a platform's own storage that a step on another backend cannot reach: the worker copies
+#: them into the consuming step's prefix of the store first (see :func:`_stage`).
+STAGED_SCHEMES = frozenset({"dbfs"})
 #: The step-side switch, in the step's env: "presigned" (default) or "fsspec" (the image brings fsspec and
 #: credentials). Not REMOTE_ML_*: those names are reserved for what the runtime sets itself.
 MODE_ENV = "ARTIFACT_TRANSFER"
@@ -178,12 +181,27 @@ def attach(config: dict[str, Any], env: Mapping[str, str], *, settings: Transfer
     Also records the mode in ``config["transfer"]``. Does nothing when no location is an s3:// URI.
     """
     mode = mode_of(env)
+    staged = {k: v for k, v in (config.get("inputs") or {}).items()
+              if isinstance(v, str) and urlparse(v).scheme in STAGED_SCHEMES}
     inputs = {k: v for k, v in (config.get("inputs") or {}).items() if isinstance(v, str) and is_signed_scheme(v)}
     outputs = {k: v for k, v in (config.get("outputs") or {}).items() if isinstance(v, str) and is_signed_scheme(v)}
     manifest = config.get("manifest_uri")
     manifest = manifest if isinstance(manifest, str) and is_signed_scheme(manifest) else None
     if not (inputs or outputs or manifest):
         return config
+    if mode == "presigned" and staged and manifest:
+        # A platform-internal input (a Databricks dbfs:/ output) that a step elsewhere cannot reach: the
+        # worker copies it into this step's prefix of the store and signs the copy like any s3:// input.
+        prefix = manifest.rsplit("/", 1)[0]
+        for name, uri in staged.items():
+            try:
+                inputs[name] = _stage(name, uri, f"{prefix}/inputs/{name}", s3)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise _mapped(exc, f"inputs.{name}") from exc
+        config.setdefault("transfer", {})["staged"] = {name: {"from": uri, "to": inputs[name]}
+                                                       for name, uri in staged.items()}
     if mode == "fsspec":
         config["transfer"] = {"mode": "fsspec"}
         return config
@@ -207,9 +225,41 @@ def attach(config: dict[str, Any], env: Mapping[str, str], *, settings: Transfer
     except Exception as exc:
         raise _mapped(exc, field) from exc
     config["transfers"] = transfers
-    config["transfer"] = {"mode": "presigned", "expires_at": int(time.time()) + lifetime,
-                          "lifetime_seconds": lifetime, "multipart_threshold": settings.multipart_threshold}
+    config["transfer"] = {**(config.get("transfer") or {}), "mode": "presigned",
+                          "expires_at": int(time.time()) + lifetime, "lifetime_seconds": lifetime,
+                          "multipart_threshold": settings.multipart_threshold}
     return config
+
+
+def _stage(name: str, uri: str, target: str, s3: Any = None) -> str:
+    """Copy ``uri`` (a file or a directory) to ``target`` in the store, streamed; returns ``target``.
+
+    Read through fsspec with its own configuration (for ``dbfs:/``: fsspec's Databricks implementation,
+    ``instance`` and ``token`` in fsspec's config, e.g. ``FSSPEC_DBFS_INSTANCE``/``FSSPEC_DBFS_TOKEN``).
+    """
+    field = f"inputs.{name}"
+    try:
+        import fsspec
+
+        if uri.startswith("dbfs:"):
+            # fsspec reads "dbfs:/x" as a local path named "dbfs:"; its DBFS filesystem wants "/x".
+            fs, path = fsspec.filesystem("dbfs"), "/" + uri[len("dbfs:"):].lstrip("/")
+        else:
+            fs, path = fsspec.core.url_to_fs(uri)
+        files = [(f, f[len(path.rstrip("/")) + 1:]) for f in fs.find(path)] if fs.isdir(path) else [(path, "")]
+    except Exception as exc:
+        raise ConfigError(field, f"the worker cannot read {uri!r} to copy it into the store: {exc}",
+                          "configure fsspec for it on the worker (for dbfs:/, fsspec's 'dbfs' instance and token)"
+                          ) from exc
+    if not files:
+        raise ConfigError(field, f"nothing exists at {uri!r}", "check the URI: it should be an earlier step's output")
+    bucket, key = split(target)
+    s3 = s3 or client()
+    for source, relative in files:
+        with fs.open(source, "rb") as fh:
+            # boto3's managed upload streams the file object, in parts when it is large.
+            s3.upload_fileobj(fh, bucket, f"{key}/{relative}" if relative else key)
+    return target
 
 
 def _mapped(exc: Exception, field: str) -> Exception:

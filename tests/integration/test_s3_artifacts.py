@@ -360,3 +360,39 @@ def test_the_documented_dag_runs_both_transfer_modes(airflow_db, s3, tmp_path):
     assert manifests["read"]["status"] == "succeeded"
     table = next(k for k in keys if k.endswith("/outputs/table"))
     assert _read(s3, f"s3://{BUCKET}/{table}") == b"a,b\n1,2\n"
+
+
+# -- a Databricks dbfs:/ output, read by a docker step through the store ---------------------------------
+
+
+@pytest.mark.docker
+def test_a_docker_step_reads_a_databricks_dbfs_output_through_the_store(s3, docker_engine, monkeypatch):
+    import fsspec
+
+    from airflow_remote_ml.backends.docker import DockerBackend
+    from tests.fakes.databricks_api import FakeDatabricks
+
+    with FakeDatabricks(token="dapi-s3", tls=True) as dbx, dbx.trust_ca():
+        # The output as a Databricks step leaves it in DBFS (the double gives its task processes no /dbfs
+        # mount, so the file is placed there directly); read back over the DBFS API, as on a workspace.
+        table = "dbfs:/ml/dbx-run/outputs/table"
+        dbx.put_file(f"{table}/rows.json", "[1, 2, 3]")
+        dbx.put_file(f"{table}/part-0001.bin", b"\x00" * (3 << 20))  # more than one 1 MB DBFS read
+        # The worker's fsspec configuration for DBFS (what FSSPEC_DBFS_INSTANCE/_TOKEN set).
+        monkeypatch.setitem(fsspec.config.conf, "dbfs", {"instance": dbx.host, "token": "dapi-s3"})
+        docker = DockerBackend.from_config({"network_mode": "host", "pull": "never", "removal_policy": "always"})
+        try:
+            request = _request(_root(), "consume", image=RUNNER_IMAGE, inputs={"table": table}, outputs=["total"],
+                               command=["python3", "-c", READ + "; assert os.path.getsize(os.path.join("
+                                        "os.environ['REMOTE_ML_INPUT_TABLE'], 'part-0001.bin')) == 3 << 20"])
+            handle, status = _run(docker, request)
+            assert status.state is RunState.SUCCEEDED, (status, docker.log_tail(handle))
+            result = docker.fetch_result(handle)
+        finally:
+            docker.close()
+    assert _read(s3, result.outputs["total"]) == b"6"
+    assert result.metrics["aws_env"] == []
+    # The copy sits in the consuming step's own prefix; the version record keeps the dbfs:/ URI.
+    staged = [k for k in _keys(s3, "") if "/inputs/table/" in k]
+    assert sorted(k.rsplit("/", 1)[1] for k in staged) == ["part-0001.bin", "rows.json"]
+    assert result.manifest["versions"]["inputs"] == {"table": table}
