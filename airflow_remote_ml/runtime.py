@@ -250,13 +250,6 @@ def _set_transfers(step: Mapping[str, Any]) -> None:
     _TRANSFERS["info"] = step.get("transfer") or {}
 
 
-class _HTTPFailure(Exception):
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(status)
-        self.status = status
-        self.body = body
-
-
 def _s3_error(body: bytes) -> tuple[str, str]:
     """(Code, Message) of an S3 XML error body, or ("", first bytes of the body)."""
     import xml.etree.ElementTree as ElementTree
