@@ -45,6 +45,8 @@ EXIT_MISSING_OUTPUT = 3
 EXIT_TIMEOUT = 124
 #: Exit code of a bad runtime configuration.
 EXIT_BAD_CONFIG = 2
+#: Exit code of an input or output the object store refused or could not be reached for.
+EXIT_TRANSFER = 4
 #: Where Kubernetes reads a container's termination message by default.
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 #: Kubernetes truncates termination messages to 4096 bytes.
@@ -113,15 +115,29 @@ class _Scratch:
             shutil.rmtree(self._path, ignore_errors=True)
 
 
-def _resolve_inputs(inputs: dict[str, str], scratch: _Scratch) -> dict[str, str]:
+def _resolve_inputs(inputs: dict[str, str], scratch: _Scratch,
+                    transfers: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Local paths of ``inputs``: as they are when local, else downloaded into ``scratch``.
+
+    A non-local input named in ``transfers`` (default: the signed URLs of the step being run, see
+    :func:`_set_transfers`) is fetched with plain HTTP from its signed URL(s), whatever its name; any
+    other non-local input needs fsspec in the image. A local one (a platform that already downloaded it
+    rewrote the URI to a path) is used where it is.
+    """
+    signed = _TRANSFERS.get("inputs") or {} if transfers is None else transfers
     paths = {}
     for name, uri in inputs.items():
         local = _local_of(uri)
-        if local is None:
+        if local is None and name in signed:
+            base = os.path.basename(uri.rstrip("/")) or name
+            local = os.path.join(str(scratch), "inputs", name, base)
+            _download_signed(signed[name], local, f"input {name!r} ({uri})")
+        elif local is None:
             fs, path = _fsspec().core.url_to_fs(uri)
             local = os.path.join(str(scratch), "inputs", name, os.path.basename(path.rstrip("/")) or name)
             os.makedirs(os.path.dirname(local), exist_ok=True)
             fs.get(path, local, recursive=fs.isdir(path))
+            _USED.add("fsspec")
         paths[name] = local
     return paths
 
@@ -179,6 +195,12 @@ def _write_json(uri: str, document: dict[str, Any]) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(data)
         os.replace(tmp, local)  # readers never see half a manifest
+        return
+    signed = _TRANSFERS.get("manifest") if uri == _TRANSFERS.get("manifest_uri") else None
+    if signed:
+        body = data.encode()
+        _request("PUT", signed["put"], f"the result manifest ({uri})", lambda: [body], len(body),
+                 {"Content-Type": "application/json"})
         return
     with _fsspec().open(uri, "w", encoding="utf-8") as fh:
         fh.write(data)
@@ -372,6 +394,252 @@ def _import_hint(step: dict[str, Any], exc: BaseException) -> str:
         return (f"{missing!r} is not in {shipped}: if it is a library, install it in {where}; if it is your own "
                 f"package, add it to code=[...]")
     return f"{shipped} was first on sys.path in {where} but does not define it; check the callable's path"
+# -- signed-URL transfers ----------------------------------------------------------------------------
+# The worker signs S3 URLs with its credentials (airflow_remote_ml.core.transfer); the step only speaks HTTP.
+
+#: The signed URLs of the step being run (``"transfers"`` of its config) and which transfer paths it used.
+_TRANSFERS: dict[str, Any] = {}
+_USED: set[str] = set()
+#: Outputs whose signed multipart upload was completed or aborted.
+_SETTLED: set[str] = set()
+#: Bytes per read/write of a transfer: the file is streamed, never held in memory.
+_TRANSFER_CHUNK = 1 << 20
+#: Attempts of one request that failed with a 5xx, a 429 or a broken connection, and the first back-off.
+_TRANSFER_ATTEMPTS = 5
+_TRANSFER_BACKOFF = 0.5
+#: Seconds without a byte before a transfer request is given up (and retried).
+_TRANSFER_SOCKET_TIMEOUT = 120.0
+
+
+def _set_transfers(step: Mapping[str, Any]) -> None:
+    _TRANSFERS.clear()
+    _USED.clear()
+    _SETTLED.clear()
+    _TRANSFERS.update(step.get("transfers") or {})
+    _TRANSFERS["manifest_uri"] = step.get("manifest_uri")
+    _TRANSFERS["info"] = step.get("transfer") or {}
+
+
+def _s3_error(body: bytes) -> tuple[str, str]:
+    """(Code, Message) of an S3 XML error body, or ("", first bytes of the body)."""
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return "", body[:200].decode(errors="replace")
+    values = {child.tag.rsplit("}", 1)[-1]: (child.text or "") for child in root}
+    return values.get("Code", ""), values.get("Message", "")
+
+
+def _refused(what: str, status: int, body: bytes) -> StepError:
+    code, message = _s3_error(body)
+    reason = f"HTTP {status}" + (f" {code}" if code else "") + (f": {message}" if message else "")
+    info = _TRANSFERS.get("info") or {}
+    if status == 403 and ("expired" in message.lower() or code == "ExpiredToken"):
+        expires_at = info.get("expires_at")
+        when = "?" if expires_at is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at))
+        hint = (f"the signed URLs were valid for {info.get('lifetime_seconds', '?')} s, until {when}: the step "
+                "started or ran too long after it was submitted; raise the step's timeout or "
+                "REMOTE_ML_TRANSFER_MARGIN on the worker, or check the clocks")
+    elif status == 403:
+        hint = ("the object store refused the worker's signature: the worker's credentials may not allow this, "
+                "or were temporary and expired")
+    else:
+        hint = "the object store refused the request"
+    return StepError(f"{what}: {reason} ({hint})", EXIT_TRANSFER)
+
+
+def _request(method: str, url: str, what: str, body: Any = None, length: int | None = None,
+             headers: Mapping[str, str] | None = None, sink: Any = None) -> Any:
+    """One HTTP request with retries (5xx, 429, connection errors) and back-off.
+
+    ``body`` is a function returning a fresh iterable of byte chunks (called again for each attempt);
+    ``sink(response)`` consumes a successful response (again per attempt, so a download restarts cleanly).
+    Returns ``(status, headers, data)``; ``data`` is what ``sink`` returned, else the response body.
+    """
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    delay = _TRANSFER_BACKOFF
+    for attempt in range(1, _TRANSFER_ATTEMPTS + 1):
+        request = urllib.request.Request(url, method=method, data=body() if body else None)
+        if body:
+            # urllib would label a body as a form (application/x-www-form-urlencoded), which it is not.
+            request.add_header("Content-Type", "application/octet-stream")
+        for key, value in (headers or {}).items():
+            request.add_header(key, value)
+        if length is not None:
+            request.add_header("Content-Length", str(length))  # an iterable body is not sent chunked
+        try:
+            with urllib.request.urlopen(request, timeout=_TRANSFER_SOCKET_TIMEOUT) as response:
+                data = sink(response) if sink else response.read()
+                return response.status, response.headers, data
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            if (exc.code < 500 and exc.code != 429) or attempt == _TRANSFER_ATTEMPTS:
+                if exc.code >= 400:
+                    raise _refused(what, exc.code, payload) from None
+                raise
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
+            if attempt == _TRANSFER_ATTEMPTS:
+                raise StepError(f"{what}: the object store could not be reached after {attempt} attempts: "
+                                f"{getattr(exc, 'reason', exc)}", EXIT_TRANSFER) from None
+        print(f"remote-ml: {what}: attempt {attempt} failed, retrying in {delay:g}s", file=sys.stderr, flush=True)
+        time.sleep(delay)
+        delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _file_chunks(path: str, start: int = 0, size: int | None = None) -> Any:
+    """The bytes of ``path`` from ``start`` (``size`` of them, or to the end), one chunk at a time."""
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        left = size
+        while left is None or left > 0:
+            block = fh.read(_TRANSFER_CHUNK if left is None else min(_TRANSFER_CHUNK, left))
+            if not block:
+                break
+            if left is not None:
+                left -= len(block)
+            yield block
+
+
+def _save(local: str) -> Any:
+    def sink(response: Any) -> int:
+        tmp = f"{local}.part"
+        total = 0
+        with open(tmp, "wb") as fh:
+            while block := response.read(_TRANSFER_CHUNK):
+                fh.write(block)
+                total += len(block)
+        os.replace(tmp, local)
+        return total
+    return sink
+
+
+def _download_signed(signed: Mapping[str, Any], local: str, what: str) -> None:
+    _USED.add("presigned")
+    if signed.get("kind") == "directory":
+        for relative, url in sorted(signed["files"].items()):
+            target = os.path.join(local, *relative.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            _request("GET", url, f"{what}, file {relative!r}", sink=_save(target))
+        return
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    _request("GET", signed["get"], what, sink=_save(local))
+
+
+def _post_file(post: Mapping[str, Any], key: str, path: str, size: int, what: str) -> None:
+    """Upload one file with a presigned POST policy (multipart/form-data, streamed from the file)."""
+    import uuid
+
+    boundary = f"remote-ml-{uuid.uuid4().hex}"
+    head = bytearray()
+    # S3 reads every form field before the file, and ignores fields after it: the file goes last.
+    for name, value in [*post["fields"].items(), ("key", key)]:
+        head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").encode()
+    head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{os.path.basename(path)}\"\r\n"
+             "Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+
+    def body() -> Any:
+        yield bytes(head)
+        yield from _file_chunks(path)
+        yield tail
+
+    _request("POST", post["url"], what, body, len(head) + size + len(tail),
+             {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+
+def _multipart_upload(multipart: Mapping[str, Any], path: str, size: int, what: str) -> None:
+    """Upload a large file in parts through the presigned part URLs, then complete the upload."""
+    parts = multipart["parts"]
+    # Parts may differ in size (only the last may be under the 5 MiB minimum): spread the file over the
+    # signed URLs, in whole MiB.
+    part_size = max(int(multipart.get("min_part_size") or 5 << 20), -(-size // len(parts)))
+    part_size = -(-part_size // (1 << 20)) * (1 << 20)
+    if part_size > 5 << 30:
+        raise StepError(f"{what}: {size} bytes need parts over S3's 5 GiB limit with {len(parts)} signed part "
+                        "URLs; raise REMOTE_ML_MULTIPART_PARTS on the worker", EXIT_TRANSFER)
+    etags = []
+    try:
+        for number, start in enumerate(range(0, size, part_size), start=1):
+            length = min(part_size, size - start)
+            _, headers, _ = _request("PUT", parts[number - 1], f"{what}, part {number}",
+                                     lambda start=start, length=length: _file_chunks(path, start, length), length)
+            etags.append(headers["ETag"])
+    except BaseException:
+        _abort_multipart(multipart)  # the parts uploaded so far would otherwise be stored (and billed)
+        raise
+    xml = "<CompleteMultipartUpload>" + "".join(
+        f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>" for n, etag in enumerate(etags, 1)
+    ) + "</CompleteMultipartUpload>"
+    data = xml.encode()
+    _, _, answer = _request("POST", multipart["complete"], f"{what}, completing the upload", lambda: [data],
+                            len(data), {"Content-Type": "application/xml"})
+    # S3 may answer CompleteMultipartUpload with 200 and an <Error> body (docs: CompleteMultipartUpload).
+    code, message = _s3_error(answer or b"")
+    if b"<Error>" in (answer or b""):
+        raise StepError(f"{what}: completing the multipart upload failed: {code}: {message}", EXIT_TRANSFER)
+
+
+def _abort_multipart(multipart: Mapping[str, Any] | None) -> None:
+    if multipart:
+        with contextlib.suppress(Exception):
+            _request("DELETE", multipart["abort"], "aborting an unused multipart upload")
+
+
+def _upload_signed(signed: Mapping[str, Any], path: str, what: str) -> None:
+    """Upload output ``path`` (a file or a directory) to the key its signed POST policy allows."""
+    _USED.add("presigned")
+    multipart = signed.get("multipart")
+    limit = int(signed.get("max_single_upload") or 5 << 30)
+    if os.path.isfile(path):
+        size = os.path.getsize(path)
+        if multipart and size >= int(multipart["threshold"]):
+            _multipart_upload(multipart, path, size, what)
+            return
+        _abort_multipart(multipart)
+        if size > limit:
+            raise StepError(f"{what}: {size} bytes is more than one upload may carry ({limit}) and no multipart "
+                            "upload was signed; set REMOTE_ML_MULTIPART_PARTS on the worker", EXIT_TRANSFER)
+        _post_file(signed["post"], signed["key"], path, size, what)
+        return
+    _abort_multipart(multipart)
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            relative = os.path.relpath(full, path).replace(os.sep, "/")
+            size = os.path.getsize(full)
+            if size > limit:
+                raise StepError(f"{what}: file {relative!r} ({size} bytes) is more than one upload may carry "
+                                f"({limit}); only a file output is uploaded in parts", EXIT_TRANSFER)
+            _post_file(signed["post"], f"{signed['key']}/{relative}", full, size, f"{what}, file {relative!r}")
+
+
+def _upload(name: str, uri: str, path: str) -> None:
+    signed = (_TRANSFERS.get("outputs") or {}).get(name)
+    if signed:
+        try:
+            _upload_signed(signed, path, f"output {name!r} ({uri})")
+        finally:
+            _SETTLED.add(name)
+        return
+    fs, remote = _fsspec().core.url_to_fs(uri)
+    fs.put(path, remote, recursive=os.path.isdir(path))
+    _USED.add("fsspec")
+
+
+def _transfer_version(local_only: bool) -> str:
+    """What moved the step's artifacts, for the version record."""
+    if _USED:
+        return "+".join(sorted(_USED))
+    if _TRANSFERS.get("info", {}).get("mode"):
+        return str(_TRANSFERS["info"]["mode"])
+    return "local" if local_only else "none"
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -775,6 +1043,7 @@ def run(step: dict[str, Any]) -> int:
     collector = _MetricsCollector()
     scratch = _Scratch()
     exit_code = 1
+    _set_transfers(step)
     try:
         if not isinstance(version, int) or version > PROTOCOL_VERSION:
             raise StepError(f"step protocol {version!r} is newer than this runtime ({PROTOCOL_VERSION}); "
@@ -807,8 +1076,7 @@ def run(step: dict[str, Any]) -> int:
             size, digest = _digest(path)
             uri = output_uris[name]
             if _local_of(uri) is None:
-                fs, remote = _fsspec().core.url_to_fs(uri)
-                fs.put(path, remote, recursive=os.path.isdir(path))
+                _upload(name, uri, path)
             manifest["outputs"][name] = {"uri": uri, "size": size, "sha256": digest,
                                          "kind": "directory" if os.path.isdir(path) else "file"}
         manifest["status"] = "succeeded"
@@ -826,11 +1094,18 @@ def run(step: dict[str, Any]) -> int:
         traceback.print_exc()
     finally:
         scratch.remove()
+        # A multipart upload the worker opened for an output that was not uploaded in parts (a failed step,
+        # a small file, a directory) is aborted, so no incomplete upload is left in the bucket.
+        for name, signed in (_TRANSFERS.get("outputs") or {}).items():
+            if name not in _SETTLED:
+                _abort_multipart(signed.get("multipart"))
     manifest["metrics"] = collector.metrics
     if collector.returned is not None:
         manifest["return_value"], error = _return_value(collector.returned)
         if error:
             manifest["return_value_error"] = error
+    locations = [*(step.get("inputs") or {}).values(), *(step.get("outputs") or {}).values()]
+    manifest["versions"]["transfer"] = _transfer_version(all(_local_of(str(u)) is not None for u in locations))
     manifest["finished_at"] = time.time()
     manifest["duration_seconds"] = round(manifest["finished_at"] - started, 3)
     if step.get("manifest_uri"):

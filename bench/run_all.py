@@ -31,6 +31,7 @@ RUNS: list[tuple[str, str, list[str]]] = [
     ("databricks", "bench_databricks.py", ["--many", "10,50", "--many-seconds", "75"]),
     ("valohai", "bench_valohai.py", ["-n", "8", "--deferred", "--many", "50"]),
     ("deferred", "bench_deferred.py", ["--steps", "200", "--rounds", "1"]),
+    ("s3", "bench_s3.py", ["--iterations", "7", "--sizes", "4,128"]),
 ]
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from airflow_remote_ml import runtime
-from airflow_remote_ml.core import codepkg
+from airflow_remote_ml.core import codepkg, transfer
 from airflow_remote_ml.core.artifacts import ArtifactStore, read_json
 from airflow_remote_ml.core.errors import ArtifactError, ConfigError
 from airflow_remote_ml.core.identity import StepIdentity
@@ -25,6 +27,8 @@ from airflow_remote_ml.core.spec import StepSpec, reject_unknown_options
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunStatus, StepResult
 
 B = TypeVar("B", bound="Backend")
+#: What the signed URLs of a runtime config depend on.
+_SIGNED_KEYS = ("inputs", "outputs", "manifest_uri", "timeout")
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,29 @@ class StepRequest:
         if self.code is not None:
             config["code"] = self.code.to_json()
         config.update(overrides)
+        # s3:// locations get short-lived signed URLs (signed here with the worker's credentials), so the
+        # stdlib-only runtime reads and writes the store on every backend without credentials of its own.
+        # Signed once per request and location set: a submit retried after an ambiguous answer must hand the
+        # step the same URLs (and not open another multipart upload per output).
+        # Only while a backend submits (transfer.signing): validate() and other builds stay free of I/O.
+        if not transfer.active():
+            return config
+        to_sign = {k: config.get(k) for k in _SIGNED_KEYS}
+        if config.get("code"):
+            # The code archive is fetched like an input (runtime._install_code), so it is signed like one.
+            to_sign["inputs"] = {**(to_sign["inputs"] or {}), runtime.CODE_INPUT: config["code"]["uri"]}
+        key = json.dumps([to_sign["inputs"], config.get("outputs"), config.get("manifest_uri"),
+                          config.get("timeout")], sort_keys=True, default=str)
+        if key not in self._signed:
+            self._signed[key] = transfer.attach(to_sign, spec.env)
+        signed = self._signed[key]
+        config.update({k: signed[k] for k in ("transfers", "transfer") if k in signed})
         return config
+
+    @functools.cached_property
+    def _signed(self) -> dict[str, dict[str, Any]]:
+        # cached_property writes the instance __dict__ directly, which a frozen dataclass allows.
+        return {}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -205,6 +231,20 @@ class Backend(ABC):
 
     def __init__(self, config: BackendConfig) -> None:
         self.config = config
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every backend's submit signs the s3:// locations of the runtime config it builds (see
+        # core/transfer.py), without each backend having to ask for it.
+        submit = cls.__dict__.get("submit")
+        if submit is not None and not getattr(submit, "_signs_transfers", False):
+            @functools.wraps(submit)
+            def signed_submit(self: Backend, request: StepRequest) -> RunHandle:
+                with transfer.signing():
+                    return submit(self, request)
+
+            signed_submit._signs_transfers = True  # type: ignore[attr-defined]
+            cls.submit = signed_submit  # type: ignore[method-assign]
 
     @classmethod
     def from_config(cls: type[B], config: Mapping[str, Any]) -> B:
