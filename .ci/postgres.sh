@@ -9,13 +9,15 @@
 # the SQLAlchemy URL of the database (or of the server with no database), so a caller can read it.
 # Our own cluster on its own port (not Debian's `main` on 5432), so another PostgreSQL on this machine
 # is never touched. Settings: REMOTE_ML_PG_PORT (5433), REMOTE_ML_PG_CLUSTER (remote_ml),
-# REMOTE_ML_PG_USER / REMOTE_ML_PG_PASSWORD (remote_ml / remote_ml).
+# REMOTE_ML_PG_USER / REMOTE_ML_PG_PASSWORD (remote_ml / rml-pg-7c41). The password is not a word of any
+# name here: Airflow's secrets masker masks the metadata database's password wherever it appears, and a
+# password "remote_ml" turned every artifact path, DAG id and module name in logs and API answers into "***".
 set -euo pipefail
 
 PORT="${REMOTE_ML_PG_PORT:-5433}"
 CLUSTER="${REMOTE_ML_PG_CLUSTER:-remote_ml}"
 PG_USER="${REMOTE_ML_PG_USER:-remote_ml}"
-PG_PASSWORD="${REMOTE_ML_PG_PASSWORD:-remote_ml}"
+PG_PASSWORD="${REMOTE_ML_PG_PASSWORD:-rml-pg-7c41}"
 DATABASE=""
 DROP=""
 
@@ -83,6 +85,8 @@ psql_admin() { as_postgres psql -X -q -v ON_ERROR_STOP=1 -p "$PORT" -d postgres 
 psql_admin -c "DO \$\$ BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') THEN
         CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD';
+    ELSE
+        ALTER ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD';  -- the URL printed below must work
     END IF;
 END \$\$;" >&2
 

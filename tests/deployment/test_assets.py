@@ -30,7 +30,7 @@ def _as_the_api_shows(live: Deployment, value: str) -> str:
 
     The api-server redacts asset event extras (``AssetEventResponse.redact_extra`` in
     airflow/api_fastapi/core_api/datamodels/assets.py runs the secrets masker), and the masker knows the
-    database password; this harness's password (``remote_ml``) is part of every artifact path.
+    database password (.ci/postgres.sh picks one that is no word of a path, but a deployment's may be).
     """
     password = urlsplit(live.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]).password
     return value.replace(password, "***") if password else value

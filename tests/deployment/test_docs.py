@@ -20,7 +20,7 @@ def test_the_documented_settings_are_the_harness_settings() -> None:
     documented = dict(re.findall(r"^export (\w+)=(.*)$", block, flags=re.M))
     # The page's paths and ports in place of the tests' temporary ones; the secret as the shell variable.
     expected = settings(Path("/srv/airflow"), Path("/srv/airflow/dags"),
-                        "postgresql+psycopg2://remote_ml:remote_ml@127.0.0.1:5433/airflow_remote_ml", 8080,
+                        "postgresql+psycopg2://remote_ml:rml-pg-7c41@127.0.0.1:5433/airflow_remote_ml", 8080,
                         "$AIRFLOW_SECRET", (8793, 8794))
     assert documented == expected
     assert "secrets.token_urlsafe(32)" in block  # what the harness generates the secret with
@@ -37,5 +37,5 @@ def test_the_documented_postgres_setup_is_the_script() -> None:
     assert "CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD'" in script
     assert "CREATE DATABASE $DATABASE OWNER $PG_USER" in script
     sql = _blocks("sql")[0]
-    assert "CREATE ROLE remote_ml LOGIN PASSWORD 'remote_ml';" in sql
+    assert "CREATE ROLE remote_ml LOGIN PASSWORD 'rml-pg-7c41';" in sql
     assert "CREATE DATABASE airflow_remote_ml OWNER remote_ml;" in sql
