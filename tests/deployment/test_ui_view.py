@@ -31,6 +31,8 @@ UI_TIMEOUT_MS = 90_000
 
 SHOTS = Path(os.environ.get("REMOTE_ML_SCREENSHOTS") or REPO / "artifacts" / "screenshots")
 DOC_SHOT = REPO / "docs" / "images" / "remote-ml-view.png"
+TASKFLOW = "example_ml_taskflow"
+MODEL_ASSET = "example_ml_taskflow.train.model"
 
 
 def _chromium() -> str:
@@ -91,11 +93,12 @@ def _value(raw: Any) -> Any:
 
 
 def _shoot(page: Any, name: str, *, doc: bool = False) -> None:
+    """A screenshot for CI's artifacts; with REMOTE_ML_UPDATE_DOCS=1 also docs/images/NAME.png."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
     if doc and os.environ.get("REMOTE_ML_UPDATE_DOCS") == "1":
         DOC_SHOT.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(DOC_SHOT), full_page=True)
+        page.screenshot(path=str(DOC_SHOT.parent / f"{name}.png"), full_page=True)
 
 
 def test_the_dag_run_tab_shows_every_step_and_a_point_per_scenario(deployment: Deployment, finished_run: str,
@@ -149,3 +152,38 @@ def test_a_local_steps_remote_job_link_opens_the_view(deployment: Deployment, fi
     assert link == f"{deployment.base_url}/remote-ml/dags/{PIPELINE}/runs/{finished_run}", links
     page = httpx.get(link, headers={"Authorization": f"Bearer {_token(deployment)}"}, timeout=30)
     assert page.status_code == 200 and 'data-step="train[0]"' in page.text
+
+
+@pytest.fixture(scope="module")
+def taskflow_run(deployment: Deployment) -> str:
+    deployment.wait_for_dags([TASKFLOW])
+    run_id = deployment.trigger(TASKFLOW, {"backend": "local", "scenario_set": SCENARIOS})
+    state = deployment.wait_for_run(TASKFLOW, run_id, timeout=420)
+    assert state == "success", deployment.describe_run(TASKFLOW, run_id)
+    return run_id
+
+
+def test_the_taskflow_twin_shows_its_steps_and_their_return_values(deployment: Deployment, taskflow_run: str,
+                                                                   page: Any) -> None:
+    """@task.remote_ml tasks are steps like any other in the view (docs/taskflow.md's screenshot)."""
+    page.goto(f"{deployment.base_url}/dags/{TASKFLOW}/runs/{taskflow_run}/plugin/remote-ml")
+    frame = page.frame_locator("iframe").first
+    rows = frame.locator("table.steps tr[data-step]")
+    rows.first.wait_for()
+    assert rows.evaluate_all("rs => rs.map(r => r.dataset.step)") == [*STEPS, "summary"]
+    assert frame.locator('svg.plot[data-title="evaluate: test_rmse by scenario"] circle.point').count() == 3
+    _shoot(page, "taskflow-run", doc=True)
+
+
+def test_the_assets_view_shows_each_model_that_landed(deployment: Deployment, taskflow_run: str,
+                                                      page: Any) -> None:
+    """Airflow's own Assets view, for the Asset the taskflow twin publishes (docs/assets.md's screenshot)."""
+    events = deployment.get("/assets/events", source_dag_id=TASKFLOW, source_run_id=taskflow_run)["asset_events"]
+    ours = [e for e in events if e["source_task_id"] == "train"]
+    assert sorted(e["source_map_index"] for e in ours) == [0, 1, 2]
+    (asset,) = [a for a in deployment.get("/assets", name_pattern=MODEL_ASSET)["assets"] if a["name"] == MODEL_ASSET]
+    page.goto(f"{deployment.base_url}/assets/{asset['id']}")
+    page.get_by_text(MODEL_ASSET).first.wait_for()
+    # The events of this run, each naming the task that produced it (the Assets view's lineage).
+    page.get_by_text(taskflow_run).first.wait_for()
+    _shoot(page, "asset-events", doc=True)

@@ -30,6 +30,11 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 QUICKSTART = REPO / "docs" / "quickstart.md"
 #: First line of a block that is a whole file the reader creates.
 FILE_HEADER = re.compile(r"^# (\$AIRFLOW_HOME/\S+)$")
+#: First line of a block that quotes a file of this repository (``# from dags/example_ml_taskflow.py``): the
+#: block is checked to be in that file verbatim, and the file itself runs in its own tests.
+EXCERPT_HEADER = re.compile(r"^# from (\S+\.py)$")
+#: Last line of a block that shows an error: ``# raises ConfigError: <the message's start>; ...``.
+RAISES = re.compile(r"^# raises (\w+): (.*?)(?:; \.\.\.|\.\.\.)?\s*\Z", re.M)
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,23 @@ def blocks(path: Path) -> list[Block]:
 
 
 ALL = [b for doc in DOCS for b in blocks(doc)]
-PYTHON = [b for b in ALL if b.language == "python"]
+EXCERPTS = [b for b in ALL if b.language == "python" and EXCERPT_HEADER.match(b.text.splitlines()[0] if b.text else "")]
+PYTHON = [b for b in ALL if b.language == "python" and b not in EXCERPTS]
 FRAGMENTS = [b for b in PYTHON if b.file is None]
 
 
 @pytest.mark.parametrize("block", PYTHON, ids=[b.id for b in PYTHON])
 def test_every_python_snippet_compiles(block: Block) -> None:
     compile(block.text, block.id, "exec")
+
+
+@pytest.mark.parametrize("block", EXCERPTS, ids=[b.id for b in EXCERPTS])
+def test_every_excerpt_is_in_its_file_verbatim(block: Block) -> None:
+    header, _, body = block.text.partition("\n")
+    match = EXCERPT_HEADER.match(header)
+    assert match is not None
+    source = (REPO / match.group(1)).read_text(encoding="utf-8")
+    assert body.strip() and body.rstrip() in source, f"{block.id} is not what {match.group(1)} says"
 
 
 @pytest.mark.parametrize("block", FRAGMENTS, ids=[b.id for b in FRAGMENTS])
@@ -100,7 +115,15 @@ def test_every_python_snippet_runs(block: Block, monkeypatch: pytest.MonkeyPatch
             # The upstream step the fragment refers to, as the quickstart and the example pipeline define it.
             namespace["prepare"] = RemoteExecutionOperator(task_id="prepare", callable="my_pipeline.steps:prepare",
                                                            outputs=["dataset"])
-        exec(compile(block.text, block.id, "exec"), namespace)
+        raises = RAISES.search(block.text)
+        if raises:
+            # A block that shows an error ends in "# raises ConfigError: <message>; ...": it must raise that.
+            with pytest.raises(Exception) as err:
+                exec(compile(block.text, block.id, "exec"), namespace)
+            assert type(err.value).__name__ == raises.group(1), err.value
+            assert str(err.value).startswith(raises.group(2)), err.value
+        else:
+            exec(compile(block.text, block.id, "exec"), namespace)
     for task in dag.tasks:
         assert task.task_id
 
