@@ -783,6 +783,15 @@ class FakeDatabricks:
         with self._cond:
             self._outage_until = time.monotonic() + seconds
 
+    @property
+    def outage_active(self) -> bool:
+        return time.monotonic() < self._outage_until
+
+    def end_outage(self) -> None:
+        """End an :meth:`outage` now (a test ends it once it has seen what it waits for, not after a guess)."""
+        with self._cond:
+            self._outage_until = 0.0
+
     def rate_limit(self, count: int, retry_after: float) -> None:
         """Answer the next ``count`` requests 429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After``."""
         self.fail_next("*", 429, times=count, retry_after=retry_after)
