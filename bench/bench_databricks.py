@@ -309,6 +309,9 @@ def measure_many(n: int, seconds: float, side: str, warmup: float) -> dict[str, 
             await asyncio.gather(*(wait(t) for _, t in triggers))
 
         asyncio.run(all_wait())
+        from airflow_remote_ml.backends.databricks import _shared
+
+        durations = [d for w in _shared._WATCHES.values() if f":{server.port}" in w.name for d in w.durations]
         ends = {run_id: server.get_run(run_id)["end_time"] / 1000 for run_id in server.run_ids}
         submits = [r.timestamp for r in server.requests if r.endpoint == "jobs/runs/submit"]
         window = (max(submits) + warmup, min(ends.values()))
@@ -319,7 +322,8 @@ def measure_many(n: int, seconds: float, side: str, warmup: float) -> dict[str, 
     return {"total_per_min": total / minutes, "per_step": total / minutes / n, "window": window[1] - window[0],
             "by_kind": {k: v / minutes for k, v in waiting.items()},
             "delay_median": statistics.median(delays), "delay_min": min(delays), "delay_max": max(delays),
-            "noticed": len(detected), "load": os.getloadavg()[0]}
+            "noticed": len(detected), "load": os.getloadavg()[0],
+            "list_seconds": statistics.median(durations) if durations else float("nan")}
 
 
 def print_many(counts: list[int], seconds: float, rounds: int, warmup: float) -> None:
@@ -337,12 +341,13 @@ def print_many(counts: list[int], seconds: float, rounds: int, warmup: float) ->
                 kinds = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.1f}" for k, v in sorted(r["by_kind"].items()))
                 rows.append(f"| {label} | {n} | {round_ + 1} | {r['total_per_min']:.1f} ({kinds}) | "
                             f"{r['per_step']:.3f} | {r['delay_median']:.1f} s ({r['delay_min']:.1f}–"
-                            f"{r['delay_max']:.1f}) | {r['noticed']:g}/{n} | {r['load']:.1f} |")
+                            f"{r['delay_max']:.1f}) | {r['noticed']:g}/{n} | {r['load']:.1f} | "
+                            f"{r['list_seconds']:.2f} |")
     print(f"\n### Databricks: N deferred steps of {seconds:g} s waiting in one event loop "
           f"({time.strftime('%Y-%m-%d %H:%M')})\n")
     print("| waiter | steps | round | requests/min while all wait (by endpoint) | per step "
-          "| detection delay, median (min–max) | noticed | load at end |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| detection delay, median (min–max) | noticed | load at end | one shared list takes (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in rows:
         print(line)
     print(f"\nload average at the start: {load_start:.2f}, at the end: {os.getloadavg()[0]:.2f}; command: "

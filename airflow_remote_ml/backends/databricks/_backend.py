@@ -9,11 +9,13 @@ point that maps errors to ours, raw state parsing that survives new states, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -525,13 +527,22 @@ class DatabricksBackend(Backend):
         return self._workspace
 
     def _lister(self) -> Any:
-        """The list call of a watch: a backend of its own, so it outlives the waiter that created it."""
-        own = DatabricksBackend(self.config)
+        """The list session of a watch: a hook of its own (so it outlives the waiter that created it), and
+        one HTTP session for all the pages of one list."""
+        hook = self._make_hook()
 
-        async def list_page(params: dict[str, Any]) -> dict[str, Any]:
-            return await own._acall(own._list_ep, params, "listing the active runs")
+        @contextlib.asynccontextmanager
+        async def session() -> AsyncIterator[Any]:
+            async with hook:
+                async def list_page(params: dict[str, Any]) -> dict[str, Any]:
+                    try:
+                        return await hook._a_do_api_call(self._list_ep, params) or {}
+                    except Exception as exc:
+                        raise self._mapped(exc, "listing the active runs") from exc
 
-        return list_page
+                yield list_page
+
+        return session
 
     async def _watch(self, handle: RunHandle) -> WorkspaceWatch | None:
         """The shared watch this run waits on, joined on first use; None when there is none to use."""

@@ -35,7 +35,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from airflow_remote_ml.core.errors import TransientBackendError
@@ -49,14 +51,16 @@ PAGE = 25
 MAX_PAGES = 200
 
 ListPage = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+#: Opens one HTTP session for the pages of one list and yields the page call.
+ListSession = Callable[[], AbstractAsyncContextManager[ListPage]]
 
 
 class WorkspaceWatch:
     """The active submitted runs of one workspace, listed once per period for every waiter."""
 
-    def __init__(self, list_page: ListPage, *, period: float, linger: float, min_waiters: int,
+    def __init__(self, session: ListSession, *, period: float, linger: float, min_waiters: int,
                  name: str = "") -> None:
-        self.list_page = list_page
+        self.session = session
         self.period = period
         self.linger = linger
         self.min_waiters = max(1, min_waiters)
@@ -76,6 +80,8 @@ class WorkspaceWatch:
         self.broken: BaseException | None = None
         self.requests = 0
         self.lists = 0
+        #: How long the recent lists took, first page to last (seconds).
+        self.durations: deque[float] = deque(maxlen=20)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle_since: float | None = None
@@ -125,15 +131,16 @@ class WorkspaceWatch:
     async def _list(self) -> tuple[dict[int, dict[str, Any]], bool]:
         params: dict[str, Any] = {"active_only": "true", "run_type": "SUBMIT_RUN", "limit": PAGE}
         found: dict[int, dict[str, Any]] = {}
-        for _ in range(MAX_PAGES):
-            self.requests += 1
-            page = await self.list_page(params)
-            for run in page.get("runs") or []:
-                found[int(run["run_id"])] = run
-            token = page.get("next_page_token")
-            if not page.get("has_more") or not token:
-                return found, True
-            params = {**params, "page_token": token}
+        async with self.session() as list_page:  # one connection for all pages of a list
+            for _ in range(MAX_PAGES):
+                self.requests += 1
+                page = await list_page(params)
+                for run in page.get("runs") or []:
+                    found[int(run["run_id"])] = run
+                token = page.get("next_page_token")
+                if not page.get("has_more") or not token:
+                    return found, True
+                params = {**params, "page_token": token}
         log.warning("databricks: more than %d active runs in workspace %s; the shared list is incomplete, "
                     "waiting runs beyond it are read one by one", PAGE * MAX_PAGES, self.name)
         return found, False
@@ -164,10 +171,13 @@ class WorkspaceWatch:
                     return
                 self.active, self.complete, self.listed_at = found, complete, started
                 self.error, self.lists = None, self.lists + 1
+                self.durations.append(time.monotonic() - started)
                 self._signal()
-                # Lists start every period (not period after the last one ended), so a waiter due at its
-                # last check + its cap always finds a list taken in between.
-                await asyncio.sleep(max(0.0, started + self.period - time.monotonic()))
+                # Lists start every period (not period after the last one ended) and earlier by as long as
+                # a list takes: a waiter due at its last check + its cap finds the next list *done* by then
+                # (a run's end is known a list's duration after the list started).
+                took = max(self.durations)
+                await asyncio.sleep(max(0.0, started + max(self.period / 4, self.period - took) - time.monotonic()))
         finally:
             self.listed_at = 0.0
             self._signal()
@@ -177,14 +187,14 @@ class WorkspaceWatch:
 _WATCHES: dict[tuple[int, str], WorkspaceWatch] = {}
 
 
-def watch_for(key: str, list_page: Callable[[], ListPage], *, period: float, linger: float,
+def watch_for(key: str, session: Callable[[], ListSession], *, period: float, linger: float,
               min_waiters: int) -> WorkspaceWatch:
     """The running loop's watch of the workspace ``key`` (host and a digest of the credentials)."""
     loop = asyncio.get_running_loop()
     slot = (id(loop), key)
     watch = _WATCHES.get(slot)
     if watch is None or watch.closed or watch.broken is not None or watch.loop is not loop:
-        watch = _WATCHES[slot] = WorkspaceWatch(list_page(), period=period, linger=linger,
+        watch = _WATCHES[slot] = WorkspaceWatch(session(), period=period, linger=linger,
                                                 min_waiters=min_waiters, name=key.split("#", 1)[0])
     return watch
 
