@@ -11,13 +11,14 @@ their default poll settings.
 * **Short run** (20 s, real time): the delay between the run's end (the server's ``end_time``) and the
   moment the waiter knows, and the calls it made.
 
-* **Many waiting** (``--many 10,50``): N deferred steps waiting in one event loop (one triggerer), each
-  with its own backend object as ``RemoteStepTrigger`` has, on one server: API requests per minute per
-  step while they all wait, with the manifest watched and API only. The provider's
-  ``DatabricksExecutionTrigger`` makes one ``runs/get`` per run every 30 s (2/min per step, analytic).
+* **Many waiting** (``--many 50,500``): N deferred steps waiting in one event loop (one triggerer) on one
+  server, ours (N ``RemoteStepTrigger`` s, sharing the workspace's ``runs/list``) and the provider's (N
+  ``DatabricksExecutionTrigger`` s) taking turns: API requests per minute while they all wait, and the
+  delay from each run's end to its trigger's event. The runs are simulated by the server (no process
+  each), API only (no manifest is written).
 
     .venv/bin/python bench/bench_databricks.py            # about 1.5 minutes
-    .venv/bin/python bench/bench_databricks.py --many 10,50   # only the many-waiting rows, about 3 minutes
+    .venv/bin/python bench/bench_databricks.py --many 50,500   # only the many-waiting rows, about 12 minutes
     .venv/bin/python bench/bench_databricks.py --scale 0.1 --short 20
 """
 
@@ -232,87 +233,126 @@ def measure(seconds: float, scale: float) -> list[Outcome]:
     return [results[w] for w in WAITERS]
 
 
-def measure_many(n: int, seconds: float, watch: bool) -> dict[str, float]:
-    """N deferred steps of ``seconds`` waiting in one event loop: requests/min per step while all wait."""
-    from airflow_remote_ml.backends.databricks import DatabricksBackend
-    from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
-    from airflow_remote_ml.core.wait import await_completion
+def _many_runs(server: FakeDatabricks, n: int, seconds: float, submit: Any) -> list[tuple[str, Any]]:
+    """Submit ``n`` runs one after another; each is simulated by the server (a task_key match), so 500
+    waiting runs are 500 threads of the double, not 500 processes. Their lengths are spread evenly over
+    one provider period (``seconds`` to ``seconds + 30``), so their ends fall at every phase of either
+    side's checks, as the ends of real runs do."""
+    from airflow_remote_ml.backends.databricks._payload import task_key
+    from airflow_remote_ml.core import StepIdentity
 
-    conn = f"bench_many_{'watch' if watch else 'api'}_{n}"
+    made = []
+    for i in range(n):
+        identity = StepIdentity("bench", f"many{i}", uuid.uuid4().hex[:8])
+        server.simulate(task_key(identity), seconds=seconds + PROVIDER_PERIOD * i / n)
+        made.append((task_key(identity), submit(identity)))
+    return made
+
+
+def measure_many(n: int, seconds: float, side: str, warmup: float) -> dict[str, float]:
+    """N deferred steps of ``seconds`` waiting in one event loop (one triggerer) on one server.
+
+    ``side`` is ``ours`` (N ``RemoteStepTrigger`` s, each with its own backend, sharing the workspace's run
+    list) or ``provider`` (N ``DatabricksExecutionTrigger`` s, one ``runs/get`` per run every 30 s).
+    Requests are counted from ``warmup`` seconds after the last submit (every step past its first checks)
+    until the first run ends.
+    """
+    from airflow.providers.databricks.hooks.databricks import DatabricksHook
+    from airflow.providers.databricks.triggers.databricks import DatabricksExecutionTrigger
+
+    from airflow_remote_ml.backends.databricks import DatabricksBackend
+    from airflow_remote_ml.core import ArtifactStore, StepRequest, StepSpec
+    from airflow_remote_ml.triggers import RemoteStepTrigger
+
+    conn = f"bench_many_{side}_{n}"
     with tempfile.TemporaryDirectory(prefix="bench-dbx-many-") as tmp, \
             FakeDatabricks(token=f"dapi-{conn}") as server:
         os.environ[f"AIRFLOW_CONN_{conn.upper()}"] = server.connection_json()
         config = {"databricks_conn_id": conn, "new_cluster": CLUSTER, "runtime_dir": "dbfs:/bench/runtime",
-                  "local_mounts": {"dbfs:/": str(server.dbfs_root)}, "watch_manifest": watch}
+                  "local_mounts": {"dbfs:/": str(server.dbfs_root)}, "watch_manifest": False}
         store = ArtifactStore(f"{tmp}/artifacts")
-        detected: dict[str, float] = {}
-        submit_lock: asyncio.Lock | None = None
-
-        async def one(i: int) -> None:
+        spec = StepSpec.build(command=["python3", "-c", "pass"])
+        if side == "ours":
             backend = DatabricksBackend.from_config(config)
-            spec = StepSpec.build(command=["python3", "-c", f"import time; time.sleep({seconds})"])
-            request = StepRequest.create(spec, StepIdentity("bench", f"many{i}", uuid.uuid4().hex[:8]), store)
-            # One submit at a time, as from separate workers. Two threads of one process uploading the
-            # runtime to a mounted path at once collide: _storage.py names its temporary file by pid only.
-            assert submit_lock is not None
-            async with submit_lock:
-                handle = await asyncio.to_thread(backend.submit, request)
-            try:
-                outcome = await await_completion(backend, handle, on_line=lambda line: None)
-                detected[handle.job_id] = time.time()
-                assert outcome.status.is_successful, outcome.status
-            finally:
-                await backend.aclose()
 
-        async def all_steps() -> tuple[float, float]:
-            nonlocal submit_lock
-            submit_lock = asyncio.Lock()
-            submitted = time.time()
-            await asyncio.gather(*(one(i) for i in range(n)))
-            return submitted, time.time()
+            def submit(identity: Any) -> Any:
+                handle = backend.submit(StepRequest.create(spec, identity, store))
+                return RemoteStepTrigger(backend="databricks", backend_config=backend.config_json(),
+                                         handle=handle.to_json())
+        else:
+            hook = DatabricksHook(conn)
+            server.put_file("dbfs:/bench/provider.py", "pass\n")  # simulated, but it must exist to submit
 
-        started, _ = asyncio.run(all_steps())
-        runs = {str(run_id): server.get_run(run_id) for run_id in server.run_ids}
+            def submit(identity: Any) -> Any:
+                from airflow_remote_ml.backends.databricks._payload import task_key
+
+                run_id = hook.submit_run({"run_name": "provider", "tasks": [{
+                    "task_key": task_key(identity), "new_cluster": dict(CLUSTER),
+                    "spark_python_task": {"python_file": "dbfs:/bench/provider.py"}}]})
+                return DatabricksExecutionTrigger(run_id, conn, polling_period_seconds=int(PROVIDER_PERIOD))
+
+        triggers = _many_runs(server, n, seconds, submit)
+        detected: dict[int, float] = {}
+
+        async def wait(trigger: Any) -> None:
+            async for event in trigger.run():
+                payload = event.payload
+                if side == "provider":
+                    run_id, ok = trigger.run_id, '"SUCCESS"' in str(payload.get("run_state"))
+                else:
+                    run_id, ok = int(trigger.handle.job_id), (payload.get("status") or {}).get("state") == "succeeded"
+                detected[int(run_id)] = time.time()
+                assert ok, payload
+                return
+
+        async def all_wait() -> None:
+            await asyncio.gather(*(wait(t) for _, t in triggers))
+
+        asyncio.run(all_wait())
+        from airflow_remote_ml.backends.databricks import _shared
+
+        durations = [d for w in _shared._WATCHES.values() if f":{server.port}" in w.name for d in w.durations]
+        ends = {run_id: server.get_run(run_id)["end_time"] / 1000 for run_id in server.run_ids}
         submits = [r.timestamp for r in server.requests if r.endpoint == "jobs/runs/submit"]
-        ends = [run["end_time"] / 1000 for run in runs.values()]
-        # Waiting: from 10 s after the last submit (the first checks are behind) to the first run's end.
-        window = (max(submits) + 10.0, min(ends))
-        waiting = [r for r in server.requests if window[0] <= r.timestamp < window[1]]
-        delays = [detected[job] - runs[job]["end_time"] / 1000 for job in detected]
+        window = (max(submits) + warmup, min(ends.values()))
+        waiting = Counter(r.endpoint for r in server.requests if window[0] <= r.timestamp < window[1])
+        delays = [detected[run_id] - end for run_id, end in ends.items()]
     minutes = (window[1] - window[0]) / 60
-    return {"total_per_min": len(waiting) / minutes, "per_step": len(waiting) / minutes / n,
-            "window": window[1] - window[0], "delay_median": statistics.median(delays),
-            "delay_max": max(delays), "noticed": len(detected), "started": started}
+    total = sum(waiting.values())
+    return {"total_per_min": total / minutes, "per_step": total / minutes / n, "window": window[1] - window[0],
+            "by_kind": {k: v / minutes for k, v in waiting.items()},
+            "delay_median": statistics.median(delays), "delay_min": min(delays), "delay_max": max(delays),
+            "noticed": len(detected), "load": os.getloadavg()[0],
+            "list_seconds": statistics.median(durations) if durations else float("nan")}
 
 
-def print_many(counts: list[int], seconds: float) -> None:
+def print_many(counts: list[int], seconds: float, rounds: int, warmup: float) -> None:
     rows = []
+    load_start = os.getloadavg()[0]
     for n in counts:
-        results: dict[bool, dict[str, float]] = {}
-
-        def work(watch: bool, n: int = n, results: dict[bool, dict[str, float]] = results) -> None:
-            results[watch] = measure_many(n, seconds, watch)
-
-        # Watched and API only side by side, each on its own server.
-        threads = [threading.Thread(target=work, args=(w,)) for w in (True, False)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for watch in (True, False):
-            r = results[watch]
-            label = "ours, deferred, manifest watched" if watch else "ours, deferred, API only"
-            rows.append(f"| {label} | {n} | {r['total_per_min']:.1f} | {r['per_step']:.2f} | "
-                        f"{r['delay_median']:.2f} s ({r['delay_max']:.2f}) | {r['noticed']:g}/{n} |")
-        rows.append(f"| provider, deferrable (30 s poll, analytic) | {n} | {2.0 * n:.1f} | 2.00 | 15 s (30) | |")
+        for round_ in range(rounds):
+            # Ours and the provider take turns (the provider first on odd rounds), one at a time.
+            order = ("ours", "provider") if round_ % 2 == 0 else ("provider", "ours")
+            for side in order:
+                print(f"{side}: {n} steps of {seconds:g} s (round {round_ + 1}) ...", file=sys.stderr)
+                r = measure_many(n, seconds, side, warmup)
+                label = "ours, deferred (RemoteStepTrigger, shared runs/list)" if side == "ours" else \
+                    "provider (DatabricksExecutionTrigger, 30 s)"
+                kinds = ", ".join(f"{k.rsplit('/', 1)[-1]} {v:.1f}" for k, v in sorted(r["by_kind"].items()))
+                rows.append(f"| {label} | {n} | {round_ + 1} | {r['total_per_min']:.1f} ({kinds}) | "
+                            f"{r['per_step']:.3f} | {r['delay_median']:.1f} s ({r['delay_min']:.1f}–"
+                            f"{r['delay_max']:.1f}) | {r['noticed']:g}/{n} | {r['load']:.1f} | "
+                            f"{r['list_seconds']:.2f} |")
     print(f"\n### Databricks: N deferred steps of {seconds:g} s waiting in one event loop "
-          f"({time.strftime('%Y-%m-%d')})\n")
-    print("| waiter | steps | requests/min while all wait | per step | detection delay, median (max) | noticed |")
-    print("|---|---:|---:|---:|---:|---:|")
+          f"({time.strftime('%Y-%m-%d %H:%M')})\n")
+    print("| waiter | steps | round | requests/min while all wait (by endpoint) | per step "
+          "| detection delay, median (min–max) | noticed | load at end | one shared list takes (median) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for line in rows:
         print(line)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}; command: .venv/bin/python "
-          f"bench/bench_databricks.py --many {','.join(map(str, counts))} --many-seconds {seconds:g}")
+    print(f"\nload average at the start: {load_start:.2f}, at the end: {os.getloadavg()[0]:.2f}; command: "
+          f".venv/bin/python bench/bench_databricks.py --many {','.join(map(str, counts))} "
+          f"--many-seconds {seconds:g} --rounds {rounds} --warmup {warmup:g}")
 
 
 def main() -> int:
@@ -322,12 +362,15 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=0.05, help="time scale of the long run's verification")
     parser.add_argument("--many", default="", metavar="N,N",
                         help="only N deferred steps waiting in one event loop, for each N (e.g. 10,50)")
-    parser.add_argument("--many-seconds", type=float, default=75.0, help="length of each --many step")
+    parser.add_argument("--many-seconds", type=float, default=150.0, help="length of each --many step")
+    parser.add_argument("--rounds", type=int, default=1, help="--many: turns of ours and the provider per N")
+    parser.add_argument("--warmup", type=float, default=40.0,
+                        help="--many: seconds after the last submit before counting (first checks over)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("airflow").setLevel(logging.ERROR)
     if args.many:
-        print_many([int(x) for x in args.many.split(",") if x], args.many_seconds)
+        print_many([int(x) for x in args.many.split(",") if x], args.many_seconds, args.rounds, args.warmup)
         return 0
 
     policy = DatabricksPollPolicy()

@@ -28,8 +28,10 @@ RUNS: list[tuple[str, str, list[str]]] = [
     ("kubernetes", "bench_kubernetes.py", ["--per-step", "10"]),
     ("kubernetes", "bench_kubernetes.py", ["--window", "20", "--steps", "50,500"]),
     ("databricks", "bench_databricks.py", []),
-    ("databricks", "bench_databricks.py", ["--many", "10,50", "--many-seconds", "75"]),
-    ("valohai", "bench_valohai.py", ["-n", "8", "--deferred", "--many", "50"]),
+    ("databricks", "bench_databricks.py", ["--many", "50,500", "--many-seconds", "150", "--warmup", "40"]),
+    ("valohai", "bench_valohai.py", ["-n", "12", "--duration", "120", "--spread", "20", "--deferred", "--many", "50",
+                                     "--idle"]),
+    ("valohai", "bench_valohai.py", ["-n", "0", "--duration", "120", "--spread", "20", "--many", "500", "--idle"]),
     ("deferred", "bench_deferred.py", ["--steps", "200", "--rounds", "1"]),
     ("s3", "bench_s3.py", ["--iterations", "7", "--sizes", "4,128"]),
 ]

@@ -8,6 +8,8 @@ or a mounted bucket is shared in a deployment.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Iterator
@@ -217,3 +219,179 @@ class TestDatabricksFaultContract(FaultContract):
     @pytest.fixture
     def image(self) -> None:
         return None
+
+
+# -- the shared run list of waiting deferred steps (backends/databricks/_shared.py) -------------------------
+
+#: A short cap keeps the lists coming every 0.9 s; each ``await_change`` below is given far longer than that,
+#: so a waiter is served by a list long before its own check would be due (no timing decides the counts).
+SHARED = {"poll_first_delay": 0.1, "poll_factor": 3.0, "poll_cap": 1.0, "retry_delay": 0.1, "retry_limit": 2,
+          "watch_manifest": False}
+LONG = 120.0
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeDatabricks]:
+    """Runs stay PENDING (active, no process) until released or cancelled: as many as a test wants, cheaply."""
+    with FakeDatabricks(token=TOKEN, hold_pending=True, cancel_seconds=0.1) as server:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", server.connection_json())
+        yield server
+
+
+def _submit_many(server: FakeDatabricks, tmp_path: Any, count: int) -> list[tuple[DatabricksBackend, Any]]:
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    waiting = []
+    for i in range(count):
+        backend = DatabricksBackend.from_config({"new_cluster": CLUSTER, "runtime_dir": RUNTIME_DIR, **SHARED})
+        spec = StepSpec.build(command=["python3", "-c", "pass"])
+        identity = StepIdentity("shared", f"step{i}", uuid.uuid4().hex[:10])
+        waiting.append((backend, backend.submit(StepRequest.create(spec, identity, store))))
+    return waiting
+
+
+def _gets(server: FakeDatabricks, run_id: Any) -> int:
+    return sum(1 for r in server.requests if r.endpoint == "jobs/runs/get" and
+               int(r.params.get("run_id", 0)) == int(run_id))
+
+
+async def _first_checks(waiting: list[tuple[DatabricksBackend, Any]], *, join: bool = True) -> None:
+    """What the trigger does first: one apoll each (the submit's own read may stand in for it); then one
+    wait each, which joins them all to the shared list."""
+    for backend, handle in waiting:
+        assert not (await backend.apoll(handle)).is_terminal
+    if join:
+        states = await asyncio.gather(*(b.await_change(h, LONG) for b, h in waiting))
+        assert [s.state for s in states] == [RunState.QUEUED] * len(waiting)
+
+
+async def _close_all(waiting: list[tuple[DatabricksBackend, Any]]) -> None:
+    for backend, _ in waiting:
+        await backend.aclose()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+class TestDatabricksSharedList:
+    """N deferred waits on one workspace share one paged ``runs/list`` of active runs."""
+
+    def test_many_waiting_runs_share_one_paged_list(self, held: FakeDatabricks, tmp_path: Any) -> None:
+        from airflow_remote_ml.backends.databricks._shared import live_watches
+
+        waiting = _submit_many(held, tmp_path, 30)  # two pages of 25
+
+        async def scenario() -> list[RunState]:
+            await _first_checks(waiting, join=False)
+            held.reset_counts()
+            states = await asyncio.gather(*(b.await_change(h, LONG) for b, h in waiting))
+            # Every wait was served by the same list: two pages, no runs/get of its own.
+            calls = held.calls
+            assert calls["jobs/runs/get"] == 0, calls
+            lists = [r for r in held.requests if r.endpoint == "jobs/runs/list"]
+            assert lists and all(r.params.get("active_only") in ("true", True) for r in lists)
+            assert len(lists) % 2 == 0 and len(lists) <= 4, [r.params for r in lists]
+            (watch,) = live_watches()
+            assert watch.count == 30
+            await _close_all(waiting)
+            return [s.state for s in states]
+
+        assert asyncio.run(scenario()) == [RunState.QUEUED] * 30
+        for _, handle in waiting:
+            held.cancel(int(handle.job_id))
+
+    def test_a_run_that_left_the_list_is_read_once_and_the_others_keep_waiting(
+            self, held: FakeDatabricks, tmp_path: Any) -> None:
+        waiting = _submit_many(held, tmp_path, 4)
+        (ended_backend, ended), others = waiting[0], waiting[1:]
+
+        async def scenario() -> None:
+            await _first_checks(waiting)
+            held.cancel(int(ended.job_id))
+            held.wait_until_terminal(int(ended.job_id))
+            held.reset_counts()
+            status = await ended_backend.await_change(ended, LONG)
+            assert status.state is RunState.CANCELLED
+            # One read of its own (and its output), none for the runs still listed.
+            assert _gets(held, ended.job_id) == 1
+            for backend, handle in others:
+                assert (await backend.await_change(handle, LONG)).state is RunState.QUEUED
+                assert _gets(held, handle.job_id) == 0
+            await _close_all(waiting)
+
+        asyncio.run(scenario())
+        for _, handle in others:
+            held.cancel(int(handle.job_id))
+
+    def test_a_deleted_run_is_lost(self, held: FakeDatabricks, tmp_path: Any) -> None:
+        waiting = _submit_many(held, tmp_path, 3)
+        (backend, deleted) = waiting[0]
+
+        async def scenario() -> None:
+            await _first_checks(waiting)
+            held.delete_run(int(deleted.job_id))
+            assert (await backend.await_change(deleted, LONG)).state is RunState.LOST
+            for other, handle in waiting[1:]:
+                assert (await other.await_change(handle, LONG)).state is RunState.QUEUED
+            await _close_all(waiting)
+
+        asyncio.run(scenario())
+        for _, handle in waiting[1:]:
+            held.cancel(int(handle.job_id))
+
+    def test_an_outage_of_the_list_is_a_transient_error_for_every_waiter(
+            self, held: FakeDatabricks, tmp_path: Any) -> None:
+        waiting = _submit_many(held, tmp_path, 5)
+
+        async def wait_through_outage(backend: DatabricksBackend, handle: Any) -> tuple[int, RunState]:
+            errors = 0
+            while True:  # what the trigger's Follower does: count the transient error, look again
+                try:
+                    return errors, (await backend.await_change(handle, 0.1 if held.outage_active else LONG)).state
+                except TransientBackendError:
+                    errors += 1
+                    if errors == 1:
+                        seen_error.add(handle.job_id)
+                        if len(seen_error) == len(waiting):
+                            held.end_outage()
+                    await asyncio.sleep(0.05)
+
+        seen_error: set[str] = set()
+
+        async def scenario() -> list[tuple[int, RunState]]:
+            await _first_checks(waiting)
+            held.outage(3600)  # ended by the test once every waiter has seen it
+            results = await asyncio.gather(*(wait_through_outage(b, h) for b, h in waiting))
+            await _close_all(waiting)
+            return results
+
+        results = asyncio.run(scenario())
+        assert all(errors >= 1 and state is RunState.QUEUED for errors, state in results), results
+        for _, handle in waiting:
+            held.cancel(int(handle.job_id))
+
+    def test_cancelling_one_waiter_does_not_stop_the_others(self, held: FakeDatabricks, tmp_path: Any) -> None:
+        from airflow_remote_ml.backends.databricks._shared import live_watches
+
+        waiting = _submit_many(held, tmp_path, 4)
+
+        async def scenario() -> None:
+            await _first_checks(waiting)
+            (watch,) = live_watches()
+            tasks = [asyncio.create_task(b.await_change(h, LONG)) for b, h in waiting]
+            await asyncio.sleep(0)
+            tasks[0].cancel()  # the trigger of one task was cancelled (task killed, triggerer moving it)
+            with contextlib.suppress(asyncio.CancelledError):
+                await tasks[0]
+            await waiting[0][0].aclose()  # the trigger's finally
+            assert [t.state for t in await asyncio.gather(*tasks[1:])] == [RunState.QUEUED] * 3
+            assert watch.count == 3 and not watch.closed
+            await _close_all(waiting[1:])
+            # Nobody waits: the list stops (after its linger) and is not taken again.
+            deadline = time.monotonic() + 60
+            while not watch.closed:
+                assert time.monotonic() < deadline, "the shared list outlived its waiters"
+                await asyncio.sleep(0.05)
+            assert live_watches() == []
+
+        asyncio.run(scenario())
+        for _, handle in waiting:
+            held.cancel(int(handle.job_id))

@@ -267,3 +267,79 @@ class TestValohaiFaultAdapter:
         assert "Out of memory" in status.message and status.exit_code == 137
         assert "Out of memory" in str(failure_error(fault_backend, handle, status, outcome.tail))
         assert service.jobs(request.identity) == [(handle.job_id, False)]
+
+
+# -- deferred waits on the shared list: per-step log reads (backends/valohai/_shared.py) --------------------
+
+IDLE = [{"step": {"name": "idle", "image": "busybox", "command": "echo started; sleep 600"}}]
+
+
+@pytest.fixture
+def waits() -> Iterator[FakeValohai]:
+    with FakeValohai(token=TOKEN, stop_grace=0.5) as server:
+        server.add_project("waits", config=IDLE)
+        yield server
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_shared_waits_pace_their_log_reads_and_stop_reading_when_their_trigger_is_gone(
+        waits: FakeValohai, tmp_path: Path) -> None:
+    """On the shared list each execution's log is its own request: read at most once per
+    shared_log_interval while waiting, and never again once its waiter left (the list goes on)."""
+    import asyncio
+    import time
+    import uuid
+
+    from airflow_remote_ml.core import ArtifactStore, StepRequest, StepSpec
+
+    count = 4
+    backends = [ValohaiBackend.from_config({
+        "host": waits.url, "token": TOKEN, "project": "waits", "branch": "main",
+        "steps": {"idle:step": "idle"}, "shared_watch_from": 2, "shared_log_interval": 3600})
+        for _ in range(count)]
+    store = ArtifactStore(str(tmp_path / "artifacts"))
+    handles = [b.submit(StepRequest.create(StepSpec.build(callable="idle:step"),
+                                           StepIdentity("waits", f"step{i}", uuid.uuid4().hex[:10]), store))
+               for i, b in enumerate(backends)]
+
+    def naming(job_id: str) -> int:
+        return sum(1 for _, path, _ in waits.request_log if job_id in path)
+
+    cursors: dict[str, Any] = {}
+
+    async def scenario() -> None:
+        for b, h in zip(backends, handles, strict=True):
+            await b.apoll(h)
+            # The read that follows a look (it may use the look's inline events).
+            cursors[h.job_id] = (await b.aread_logs(h)).cursor
+        deadline = time.monotonic() + 60
+        # A wait joins the shared list; short ones, until every execution has been on a list.
+        while not all(b._watching.get(h.job_id) and b._watching[h.job_id][0].listed_at
+                      for b, h in zip(backends, handles, strict=True)):
+            assert time.monotonic() < deadline, "the shared list never started"
+            await asyncio.gather(*(b.await_change(h, 0.2) for b, h in zip(backends, handles, strict=True)))
+        watch = backends[0]._watching[handles[0].job_id][0]
+        # Paced: within the interval a log read is no request at all.
+        before = [naming(h.job_id) for h in handles]
+        for b, h in zip(backends, handles, strict=True):
+            assert (await b.aread_logs(h, cursors[h.job_id])).lines == []
+        assert [naming(h.job_id) for h in handles] == before
+        # Nobody reads the first execution any more: two more lists go by without a request naming it.
+        await backends[0].aclose()
+        gone = naming(handles[0].job_id)
+        for _ in range(2):
+            listed = watch.listed_at
+            while watch.listed_at == listed:
+                assert time.monotonic() < deadline + 120, "the shared list stopped"
+                await watch.changed(30)
+        assert naming(handles[0].job_id) == gone
+        for b in backends[1:]:
+            await b.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for b, h in zip(backends, handles, strict=True):
+            b.cancel(h)
+            b.close()

@@ -783,6 +783,15 @@ class FakeDatabricks:
         with self._cond:
             self._outage_until = time.monotonic() + seconds
 
+    @property
+    def outage_active(self) -> bool:
+        return time.monotonic() < self._outage_until
+
+    def end_outage(self) -> None:
+        """End an :meth:`outage` now (a test ends it once it has seen what it waits for, not after a guess)."""
+        with self._cond:
+            self._outage_until = 0.0
+
     def rate_limit(self, count: int, retry_after: float) -> None:
         """Answer the next ``count`` requests 429 ``REQUEST_LIMIT_EXCEEDED`` with ``Retry-After``."""
         self.fail_next("*", 429, times=count, retry_after=retry_after)
@@ -1387,20 +1396,30 @@ class FakeDatabricks:
             return answer
 
     def _list(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        """``GET jobs/runs/list``, as the Jobs API reference (ListRunsRequest / ListRunsResponse) describes it."""
         active_only = _as_bool(params.get("active_only", False), "active_only")
         completed_only = _as_bool(params.get("completed_only", False), "completed_only")
+        # "active_only ... This field cannot be true when completed_only is true" (and vice versa).
         if active_only and completed_only:
             raise _invalid("active_only and completed_only cannot both be true")
         expand = _as_bool(params.get("expand_tasks", False), "expand_tasks")
+        # limit: "This value must be greater than 0 and less or equal to 25. The default value is 25" (2.1);
+        # 2.2: "The default value is 20". "If a request specifies a limit of 0, the service instead uses the
+        # maximum limit." Anything else is refused: 400 INVALID_PARAMETER_VALUE.
         default_limit = 20 if version == "2.2" else 25
         limit = _as_int(params.get("limit", default_limit), "limit", minimum=0)
         if limit > MAX_LIST_LIMIT:
             raise _invalid(f"limit must be between 0 and {MAX_LIST_LIMIT}, got {limit}")
         limit = limit or MAX_LIST_LIMIT
+        # page_token: "Use next_page_token or prev_page_token returned from the previous request to list the
+        # next or previous page of runs"; offset: "Deprecated since June 2023", still honoured without a token.
+        # The double's tokens are offsets into the current list (opaque to clients, like the real ones), so a
+        # run that ends between two pages shifts the next page, as an offset-paged service may.
         if params.get("page_token"):
             offset = _decode_token(params["page_token"])
         else:
             offset = _as_int(params.get("offset", 0), "offset", minimum=0)
+        # run_type: "JOB_RUN", "WORKFLOW_RUN" or "SUBMIT_RUN" (RunType); every run here is a one-time submit.
         run_type = params.get("run_type")
         if run_type is not None and run_type not in ("JOB_RUN", "WORKFLOW_RUN", "SUBMIT_RUN"):
             raise _invalid(f"Invalid run_type {run_type!r}: use JOB_RUN, WORKFLOW_RUN or SUBMIT_RUN")
@@ -1408,10 +1427,14 @@ class FakeDatabricks:
         start_from = _as_int(params["start_time_from"], "start_time_from") if "start_time_from" in params else None
         start_to = _as_int(params["start_time_to"], "start_time_to") if "start_time_to" in params else None
         with self._cond:
+            # "List runs in descending order by start time" ("from most recently started to least").
             runs = sorted(self._runs.values(), key=lambda r: (r.start_time, r.run_id), reverse=True)
             selected = []
             for run in runs:
                 state, _ = self._parent_state(run)
+                # "If active_only is true, only active runs are included": every life cycle state but the
+                # terminal ones (QUEUED, PENDING, RUNNING, TERMINATING, BLOCKED, WAITING_FOR_RETRY).
+                # "completed_only": only runs in a terminal state. A deleted run is in neither.
                 terminal = state["life_cycle_state"] in TERMINAL_LIFE_CYCLE_STATES
                 if (active_only and terminal) or (completed_only and not terminal):
                     continue
@@ -1419,22 +1442,29 @@ class FakeDatabricks:
                     continue
                 if job_id is not None and run.job_id != job_id:
                     continue
+                # start_time_from / start_time_to: "Show runs that started at or after / at or before".
                 if start_from is not None and run.start_time < start_from:
                     continue
                 if start_to is not None and run.start_time > start_to:
                     continue
                 selected.append(run)
             page = selected[offset : offset + limit]
+            # has_more: "If true, additional runs matching the provided filter are available for listing";
+            # always present, next_page_token only when there is a next page, prev_page_token after the first.
             answer: dict[str, Any] = {"has_more": offset + limit < len(selected)}
             if page:
-                answer["runs"] = [
-                    self._run_json(r, version, tasks=r.tasks[: self.tasks_page_size] if expand else None) for r in page
-                ]
+                answer["runs"] = [self._list_entry(r, version, expand) for r in page]
             if answer["has_more"]:
                 answer["next_page_token"] = _encode_token(offset + limit)
             if offset > 0:
                 answer["prev_page_token"] = _encode_token(max(0, offset - limit))
             return answer
+
+    def _list_entry(self, run: _Run, version: str, expand: bool) -> dict[str, Any]:
+        """One run of a list: expand_tasks "Whether to include task and cluster details in the response.
+        Note that only the first 100 elements will be shown" (runs/get pages through the rest). Without it
+        an entry has no ``tasks``: a client must not need them to read a run's state."""
+        return self._run_json(run, version, tasks=run.tasks[: self.tasks_page_size] if expand else None)
 
     # ------------------------------------------------------------------ runs/cancel, runs/delete
 

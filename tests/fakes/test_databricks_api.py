@@ -910,3 +910,86 @@ def test_driver_out_of_memory_fails_with_driver_error(monkeypatch: pytest.Monkey
         assert "The spark driver has stopped unexpectedly" in run["state"]["state_message"]
         output = hook.get_run_output(dbx.task_run_ids(run_id)["step"])
         assert "The spark driver has stopped unexpectedly" in output["error"]
+
+
+# ----------------------------------------------------------------------------- runs/list, as a shared query reads it
+
+
+@pytest.fixture
+def held(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Runs held PENDING (``hold_pending``): active for as long as a test needs, no process each."""
+    with FakeDatabricks(token=TOKEN, hold_pending=True, cancel_seconds=0.05) as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        yield server
+
+
+def _list(server: FakeDatabricks, version: str = "2.1", **params: Any) -> requests.Response:
+    return requests.get(f"{server.url}/api/{version}/jobs/runs/list", params=params,
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_runs_list_limit_rules(held: FakeDatabricks) -> None:
+    hook = _hook()
+    runs = [hook.submit_run(_notebook_run(f"nb{i}")) for i in range(27)]
+    # Default 25 in 2.1, 20 in 2.2; 0 means the maximum; above 25 is refused.
+    assert len(_list(held).json()["runs"]) == 25
+    assert len(_list(held, "2.2").json()["runs"]) == 20
+    assert len(_list(held, limit=0).json()["runs"]) == 25
+    for version in ("2.1", "2.2"):
+        refused = _list(held, version, limit=26)
+        assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert _list(held, limit=-1).status_code == 400
+    assert _list(held, page_token="not-a-token").status_code == 400
+    for run_id in runs:
+        held.cancel(run_id)
+
+
+def test_runs_list_pages_newest_first_with_tokens(held: FakeDatabricks) -> None:
+    hook = _hook()
+    runs = [hook.submit_run(_notebook_run(f"nb{i}")) for i in range(30)]
+    seen: list[int] = []
+    answer = _list(held, active_only="true", limit=25).json()
+    assert "prev_page_token" not in answer
+    while True:
+        seen += [r["run_id"] for r in answer["runs"]]
+        assert all("tasks" not in r and r["state"]["life_cycle_state"] == "PENDING" for r in answer["runs"])
+        if not answer["has_more"]:
+            assert "next_page_token" not in answer
+            break
+        answer = _list(held, active_only="true", limit=25, page_token=answer["next_page_token"]).json()
+        assert "prev_page_token" in answer
+    assert seen == list(reversed(runs))  # newest start first, each run once
+    for run_id in runs:
+        held.cancel(run_id)
+
+
+def test_runs_list_active_only_is_every_non_terminal_state(held: FakeDatabricks) -> None:
+    hook = _hook()
+    runs = {state: hook.submit_run(_notebook_run()) for state in
+            ("PENDING", "QUEUED", "BLOCKED", "WAITING_FOR_RETRY", "RUNNING", "TERMINATING",
+             "SKIPPED", "INTERNAL_ERROR", "TERMINATED")}
+    for state, run_id in runs.items():
+        if state != "PENDING":
+            held.force_state(run_id, state, "SUCCESS" if state == "TERMINATED" else None)
+    deleted = hook.submit_run(_notebook_run())
+    held.delete_run(deleted)
+    active = {r["run_id"] for r in _list(held, active_only="true").json()["runs"]}
+    completed = {r["run_id"] for r in _list(held, completed_only="true").json()["runs"]}
+    terminal = {"SKIPPED", "INTERNAL_ERROR", "TERMINATED"}
+    assert active == {run_id for state, run_id in runs.items() if state not in terminal}
+    assert completed == {run_id for state, run_id in runs.items() if state in terminal}
+    assert deleted not in active | completed
+    for state, run_id in runs.items():
+        if state not in terminal:
+            held.clear_forced_state(run_id)
+            held.cancel(run_id)
+
+
+def test_outage_knob_ends_when_told(held: FakeDatabricks) -> None:
+    held.outage(3600)
+    assert held.outage_active
+    down = _list(held)
+    assert down.status_code == 503 and down.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    held.end_outage()
+    assert not held.outage_active and _list(held).status_code == 200

@@ -9,11 +9,13 @@ point that maps errors to ours, raw state parsing that survives new states, and 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -33,6 +35,7 @@ from airflow_remote_ml.backends.databricks._payload import (
     task_key,
     validate_request,
 )
+from airflow_remote_ml.backends.databricks._shared import WorkspaceWatch, watch_for
 from airflow_remote_ml.backends.databricks._states import (
     DatabricksPollPolicy,
     exit_code_from,
@@ -48,6 +51,7 @@ from airflow_remote_ml.core.errors import (
     ArtifactError,
     BackendAPIError,
     RemoteMLError,
+    TransientBackendError,
 )
 from airflow_remote_ml.core.identity import StepIdentity
 from airflow_remote_ml.core.jobs import JobInfo
@@ -94,6 +98,10 @@ class DatabricksBackend(Backend):
     idempotent_submit: ClassVar[bool] = True
     #: A submitted run shows in ``runs/list`` at once; the margin covers a slow control plane.
     create_settle_seconds: ClassVar[float] = 30.0
+    #: Deferred runs of one workspace share one ``runs/list`` of active runs (see ``_shared``) from this many
+    #: waiting in one triggerer; fewer each read their own run (a list of a busy workspace may be longer
+    #: than one ``runs/get``).
+    shared_watch_from: ClassVar[int] = 2
     config: DatabricksConfig
 
     def __init__(self, config: DatabricksConfig) -> None:
@@ -120,6 +128,11 @@ class DatabricksBackend(Backend):
         self._seen: dict[int, _Seen] = {}
         self._placed: set[str] = set()
         self._storage = Storage(config.local_mounts, self._call, self.name)
+        # Deferred waits on the shared list: the watch each run joined, and when it was last checked
+        # (monotonic: a runs/get of its own, or the start of a list that served it).
+        self._joined: dict[int, WorkspaceWatch] = {}
+        self._checked: dict[int, float] = {}
+        self._workspace: str | None = None
 
     # -- the hook and the one place errors are mapped ----------------------------------------------------
 
@@ -476,19 +489,36 @@ class DatabricksBackend(Backend):
         return status
 
     async def await_change(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """The status once terminal or after about ``timeout`` seconds (the trigger's wait).
+
+        With other runs of the workspace waiting in this triggerer, their checks are one shared
+        ``runs/list`` of active runs (see ``_shared``): a run still listed costs no request, one that left
+        the list is read once. With a watchable manifest the file is looked for every ``watch_interval``
+        seconds (no API cost) and a check follows its appearance at once.
+        """
+        run_id = int(handle.data["run_id"])
+        seen = self._seen.get(run_id)
+        if seen is not None and seen.final is not None:
+            return seen.final
+        watch = await self._watch(handle)
         path = self._watch_path(handle)
-        seen = self._seen.get(int(handle.data["run_id"]))
         if path is None or seen is None:
-            return await super().await_change(handle, timeout)
+            if watch is None:
+                return await super().await_change(handle, timeout)
+            return await self._await_shared(handle, watch, timeout)
         deadline = time.monotonic() + timeout
         status = seen.final or seen.status
         while not status.is_terminal:
             now = time.monotonic()
             # A stat in a thread: a hung network mount must not stall the triggerer's event loop.
             appeared = await asyncio.to_thread(os.path.exists, path)
-            # The first sight of the manifest triggers a check; later ones follow _soon()'s schedule.
-            if (appeared and not seen.checks_since_manifest) or self._api_due(seen, now):
-                status = await self.apoll(handle)
+            listed = self._consume(run_id, watch) if watch is not None else None
+            # The first sight of the manifest triggers a check; later ones follow _soon()'s schedule. A
+            # list taken for every waiter is a check too, and free, so it is read whenever one came.
+            first_sight = appeared and not seen.checks_since_manifest
+            if first_sight or listed is not None or self._api_due(seen, now):
+                status = await self._settle(handle, listed) if listed is not None and not first_sight \
+                    else await self._check(handle)
                 self._api_checked(seen, now)
                 if appeared and not status.is_terminal:
                     self._soon(seen, now)
@@ -496,6 +526,125 @@ class DatabricksBackend(Backend):
                 break
             await asyncio.sleep(max(0.0, min(self.config.watch_interval, deadline - time.monotonic())))
         return status
+
+    # -- waiting on the workspace's shared list (see _shared) ----------------------------------------------
+
+    async def _workspace_key(self) -> str:
+        """The workspace's host and a digest of the credentials: the runs a list shows depend on both."""
+        if self._workspace is None:
+            hook = self._ahook = self._ahook or self._make_hook()
+            cache = getattr(hook, "_a_cache_databricks_conn", None)
+            if cache is not None:
+                await cache()  # the connection, read the triggerer's (async) way
+            conn = hook.databricks_conn if cache is not None else await asyncio.to_thread(
+                lambda: hook.databricks_conn)
+            secret = json.dumps([conn.login, conn.password, conn.extra_dejson, self.config.api_version],
+                                sort_keys=True, default=str)
+            self._workspace = f"{hook.host}#{hashlib.sha256(secret.encode()).hexdigest()[:16]}"
+        return self._workspace
+
+    def _lister(self) -> Any:
+        """The list session of a watch: a hook of its own (so it outlives the waiter that created it), and
+        one HTTP session for all the pages of one list."""
+        hook = self._make_hook()
+
+        @contextlib.asynccontextmanager
+        async def session() -> AsyncIterator[Any]:
+            async with hook:
+                async def list_page(params: dict[str, Any]) -> dict[str, Any]:
+                    try:
+                        return await hook._a_do_api_call(self._list_ep, params) or {}
+                    except Exception as exc:
+                        raise self._mapped(exc, "listing the active runs") from exc
+
+                yield list_page
+
+        return session
+
+    async def _watch(self, handle: RunHandle) -> WorkspaceWatch | None:
+        """The shared watch this run waits on, joined on first use; None when there is none to use."""
+        run_id = int(handle.data["run_id"])
+        watch = self._joined.get(run_id)
+        if watch is None:
+            if self.shared_watch_from <= 0:
+                return None
+            try:
+                key = await self._workspace_key()
+            except Exception as exc:  # no connection to key on: this run reads its own status
+                log.warning("databricks: no shared run list (%s); reading run %s directly", exc, run_id)
+                return None
+            cap = self.poll_policy.cap
+            # Slightly quicker than the schedule's cap: a waiter due at its last check + cap always finds a
+            # list started in between, so it never needs a runs/get of its own on the cap grid.
+            period = cap - min(2.0, cap * 0.1)
+            watch = watch_for(key, self._lister, period=period, linger=cap,
+                              min_waiters=self.shared_watch_from)
+            watch.join(run_id, period)
+            self._joined[run_id] = watch
+            seen = self._seen.get(run_id)
+            self._checked.setdefault(run_id, seen.read_at if seen is not None else time.monotonic())
+        return None if watch.broken is not None or watch.closed else watch
+
+    def _unwatch(self, run_id: int) -> None:
+        watch = self._joined.pop(run_id, None)
+        if watch is not None:
+            watch.leave(run_id)
+
+    def _consume(self, run_id: int, watch: WorkspaceWatch) -> dict[str, Any] | None:
+        """The newest list, once, when it started after this run's last check: ``{"run": ...}`` for a run
+        still active, ``{}`` for one that left it. None when there is no such list."""
+        checked = self._checked.get(run_id, 0.0)
+        if watch.listed_at <= checked:
+            return None
+        self._checked[run_id] = watch.listed_at
+        listed = watch.active.get(run_id)
+        if listed is None and not watch.complete:
+            return None  # beyond an incomplete list: no news, the run's own schedule reads it
+        return {"run": listed} if listed is not None else {}
+
+    async def _settle(self, handle: RunHandle, listed: dict[str, Any]) -> RunStatus:
+        """The status from a list: as listed while active; a run that left it is read for its result."""
+        run = listed.get("run")
+        if run is None:
+            return await self._check(handle)
+        return self._remember(int(handle.data["run_id"]), run).status
+
+    async def _check(self, handle: RunHandle) -> RunStatus:
+        """The run's own ``runs/get`` (and its output once terminal)."""
+        run_id = int(handle.data["run_id"])
+        started = time.monotonic()
+        status = await self.apoll(handle)
+        self._checked[run_id] = started
+        if status.is_terminal:
+            self._unwatch(run_id)
+        return status
+
+    async def _await_shared(self, handle: RunHandle, watch: WorkspaceWatch, timeout: float) -> RunStatus:
+        """Wait for the next list that serves this run, at most until ``timeout`` after its last check.
+
+        A list started after the last check is a check; when none came in time (too few waiters to list
+        yet, or a list late) the run is read directly, so no gap between two checks is longer than the
+        poll schedule's. While the lists fail (an outage),
+        a waiter that is due raises the list's transient error instead of adding a request of its own: the
+        wait's transient-error budget then governs every waiter alike.
+        """
+        run_id = int(handle.data["run_id"])
+        due = self._checked.get(run_id, time.monotonic()) + timeout
+        while True:
+            if watch.broken is not None or watch.closed:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                return await self._check(handle)
+            listed = self._consume(run_id, watch)
+            if listed is not None:
+                return await self._settle(handle, listed)
+            left = due - time.monotonic()
+            if left <= 0:
+                error = watch.error
+                if error is not None and watch.error_at >= self._checked.get(run_id, 0.0):
+                    raise TransientBackendError(self.name, f"the shared run list failed: {error}",
+                                                error.status_code, error.retry_after)
+                return await self._check(handle)
+            await watch.changed(left)
 
     # -- output and logs -------------------------------------------------------------------------------------
 
@@ -673,6 +822,8 @@ class DatabricksBackend(Backend):
         self._ahook = None
 
     async def aclose(self) -> None:
+        for run_id in list(self._joined):
+            self._unwatch(run_id)
         self.close()
 
 
