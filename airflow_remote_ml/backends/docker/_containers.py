@@ -184,8 +184,12 @@ def _check_options(prefix: str, options: Mapping[str, Any], allowed: frozenset[s
 
 
 def container_request(config: DockerConfig, request: StepRequest, profile: Mapping[str, Any],
-                      secret_env: Mapping[str, str]) -> dict[str, Any]:
+                      secret_env: Mapping[str, str], runtime_path: str | None = None) -> dict[str, Any]:
     """The container to create for ``request``: ``create_container`` keywords plus ``host_config`` keywords.
+
+    ``runtime_path``: a copy of the runtime on the mounted artifact root (:func:`runtime.install`), which
+    the container imports with its bytecode cached; without it the runtime's source is the argv, compiled
+    on every start.
 
     Settings apply in this order, later winning: backend config, resource profile, the step's own
     resources, the step's ``backend_options["docker"]``.
@@ -247,7 +251,9 @@ def container_request(config: DockerConfig, request: StepRequest, profile: Mappi
     create: dict[str, Any] = {
         "image": spec.image,
         "name": request.identity.name(),
-        "entrypoint": [*settings.get("entrypoint_prefix", []), *runtime.launch_command(config.python)],
+        "entrypoint": [*settings.get("entrypoint_prefix", []),
+                       *(runtime.launch_from_file(config.python, runtime_path) if runtime_path
+                         else runtime.launch_command(config.python))],
         "environment": env,
         "labels": labels,
     }
