@@ -860,7 +860,7 @@ def launch_from_file(python: str = "python3", path: str | None = None) -> list[s
     directory, module = os.path.split(os.path.splitext(path)[0])
     boot = (f"import sys; _w = sys.dont_write_bytecode; sys.dont_write_bytecode = False; "
             f"sys.path.insert(0, {directory!r}); import {module} as _rt; del sys.path[0]; "
-            f"del sys.modules[{module!r}]; sys.dont_write_bytecode = _w; sys.exit(_rt.main())")
+            f"del sys.modules[{module!r}]; sys.dont_write_bytecode = _w; _rt.exit(_rt.main())")
     return [python, "-S", "-c", boot]
 
 
@@ -914,7 +914,12 @@ def _main() -> int:
     for entry in reversed(step.get("python_path") or []):
         if entry not in sys.path:
             sys.path.insert(0, entry)
+    _ran["callable"] = bool(step.get("callable"))
     return run(step)
+
+
+#: Whether the step's own code ran in this interpreter (a callable), for exit().
+_ran: dict[str, bool] = {}
 
 
 def main() -> int:
@@ -931,5 +936,22 @@ def main() -> int:
     return code
 
 
+def exit(code: int) -> None:  # noqa: A001 - the runtime's own exit, used as _rt.exit by the boot code
+    """End the runtime's process with ``code``.
+
+    After a command step none of the step's code ran in this interpreter, so its finalisation (module
+    teardown and a last garbage collection, ~1.5 ms of every step) is skipped once our own output is
+    flushed. After a callable step it runs, for the step's atexit handlers and non-daemon threads.
+    """
+    if not _ran.get("callable"):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (AttributeError, ValueError, OSError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit(main())

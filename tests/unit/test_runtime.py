@@ -329,8 +329,8 @@ def test_a_command_step_starts_without_the_costly_stdlib_imports(tmp_path):
             "outputs": {"o": str(tmp_path / "o")}}
     step["command"] = [sys.executable, "-c", f"open({str(tmp_path / 'o')!r}, 'w').write('x'); print('{{\"ok\": 1}}')"]
     boot = runtime.launch_from_file(sys.executable)[3].replace(
-        "sys.exit(_rt.main())",
-        f"code = _rt.main(); open({str(tmp_path / 'modules')!r}, 'w').write(' '.join(sys.modules)); sys.exit(code)")
+        "_rt.exit(_rt.main())",
+        f"code = _rt.main(); open({str(tmp_path / 'modules')!r}, 'w').write(' '.join(sys.modules)); _rt.exit(code)")
     proc = subprocess.run([sys.executable, "-S", "-c", boot], env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -378,3 +378,18 @@ def test_install_puts_one_copy_per_version_with_its_bytecode_and_it_runs(tmp_pat
                           env={**os.environ, "REMOTE_ML_STEP": json.dumps(step), "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 4}
+
+
+def test_a_callables_atexit_handlers_still_run(tmp_path):
+    """The runtime skips its interpreter's finalisation only after a command step (runtime.exit)."""
+    (tmp_path / "atexits.py").write_text(textwrap.dedent(f"""
+        import atexit
+        def register():
+            atexit.register(lambda: open({str(tmp_path / 'at-exit')!r}, 'w').write('ran'))
+    """))
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "manifest.json"),
+            "callable": "atexits:register", "python_path": [str(tmp_path)]}
+    proc = subprocess.run(runtime.launch_from_file(sys.executable), env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "at-exit").read_text() == "ran"
