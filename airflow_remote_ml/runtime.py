@@ -543,9 +543,13 @@ class _Child:
 
 def _close_on_exec_beyond_stdio() -> None:
     """Mark every descriptor above 2 close-on-exec, as Popen's close_fds=True closes them in the child."""
-    try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
+    for listing in ("/proc/self/fd", "/dev/fd"):  # Linux; macOS and the BSDs
+        try:
+            names = os.listdir(listing)
+            break
+        except OSError:
+            continue
+    else:
         return
     for name in names:
         fd = int(name)
