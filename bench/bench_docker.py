@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", "-n", type=int, default=10)
     parser.add_argument("--phases", action="store_true", help="also print where our time goes")
     parser.add_argument("--chatty", action="store_true", help="run only the 200k-line step")
+    parser.add_argument("--step", action="append", choices=sorted(STEPS), help="run only this step (repeatable)")
     args = parser.parse_args(argv)
-    steps = CHATTY if args.chatty else STEPS
+    steps = CHATTY if args.chatty else {name: STEPS[name] for name in (args.step or STEPS)}
     # Importing Airflow configures its logging; quieten it afterwards. The operator and our backend log
     # every step, and the operator warns that it runs outside a task runner: a table needs none of it.
     import airflow.providers.docker.operators.docker  # noqa: F401
@@ -195,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     info = engine.info()
     engine.close()
 
+    load_before = os.getloadavg()[0]
     probe = Probe()
     probe.install()
     backend_class = make_timed_backend_class()
@@ -221,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.stdout.close()
     sys.stdout = table
+    print(f"load {load_before:.2f} → {os.getloadavg()[0]:.2f} (1-minute average, start → end)\n")
     print(f"Docker engine {version['Version']} (API {version['ApiVersion']}, storage {info['Driver']}), "
           f"image `{RUNNER_IMAGE}`, {args.iterations} iterations per step, rotating; "
           f"load {os.getloadavg()[0]:.1f}.\n")
@@ -261,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in steps:
             med = {k: statistics.median(r[k] for r in ours[name]) for k in ("submit", "wait", "finish")}
             print(f"| {name} | {med['submit']:.3f} | {med['wait']:.3f} | {med['finish']:.3f} |")
-    flags = (" --chatty" if args.chatty else "") + (" --phases" if args.phases else "")
+    flags = ((" --chatty" if args.chatty else "") + (" --phases" if args.phases else "")
+             + "".join(f" --step {name}" for name in args.step or ()))
     print(f"\ncommand: .venv/bin/python bench/bench_docker.py{flags} --iterations {args.iterations}")
     return 0
 

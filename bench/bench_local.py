@@ -53,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--iterations", type=int, default=20)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     tmp = tempfile.mkdtemp(prefix="bench-local-")
     backend = LocalBackend.from_config({"state_dir": f"{tmp}/jobs"})
     store = ArtifactStore(f"{tmp}/artifacts")
@@ -70,7 +71,7 @@ def main() -> None:
         a, b = statistics.median(theirs_t), statistics.median(ours_t)
         rows.append(f"| {name} | {a * 1000:.0f} ms ({min(theirs_t) * 1000:.0f}–{max(theirs_t) * 1000:.0f}) | "
                     f"{b * 1000:.0f} ms ({min(ours_t) * 1000:.0f}–{max(ours_t) * 1000:.0f}) | {b / a:.2f}× |")
-    print(f"{args.iterations} iterations per step, alternating; load {os.getloadavg()[0]:.1f}\n")
+    print(f"{args.iterations} iterations per step, alternating; load {load_before:.2f} → {os.getloadavg()[0]:.2f} (1-minute average, start → end)\n")
     print("| step | bare subprocess, median (min–max) | local backend, median (min–max) | ratio |")
     print("|---|---:|---:|---:|")
     for line in rows:

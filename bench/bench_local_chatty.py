@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", "-n", type=int, default=10)
     parser.add_argument("--lines", type=int, default=200_000)
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     code = step_code(args.lines)
     mine: dict[str, list[float]] = {mode: [] for mode in MODES}
     theirs: dict[str, list[float]] = {mode: [] for mode in MODES}
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 for run in pair if i % 2 == 0 else reversed(pair):
                     run()
             print(f"iteration {i + 1}/{args.iterations} done", file=sys.stderr)
-    print(f"{args.lines} lines, {args.iterations} iterations, alternating; load {os.getloadavg()[0]:.1f}\n")
+    print(f"{args.lines} lines, {args.iterations} iterations, alternating; load {load_before:.2f} → {os.getloadavg()[0]:.2f} (1-minute average, start → end)\n")
     print("| step stdout | bare subprocess, median (min–max) | local backend, median (min–max) | ratio |")
     print("|---|---:|---:|---:|")
     for mode in MODES:

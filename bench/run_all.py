@@ -25,6 +25,7 @@ RUNS: list[tuple[str, str, list[str]]] = [
     ("local", "bench_codepkg.py", ["--iterations", "20"]),
     ("docker", "bench_docker.py", ["--iterations", "10", "--phases"]),
     ("docker", "bench_docker.py", ["--chatty", "--iterations", "5"]),
+    ("docker", "bench_docker_startup.py", ["--iterations", "40"]),
     ("kubernetes", "bench_kubernetes.py", ["--per-step", "10"]),
     ("kubernetes", "bench_kubernetes.py", ["--window", "20", "--steps", "50,500"]),
     ("databricks", "bench_databricks.py", []),

@@ -31,7 +31,23 @@ def parse_entries(raw: bytes | str, *, complete: bool = True) -> list[tuple[int,
     if (lines and lines[-1] == "") or (lines and not complete):
         lines.pop()
     entries: list[tuple[int, str]] = []
+    # A chatty step writes thousands of lines per second, all stamped within the same few seconds. The
+    # engine's and the kubelet's stamps are UTC ("...T17:57:58.0038965Z "): each distinct second is checked
+    # by the regex and converted once, and a line stamped in a second already seen needs no regex and no
+    # datetime (those were ~8 of the ~10 µs per line of reading a 200k-line Docker log back).
+    utc_seconds: dict[str, int] = {}
     for line in lines:
+        second = utc_seconds.get(line[:19])
+        if second is not None:
+            end = line.find(" ", 19, 31)
+            stamp_end = end if end > 0 else len(line)
+            if line[19] == "Z" and stamp_end == 20:
+                entries.append((second, line[21:].rstrip("\r")))
+                continue
+            fraction = line[20:stamp_end - 1]
+            if line[19] == "." and line[stamp_end - 1] == "Z" and 0 < len(fraction) <= 9 and fraction.isdigit():
+                entries.append((second + int(fraction.ljust(9, "0")), line[stamp_end + 1:].rstrip("\r")))
+                continue
         match = _TS_RE.match(line)
         if not match:
             if entries:
@@ -39,7 +55,10 @@ def parse_entries(raw: bytes | str, *, complete: bool = True) -> list[tuple[int,
             continue
         stamp, fraction, zone = match.groups()
         moment = datetime.fromisoformat(stamp + ("+00:00" if zone == "Z" else zone))
-        nanos = int(moment.timestamp()) * 1_000_000_000 + int((fraction or "0").ljust(9, "0"))
+        nanos = int(moment.timestamp()) * 1_000_000_000
+        if zone == "Z":
+            utc_seconds[stamp] = nanos
+        nanos += int((fraction or "0").ljust(9, "0"))
         entries.append((nanos, line[match.end():].rstrip("\r")))
     return entries
 

@@ -358,3 +358,54 @@ def test_async_wait_leaves_the_event_loop_free(backend, tmp_path):
     status, ticks = asyncio.run(main())
     assert status.is_successful
     assert ticks >= 10  # the loop kept running while the wait API blocked in its thread
+
+
+class _CountingClient(docker.APIClient):
+    """The real engine client, recording each request's method and path (``/v1.41/containers/ID/json``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.calls: list[tuple[str, str]] = []  # before super(): with version="auto" it asks the engine
+        super().__init__(*args, **kwargs)
+
+    def request(self, method, url, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append((method.upper(), url.split("?")[0].split("/v1.", 1)[-1]))
+        return super().request(method, url, *args, **kwargs)
+
+
+def test_the_container_imports_a_bytecode_cached_runtime_from_the_artifact_mount(engine, label, tmp_path):
+    """The runtime's source in the argv was compiled on every start (~8 ms in the runner image): the
+    container imports a copy on the mounted artifact root instead, whose bytecode is reused."""
+    from airflow_remote_ml.backends.docker import DockerConfig
+
+    client = _CountingClient(base_url="unix:///var/run/docker.sock", version="auto")
+    backend = DockerBackend(DockerConfig.from_mapping({"network_mode": "none", "pull": "never",
+                                                       "labels": {TEST_LABEL: label}}, "docker"), api_client=client)
+    try:
+        request = request_for(tmp_path, "print('{\"ran\": 1}')")
+        handle = backend.submit(request)
+        entrypoint = engine.api.inspect_container(handle.data["container_id"])["Config"]["Entrypoint"]
+        outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + 120)
+        assert outcome.status.is_successful, outcome
+        assert backend.fetch_result(handle).metrics == {"ran": 1}
+        runtime_dir = tmp_path / "artifacts" / ".remote-ml" / "runtime"
+        (copy,) = runtime_dir.glob("remote_ml_runtime_*.py")
+        assert entrypoint[:3] == ["python3", "-S", "-c"] and copy.stem in entrypoint[3]
+        assert len(entrypoint[3]) < 500  # a few lines of boot code, not the runtime's source
+        assert list((runtime_dir / "__pycache__").glob(f"{copy.stem}.*.pyc"))
+        # Finishing: a stopped container's last inspect answers mark_finished, and the container removed
+        # there is not removed again by cleanup: one DELETE and no inspect after the wait's.
+        del client.calls[:]
+        backend.mark_finished(handle)
+        backend.cleanup(handle, outcome.status)
+        assert client.calls == [("DELETE", f"41/containers/{handle.data['container_id']}")]
+        assert not containers_of(engine, request)
+    finally:
+        backend.close()
+
+
+def test_without_a_mounted_artifact_root_the_runtime_travels_in_the_argv(make_backend, engine, tmp_path):
+    backend = make_backend(artifact_mount=False)
+    request = request_for(tmp_path, "print('ok')")
+    built = container_request(backend.config, request, {}, {}, backend._install_runtime(request))
+    assert built["create"]["entrypoint"][3].startswith('"""The runtime that runs *inside* the remote step')
+    assert not (tmp_path / "artifacts" / ".remote-ml").exists()

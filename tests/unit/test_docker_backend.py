@@ -839,3 +839,25 @@ def test_default_stop_timeout_is_shorter_than_the_task_supervisors_escalation():
     # airflow/sdk/execution_time/supervisor.py WatchedSubprocess.kill(escalation_delay=5.0): a cancel
     # that takes longer is cut short by the SIGKILL of the task process before it is confirmed.
     assert DockerConfig().stop_timeout < 5.0
+
+
+def test_log_lines_stamped_in_a_second_already_seen_parse_like_the_first():
+    """The per-second shortcut of parse_entries (a chatty log's lines share a few seconds) gives what the
+    full parse gives, and still refuses a stamp that only looks like one."""
+    second = int(datetime(2026, 12, 1, 17, 57, 58, tzinfo=UTC).timestamp()) * 10**9
+    raw = ("2026-12-01T17:57:58.003896554Z first\n"
+           "2026-12-01T17:57:58.5Z half\n"
+           "2026-12-01T17:57:58Z whole\n"
+           "2026-12-01T17:57:58.25Z\n"
+           "2026-12-01T17:57:58.1234567890Z ten digits\n"
+           "2026-12-01T17:57:58.12ab5Z not digits\n"
+           "2026-12-01T19:57:58.7+02:00 offset\n"
+           "2026-12-01T17:57:58.000000001Z  two spaces\r\n")
+    assert parse_log_entries(raw.encode()) == [
+        (second + 3896554, "first"),
+        (second + 500_000_000, "half"),
+        (second, "whole"),
+        (second + 250_000_000, "\n2026-12-01T17:57:58.1234567890Z ten digits\n2026-12-01T17:57:58.12ab5Z not digits"),
+        (second + 700_000_000, "offset"),
+        (second + 1, " two spaces"),
+    ]

@@ -288,3 +288,108 @@ def test_launched_from_its_file_it_runs_and_does_not_shadow_a_steps_runtime_modu
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "the step" in proc.stdout
+
+
+# -- start-up cost: what the runtime imports, and the codec that replaces json -----------------------------
+
+
+JSON_DOCUMENTS = [
+    {"b": 1, "a": [1, 2.5, None, True, False, "é\n\"q\"\\", -0.0], "c": {"z": 1e300, "y": -7}},
+    [], {}, "text", 3, 12345678901234567890, None, [{"nested": [[], {}]}],
+]
+
+
+@pytest.mark.parametrize("document", JSON_DOCUMENTS)
+@pytest.mark.parametrize("options", [{}, {"sort_keys": True}, {"sort_keys": True, "separators": (",", ":")}])
+def test_the_runtimes_json_codec_writes_and_reads_what_the_json_package_does(document, options):
+    assert runtime._dumps(document, **options) == json.dumps(document, **options)
+    text = json.dumps(document, indent=1)  # whitespace inside and around the value
+    assert runtime._loads(f" \n{text}\t\r\n") == json.loads(text)
+
+
+@pytest.mark.parametrize("text", ["", "   ", "abc", "{} x", '{"a": }', "[1,]", '{"a" 1}', "NaN x"])
+def test_the_runtimes_json_codec_refuses_what_the_json_package_refuses(text):
+    with pytest.raises(ValueError):
+        json.loads(text)
+    with pytest.raises(ValueError):
+        runtime._loads(text)
+
+
+def test_the_runtimes_json_codec_keeps_json_defaults_for_odd_values():
+    assert runtime._loads('{"a": NaN, "b": Infinity, "c": -Infinity}')["b"] == float("inf")
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        runtime._dumps({"x": object()})
+    assert runtime._dumps({"x": b"raw"}, default=str) == json.dumps({"x": b"raw"}, default=str)
+
+
+def test_a_command_step_starts_without_the_costly_stdlib_imports(tmp_path):
+    """json (re), signal (enum), subprocess (selectors, locale) and contextlib cost ~10 ms of every step's
+    start in a container (docs/backends/docker.md); a command step's happy path needs none of them."""
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "manifest.json"),
+            "outputs": {"o": str(tmp_path / "o")}}
+    step["command"] = [sys.executable, "-c", f"open({str(tmp_path / 'o')!r}, 'w').write('x'); print('{{\"ok\": 1}}')"]
+    boot = runtime.launch_from_file(sys.executable)[3].replace(
+        "_rt.exit(_rt.main())",
+        f"code = _rt.main(); open({str(tmp_path / 'modules')!r}, 'w').write(' '.join(sys.modules)); _rt.exit(code)")
+    proc = subprocess.run([sys.executable, "-S", "-c", boot], env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 1}
+    loaded = set((tmp_path / "modules").read_text().split())
+    assert not loaded & {"json", "re", "enum", "signal", "subprocess", "contextlib", "selectors", "threading"}
+
+
+def test_the_steps_command_gets_default_sigpipe_and_no_descriptors_beyond_stdio(tmp_path):
+    """What Popen(restore_signals=True, close_fds=True) gave the step: Python ignores SIGPIPE for itself,
+    and a step that inherited that would not die when its reader goes away; nor may it hold our files.
+    Read from /proc by a process that is not Python (Python ignores SIGPIPE again at its own start)."""
+    leaked = os.open(tmp_path, os.O_RDONLY)
+    try:
+        os.set_inheritable(leaked, True)
+        step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "manifest.json"),
+                "command": ["sh", "-c", "grep SigIgn /proc/$$/status; ls /proc/$$/fd"]}
+        proc = subprocess.run([sys.executable, runtime.__file__], env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                              capture_output=True, text=True, timeout=60, close_fds=False)
+    finally:
+        os.close(leaked)
+    assert proc.returncode == 0, proc.stderr
+    ignored, *fds = proc.stdout.split()[1:]
+    assert not int(ignored, 16) & (1 << (13 - 1)), proc.stdout  # SIGPIPE is 13 on Linux
+    assert sorted(map(int, fds)) == [0, 1, 2], proc.stdout
+
+
+def test_a_shell_command_runs_under_sh(tmp_path):
+    proc, manifest = run_step(tmp_path, {"command": "echo '{\"n\": '$((2 + 3))'}'", "shell": True})
+    assert proc.returncode == 0, proc.stderr
+    assert manifest["metrics"] == {"n": 5}
+
+
+def test_install_puts_one_copy_per_version_with_its_bytecode_and_it_runs(tmp_path):
+    import importlib.util
+
+    path = runtime.install(str(tmp_path / "rt"))
+    assert os.path.basename(path).startswith("remote_ml_runtime_") and open(path).read() == runtime.source()
+    assert os.path.exists(importlib.util.cache_from_source(path))
+    stamp = os.stat(path).st_mtime_ns
+    assert runtime.install(str(tmp_path / "rt")) == path and os.stat(path).st_mtime_ns == stamp  # never rewritten
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "manifest.json"),
+            "command": [sys.executable, "-c", "print('{\"ok\": 4}')"]}
+    proc = subprocess.run(runtime.launch_from_file(sys.executable, path), timeout=60, capture_output=True, text=True,
+                          env={**os.environ, "REMOTE_ML_STEP": json.dumps(step), "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "manifest.json").read_text())["metrics"] == {"ok": 4}
+
+
+def test_a_callables_atexit_handlers_still_run(tmp_path):
+    """The runtime skips its interpreter's finalisation only after a command step (runtime.exit)."""
+    (tmp_path / "atexits.py").write_text(textwrap.dedent(f"""
+        import atexit
+        def register():
+            atexit.register(lambda: open({str(tmp_path / 'at-exit')!r}, 'w').write('ran'))
+    """))
+    step = {"protocol_version": runtime.PROTOCOL_VERSION, "manifest_uri": str(tmp_path / "manifest.json"),
+            "callable": "atexits:register", "python_path": [str(tmp_path)]}
+    proc = subprocess.run(runtime.launch_from_file(sys.executable), env={**os.environ, "REMOTE_ML_STEP": json.dumps(step)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "at-exit").read_text() == "ran"

@@ -99,11 +99,16 @@ def parse_log_entries(raw: bytes | str) -> list[tuple[int, str]]:
 
 def demux(stream: bytes) -> bytes:
     """The payload of the engine's multiplexed stdout/stderr stream: 8-byte frame headers dropped, in order."""
-    parts = []
-    at = 0
-    while at + 8 <= len(stream):
-        size = int.from_bytes(stream[at + 4:at + 8], "big")
-        parts.append(stream[at + 8:at + 8 + size])
+    # One frame per log entry: a 200k-line log is 200k frames, so the loop does as little as it can.
+    import struct
+
+    size_at = struct.Struct(">I").unpack_from
+    parts: list[bytes] = []
+    append = parts.append
+    at, end = 0, len(stream)
+    while at + 8 <= end:
+        (size,) = size_at(stream, at + 4)
+        append(stream[at + 8:at + 8 + size])
         at += 8 + size
     return b"".join(parts)
 
@@ -184,8 +189,12 @@ def _check_options(prefix: str, options: Mapping[str, Any], allowed: frozenset[s
 
 
 def container_request(config: DockerConfig, request: StepRequest, profile: Mapping[str, Any],
-                      secret_env: Mapping[str, str]) -> dict[str, Any]:
+                      secret_env: Mapping[str, str], runtime_path: str | None = None) -> dict[str, Any]:
     """The container to create for ``request``: ``create_container`` keywords plus ``host_config`` keywords.
+
+    ``runtime_path``: a copy of the runtime on the mounted artifact root (:func:`runtime.install`), which
+    the container imports with its bytecode cached; without it the runtime's source is the argv, compiled
+    on every start.
 
     Settings apply in this order, later winning: backend config, resource profile, the step's own
     resources, the step's ``backend_options["docker"]``.
@@ -247,7 +256,9 @@ def container_request(config: DockerConfig, request: StepRequest, profile: Mappi
     create: dict[str, Any] = {
         "image": spec.image,
         "name": request.identity.name(),
-        "entrypoint": [*settings.get("entrypoint_prefix", []), *runtime.launch_command(config.python)],
+        "entrypoint": [*settings.get("entrypoint_prefix", []),
+                       *(runtime.launch_from_file(config.python, runtime_path) if runtime_path
+                         else runtime.launch_command(config.python))],
         "environment": env,
         "labels": labels,
     }

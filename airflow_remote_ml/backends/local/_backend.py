@@ -136,7 +136,9 @@ class LocalBackend(Backend):
                 raise TransientBackendError(self.name, f"could not start the step's process: {exc}") from exc
         self._children[job_id] = child
         with open(os.path.join(job_dir, "pid"), "w", encoding="utf-8") as fh:
-            fh.write(f"{child.pid} {_start_time(child.pid)}")
+            # Just started: no zombie check, one read of /proc/<pid>/stat (a read while the new process is
+            # still loading its interpreter took ~0.6 ms each, four of them per step before).
+            fh.write(f"{child.pid} {_start_time(child.pid, zombie_check=False)}")
         log.info("local: started step %s as pid %s (log: %s)", request.identity.key, child.pid,
                  os.path.join(job_dir, "log"))
         return self._handle(job_id, step)
@@ -302,7 +304,10 @@ class LocalBackend(Backend):
         return int(text.split()[0]) if text else None
 
     def _alive(self, handle: RunHandle) -> bool:
-        self._reap(handle)
+        child = self._children.get(handle.job_id)
+        if child is not None:
+            # Our own child: the kernel's wait status answers, without reading /proc (see submit).
+            return child.poll() is None
         text = _read(os.path.join(handle.data["job_dir"], "pid"))
         if not text:
             return False
@@ -328,13 +333,13 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _start_time(pid: int) -> str | None:
+def _start_time(pid: int, *, zombie_check: bool = True) -> str | None:
     """The process's start time as a string, or None when no such (non-zombie) process exists."""
     try:
         import psutil
 
         proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
+        if zombie_check and proc.status() == psutil.STATUS_ZOMBIE:
             return None
         return f"{proc.create_time():.2f}"
     except ImportError:
