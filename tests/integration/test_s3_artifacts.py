@@ -197,10 +197,15 @@ def test_a_large_output_is_streamed_up_in_parts(s3, monkeypatch, tmp_path):
     step = _signed(request)
     # The runtime's peak resident memory, from the kernel's VmHWM: getrusage's ru_maxrss read 100-600 MB for
     # the same runs (it can carry a child's usage over fork/exec), so it says nothing about the runtime.
-    probe = ("import runpy, sys; sys.argv = ['runtime']\ntry:\n"
+    # The runtime ends a command step with os._exit (no interpreter teardown), so the probe reports from there.
+    probe = ("import os, runpy, sys; sys.argv = ['runtime']\n"
+             "def report():\n    print('maxrss_kib', [l.split()[1] for l in open('/proc/self/status') "
+             "if l.startswith('VmHWM')][0], flush=True)\n"
+             "real_exit = os._exit\n"
+             "def _exit(code):\n    report()\n    real_exit(code)\n"
+             "os._exit = _exit\ntry:\n"
              f"    runpy.run_path({str(REPO / 'airflow_remote_ml' / 'runtime.py')!r}, run_name='__main__')\n"
-             "finally:\n    print('maxrss_kib', [l.split()[1] for l in open('/proc/self/status') "
-             "if l.startswith('VmHWM')][0], flush=True)")
+             "finally:\n    report()")
     path = tmp_path / "step.json"
     path.write_text(json.dumps(step))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

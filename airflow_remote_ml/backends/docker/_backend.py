@@ -446,13 +446,15 @@ class DockerBackend(Backend):
         return policy == "always" or (policy == "on_success" and status.is_successful)
 
     def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
-        if not self._removes(status):
-            if not status.is_successful:
-                log.info("docker: keeping container %s for debugging (removal_policy=%s)", handle.job_id,
-                         self.config.removal_policy)
-        else:
+        if self._removes(status):
             self._remove(handle)
-        # Kept containers (failed ones, removal_policy=never) go when the retention policy retires them.
+            return
+        if not status.is_successful:
+            log.info("docker: keeping container %s for debugging (removal_policy=%s)", handle.job_id,
+                     self.config.removal_policy)
+        # Kept containers (failed ones, removal_policy=never) go when the retention policy retires them. Only a
+        # finish that keeps one adds to the pile, so only such a finish pays the engine's list call: a step
+        # whose container is removed makes no more engine calls than DockerOperator's (docs/operations.md).
         _jobs.retire_containers(self, keep=handle.job_id)
 
     # -- jobs (see ._jobs) ----------------------------------------------------------------------------------

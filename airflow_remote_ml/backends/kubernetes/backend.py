@@ -644,15 +644,15 @@ class KubernetesBackend(Backend):
         """
         key = self._key(handle)
         if key in self._deleted:
-            self._retire(handle)
             return
         namespace, name = key
-        if not self._removes(status, self._pods.get(key)):
-            if not status.is_successful:
-                log.info("kubernetes: keeping pod %s/%s for debugging (delete_policy=%s)", namespace, name,
-                         self.config.delete_policy)
-        else:
+        if self._removes(status, self._pods.get(key)):
             self._delete(namespace, name, None)
+            return
+        if not status.is_successful:
+            log.info("kubernetes: keeping pod %s/%s for debugging (delete_policy=%s)", namespace, name,
+                     self.config.delete_policy)
+        # Only a finish that keeps a pod adds to the pile, so only such a finish lists pods to retire old ones.
         self._retire(handle)
 
     def _retire(self, handle: RunHandle) -> None:
