@@ -86,3 +86,33 @@ class TransientBudget:
         if self.streak_started is None:
             return self.seconds
         return max(0.0, self.seconds - (now - self.streak_started))
+
+
+class Broadcast:
+    """Wakes every coroutine waiting for the next round of a shared query (a list serving many steps).
+
+    A fresh event per round: a waiter that arrives after a round waits for the next one, never returns at
+    once on an old one. Used by the Databricks and Valohai shared watches (their ``_shared`` modules).
+    """
+
+    def __init__(self) -> None:
+        import asyncio
+
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        """Return after the next :meth:`fire`, or after ``timeout`` seconds."""
+        import asyncio
+        import contextlib
+
+        event = self._event
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max(0.0, timeout))
+
+    def fire(self, *, last: bool = False) -> None:
+        """Wake every current waiter; ``last``: the query stopped, so waiters never wait on it again."""
+        import asyncio
+
+        self._event.set()
+        if not last:
+            self._event = asyncio.Event()

@@ -32,7 +32,6 @@ Watches live in a module-level registry and stop ``linger`` seconds after their 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -41,6 +40,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from airflow_remote_ml.core.errors import TransientBackendError
+from airflow_remote_ml.core.poll import Broadcast
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class WorkspaceWatch:
         self.lists = 0
         #: How long the recent lists took, first page to last (seconds).
         self.durations: deque[float] = deque(maxlen=20)
-        self._changed = asyncio.Event()
+        self._changed = Broadcast()
         self._task: asyncio.Task[None] | None = None
         self._idle_since: float | None = None
 
@@ -120,13 +120,10 @@ class WorkspaceWatch:
 
     async def changed(self, timeout: float) -> None:
         """Return after the next list (or failed list), or after ``timeout`` seconds."""
-        event = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        await self._changed.wait(timeout)
 
     def _signal(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.fire()
 
     async def _list(self) -> tuple[dict[int, dict[str, Any]], bool]:
         params: dict[str, Any] = {"active_only": "true", "run_type": "SUBMIT_RUN", "limit": PAGE}

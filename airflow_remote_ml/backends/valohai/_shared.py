@@ -16,7 +16,6 @@ Watches live in a module-level registry and stop ``linger`` seconds after their 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from typing import Any
 
 from airflow_remote_ml.backends.valohai._client import ValohaiAPI
 from airflow_remote_ml.core.errors import TransientBackendError
+from airflow_remote_ml.core.poll import Broadcast
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ProjectWatch:
         self.listed_at = 0.0  # time.monotonic() of the last complete list, 0 before the first
         self.incomplete: dict[str, dict[str, Any]] = {}
         self.requests = 0
-        self._changed = asyncio.Event()
+        self._changed = Broadcast()
         self._task: asyncio.Task[None] | None = None
         self._idle_since: float | None = None
 
@@ -66,9 +66,7 @@ class ProjectWatch:
 
     async def changed(self, timeout: float) -> None:
         """Return after the next list, or after ``timeout`` seconds."""
-        event = self._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), max(0.0, timeout))
+        await self._changed.wait(timeout)
 
     def _list(self, api: ValohaiAPI) -> dict[str, dict[str, Any]]:
         params = {"project": self.project_id, "status": "incomplete", "ordering": "-ctime", "limit": PAGE}
@@ -105,12 +103,11 @@ class ProjectWatch:
                     log.warning("valohai: the shared watch of project %s stopped: %s", self.project_id, exc)
                     return
                 self.incomplete, self.listed_at = found, time.monotonic()
-                self._changed.set()
-                self._changed = asyncio.Event()
+                self._changed.fire()
                 await asyncio.sleep(self.period)
         finally:
             self.listed_at = 0.0
-            self._changed.set()
+            self._changed.fire(last=True)
             await asyncio.to_thread(api.close)
 
     @property
