@@ -19,6 +19,8 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ.setdefault("REMOTE_ML_ARTIFACT_ROOT", str(_HOME / "artifacts"))
 os.environ.setdefault("REMOTE_ML_LOCAL_STATE_DIR", str(_HOME / "local-jobs"))
+# The worker's cache of code archives (core/codepkg.py) stays in the test home, not the user's ~/.cache.
+os.environ.setdefault("REMOTE_ML_CODE_CACHE", str(_HOME / "code-cache"))
 # The example steps live in dags/; the local backend hands sys.path to its subprocesses.
 if str(REPO / "dags") not in sys.path:
     sys.path.insert(0, str(REPO / "dags"))
