@@ -295,9 +295,9 @@ class RemoteExecutionOperator(BaseOperator):
         """Whether a success may end the task in the triggerer (``TaskSuccessEvent``): no worker slot.
 
         Not when something must run on a worker at the end: a subclass's own ``execute_complete`` or
-        ``_on_result``; asset outlets (the task runner emits their events on success; the triggerer's ``TaskSuccessEvent``
-        handler only sets the state, airflow/models/trigger.py); a mapped downstream that expands over
-        this result (the task runner records its length with the return value).
+        ``_on_result``; asset outlets (the task runner emits their events on success; the triggerer's
+        ``TaskSuccessEvent`` handler only sets the state, airflow/models/trigger.py); a mapped downstream
+        that expands over this result (the task runner records its length with the return value).
         """
         if type(self).execute_complete is not RemoteExecutionOperator.execute_complete:
             return False
