@@ -290,7 +290,7 @@ class _UnansweredWatches:
 
 @pytest.mark.timeout(180)
 def test_a_watch_the_apiserver_never_answers_raises_after_the_request_timeout(k8s, artifact_root):
-    from airflow_remote_ml.backends.kubernetes.config import KubernetesConfig
+    from airflow_remote_ml.backends.kubernetes._config import KubernetesConfig
     from airflow_remote_ml.core.errors import TransientBackendError
 
     config = KubernetesConfig.from_mapping(_config(k8s, artifact_root, request_timeout=1.0), "kubernetes")

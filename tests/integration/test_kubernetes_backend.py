@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend
-from airflow_remote_ml.backends.kubernetes import watch as shared_watch
-from airflow_remote_ml.backends.kubernetes.states import ANNOTATION_CANCELLED, LABEL_FINISHED
+from airflow_remote_ml.backends.kubernetes import _watch as shared_watch
+from airflow_remote_ml.backends.kubernetes._states import ANNOTATION_CANCELLED, LABEL_FINISHED
 from airflow_remote_ml.core import RunState, StepIdentity, StepRequest
 from airflow_remote_ml.core.errors import TransientBackendError
 from airflow_remote_ml.core.wait import await_completion, failure_error, wait_for_completion

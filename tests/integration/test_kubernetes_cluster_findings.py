@@ -322,7 +322,7 @@ def test_a_successful_step_deletes_its_pod_once(k8s, backend, root):
 
 
 def test_the_shared_session_is_closed_when_the_trigger_loop_ends_while_it_lingers(k8s, root):
-    from airflow_remote_ml.backends.kubernetes import watch as shared_watch
+    from airflow_remote_ml.backends.kubernetes import _watch as shared_watch
 
     b = make_backend(k8s, root, session_linger=600)  # the loop ends long before the linger would
     handle = b.submit(request(root, command=["true"]))

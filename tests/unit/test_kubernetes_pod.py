@@ -9,8 +9,8 @@ import pytest
 
 from airflow_remote_ml import runtime
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend, KubernetesConfig
-from airflow_remote_ml.backends.kubernetes import logs as logcursor
-from airflow_remote_ml.backends.kubernetes.client import (
+from airflow_remote_ml.backends.kubernetes import _logs as logcursor
+from airflow_remote_ml.backends.kubernetes._client import (
     AlreadyExists,
     Expired,
     Invalid,
@@ -19,7 +19,7 @@ from airflow_remote_ml.backends.kubernetes.client import (
     map_api_exception,
     resolve_settings,
 )
-from airflow_remote_ml.backends.kubernetes.pod import build_pod, cpu_quantity, deep_merge, memory_quantity
+from airflow_remote_ml.backends.kubernetes._pod import build_pod, cpu_quantity, deep_merge, memory_quantity
 from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
 from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import LABEL_STEP_ID

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from airflow_remote_ml.backends.kubernetes.states import (
+from airflow_remote_ml.backends.kubernetes._states import (
     ANNOTATION_CANCELLED,
     parse_time,
     status_after_deletion,

@@ -1,6 +1,6 @@
 """The kubernetes backend refuses before submit what kube-apiserver would refuse (issue 9, item 4).
 
-Each case is one rule of the API server's validation (cited in ``backends/kubernetes/validation.py``),
+Each case is one rule of the API server's validation (cited in ``backends/kubernetes/_validation.py``),
 reached from the place a user writes it: ``backend_config``, a profile, ``backend_options.kubernetes``,
 the step's secrets, or a pod override. Every case here passed ``validate()`` before, and was refused only
 by the API server after submit (or crashed with a TypeError). The property test at the end feeds arbitrary
@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from airflow_remote_ml.backends.kubernetes import KubernetesBackend, KubernetesConfig
-from airflow_remote_ml.backends.kubernetes.pod import OPTION_NAMES, PROFILE_NAMES
-from airflow_remote_ml.backends.kubernetes.validation import parse_quantity
+from airflow_remote_ml.backends.kubernetes._pod import OPTION_NAMES, PROFILE_NAMES
+from airflow_remote_ml.backends.kubernetes._validation import parse_quantity
 from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
 from airflow_remote_ml.core.errors import ConfigError
 

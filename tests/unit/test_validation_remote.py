@@ -13,7 +13,7 @@ import requests
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_remote_ml.backends.databricks._errors import map_error
-from airflow_remote_ml.backends.kubernetes.client import map_api_exception
+from airflow_remote_ml.backends.kubernetes._client import map_api_exception
 from airflow_remote_ml.backends.local import LocalBackend
 from airflow_remote_ml.core import ConfigError, InvalidRequestError, TransientBackendError
 from airflow_remote_ml.operators import STATE_KEY, RemoteExecutionOperator

@@ -12,8 +12,8 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from airflow_remote_ml.backends.kubernetes.pod import ANNOTATION_IDENTITY
-from airflow_remote_ml.backends.kubernetes.states import (
+from airflow_remote_ml.backends.kubernetes._pod import ANNOTATION_IDENTITY
+from airflow_remote_ml.backends.kubernetes._states import (
     LABEL_FINISHED,
     container_status,
     never_ran,
@@ -24,7 +24,7 @@ from airflow_remote_ml.core.identity import LABEL_DAG_ID, LABEL_MANAGED_BY, LABE
 from airflow_remote_ml.core.jobs import JobInfo, identity_from_json
 
 if TYPE_CHECKING:
-    from airflow_remote_ml.backends.kubernetes.backend import KubernetesBackend
+    from airflow_remote_ml.backends.kubernetes._backend import KubernetesBackend
 
 
 def _identity(annotations: dict[str, Any]) -> Any:

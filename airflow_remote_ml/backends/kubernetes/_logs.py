@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from airflow_remote_ml.backends.kubernetes.states import parse_time
+from airflow_remote_ml.backends.kubernetes._states import parse_time
 from airflow_remote_ml.core.logs import next_chunk, parse_entries, since_rfc3339
 
 __all__ = ["entries_since", "format_since", "next_chunk", "parse_entries", "since_of"]

@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 import kubernetes  # noqa: F401 - a missing SDK must surface as BackendUnavailableError when the module loads
 
-from airflow_remote_ml.backends.kubernetes import _jobs, validation
-from airflow_remote_ml.backends.kubernetes import logs as logcursor
-from airflow_remote_ml.backends.kubernetes.client import (
+from airflow_remote_ml.backends.kubernetes import _jobs
+from airflow_remote_ml.backends.kubernetes import _logs as logcursor
+from airflow_remote_ml.backends.kubernetes import _validation as validation
+from airflow_remote_ml.backends.kubernetes._client import (
     AlreadyExists,
     ConnectionSettings,
     Invalid,
@@ -27,9 +28,9 @@ from airflow_remote_ml.backends.kubernetes.client import (
     resolve_settings,
     sync_configuration,
 )
-from airflow_remote_ml.backends.kubernetes.config import DELETE_POLICIES, KubernetesConfig
-from airflow_remote_ml.backends.kubernetes.follow import FINAL_PHASES, LogFollower, PodFollower
-from airflow_remote_ml.backends.kubernetes.pod import (
+from airflow_remote_ml.backends.kubernetes._config import DELETE_POLICIES, KubernetesConfig
+from airflow_remote_ml.backends.kubernetes._follow import FINAL_PHASES, LogFollower, PodFollower
+from airflow_remote_ml.backends.kubernetes._pod import (
     ANNOTATION_IDENTITY,
     ANNOTATION_MANIFEST,
     ANNOTATION_OUTPUTS,
@@ -39,7 +40,7 @@ from airflow_remote_ml.backends.kubernetes.pod import (
     check_artifact_volume,
     check_settings,
 )
-from airflow_remote_ml.backends.kubernetes.states import (
+from airflow_remote_ml.backends.kubernetes._states import (
     ANNOTATION_CANCELLED,
     LABEL_FINISHED,
     container_status,
@@ -49,7 +50,7 @@ from airflow_remote_ml.backends.kubernetes.states import (
     status_from_pod,
     termination_manifest,
 )
-from airflow_remote_ml.backends.kubernetes.watch import (
+from airflow_remote_ml.backends.kubernetes._watch import (
     ClusterSession,
     SessionOptions,
     SessionStats,
@@ -125,7 +126,7 @@ class KubernetesBackend(Backend):
         self._cancelled: set[tuple[str, str]] = set()
         self._deleted: set[tuple[str, str]] = set()
         self._pending_said: dict[tuple[str, str], str] = {}
-        # The worker side's one watch and one log stream per pod (see :mod:`.follow`).
+        # The worker side's one watch and one log stream per pod (see :mod:`._follow`).
         self._followers: dict[tuple[str, str], PodFollower] = {}
         self._logs: dict[tuple[str, str], LogFollower] = {}
         self._held: dict[tuple[int, str], ClusterSession] = {}

@@ -14,14 +14,14 @@ DELETE_POLICIES = ("on_success", "always", "never")
 class KubernetesConfig(BackendConfig):
     """Settings of the kubernetes backend.
 
-    Connection (see :mod:`.client`; explicit settings win over the connection's extras):
+    Connection (see :mod:`._client`; explicit settings win over the connection's extras):
         conn_id: an Airflow connection of type ``kubernetes`` (read lazily, as ``KubernetesHook`` does).
         in_cluster, kubeconfig_path, kubeconfig (inline mapping or YAML/JSON text), context: where the
             cluster is; none of them: in-cluster when running in a pod, else ``~/.kube/config``.
         namespace: where pods go; default the connection's, else the kubeconfig context's, else ``default``.
         disable_verify_ssl, disable_tcp_keepalive: as the connection extras of the same names.
 
-    Pods (see :mod:`.pod`):
+    Pods (see :mod:`._pod`):
         service_account_name, image_pull_secrets, image_pull_policy, labels, annotations, node_selector,
         tolerations: for every pod. ``default_profile``: the profile of a step that names none.
         profiles: ``{name: {node_selector, tolerations, affinity, cpu, memory, gpu, gpu_resource, requests,
@@ -40,7 +40,7 @@ class KubernetesConfig(BackendConfig):
         api_retries: retries of one API call on 409 Conflict/429/5xx/broken connections.
         request_timeout: seconds for one API call.
 
-    Deferred waiting (one shared watch per triggerer, see :mod:`.watch`):
+    Deferred waiting (one shared watch per triggerer, see :mod:`._watch`):
         watch_timeout: server-side timeout of one watch request (it is then resumed).
         log_interval: least seconds between two log reads of one waiting step.
         max_log_requests_per_second: cap on log reads of all steps waiting in one triggerer.

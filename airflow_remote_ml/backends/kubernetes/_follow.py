@@ -29,8 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from airflow_remote_ml.backends.kubernetes.client import Expired, mapped
-from airflow_remote_ml.backends.kubernetes.watch import resource_version, watch_pod_events
+from airflow_remote_ml.backends.kubernetes._client import Expired, mapped
+from airflow_remote_ml.backends.kubernetes._watch import resource_version, watch_pod_events
 from airflow_remote_ml.core.errors import BackendAPIError, TransientBackendError
 
 log = logging.getLogger(__name__)

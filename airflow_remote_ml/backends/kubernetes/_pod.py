@@ -24,7 +24,7 @@ from airflow_remote_ml.core.identity import LABEL_MAP_INDEX, LABEL_PREFIX
 from airflow_remote_ml.core.spec import parse_cpu, parse_memory, reject_unknown_options
 
 if TYPE_CHECKING:
-    from airflow_remote_ml.backends.kubernetes.config import KubernetesConfig
+    from airflow_remote_ml.backends.kubernetes._config import KubernetesConfig
     from airflow_remote_ml.core.backend import StepRequest
 
 JSON = dict[str, Any]

@@ -43,7 +43,7 @@ from airflow_remote_ml.core.validation import (
 )
 
 if TYPE_CHECKING:
-    from airflow_remote_ml.backends.kubernetes.config import KubernetesConfig
+    from airflow_remote_ml.backends.kubernetes._config import KubernetesConfig
     from airflow_remote_ml.core.backend import StepRequest
 
 JSON = dict[str, Any]
@@ -476,7 +476,7 @@ def check_numbers(config: Any) -> None:
 def check_config(config: KubernetesConfig) -> None:
     """The configuration's pod settings and profiles, as the API server would check them."""
     check_numbers(config)
-    from airflow_remote_ml.backends.kubernetes.pod import PROFILE_NAMES
+    from airflow_remote_ml.backends.kubernetes._pod import PROFILE_NAMES
     from airflow_remote_ml.core.spec import reject_unknown_options
 
     if config.image_pull_secrets is None:  # the builder iterates it (a profile's None means none)
@@ -536,7 +536,7 @@ def check_sources(config: KubernetesConfig, request: StepRequest) -> None:
 
 def check_request(config: KubernetesConfig, request: StepRequest, profile: Mapping[str, Any]) -> JSON:
     """Build ``request``'s pod (after :func:`check_sources`) and check it as a whole; returns the pod."""
-    from airflow_remote_ml.backends.kubernetes.pod import build_pod
+    from airflow_remote_ml.backends.kubernetes._pod import build_pod
 
     namespace = config.namespace or "default"
     pod = build_pod(config, request, profile, namespace)

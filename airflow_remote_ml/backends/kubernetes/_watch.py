@@ -33,7 +33,7 @@ from collections.abc import AsyncIterator, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from airflow_remote_ml.backends.kubernetes.client import (
+from airflow_remote_ml.backends.kubernetes._client import (
     ConnectionSettings,
     Expired,
     TransientBackendError,
