@@ -4,10 +4,13 @@
 
 A real deployment (tests/deployment/harness.py: PostgreSQL, scheduler with the LocalExecutor,
 dag-processor, triggerer, api-server; as root, ``.ci/postgres.sh`` installs and starts PostgreSQL) runs
-bench/dags/bench_deferred_steps.py. Each round runs both DAGs in turn (the order flips every round):
+bench/dags/bench_deferred_steps.py. Each round runs the DAGs in turn (the order rotates every round):
 
 - ours: ``RemoteExecutionOperator``; the trigger pushes the result and ends the task (``TaskSuccessEvent``).
 - worker: the old path; the task resumes on a worker (``execute_complete``) after the trigger fired.
+- floor: Airflow's own floor (bench/deferred_floor.py): the same shell lines as a bare process, a trigger
+  waiting on its pidfd that pushes one small XCom and ends the task; no provider code at all. Ours minus
+  the floor is what this provider adds; the floor is what Airflow 3.3 costs to end N tasks at once.
 
 The N steps start, defer, and block on a lock the bench holds; once every task is deferred with its
 trigger running, the bench releases the lock and every step ends at once, writing the time it ended.
@@ -38,7 +41,10 @@ sys.path.insert(0, str(HERE.parent))  # measure the checkout this script sits in
 
 from tests.deployment.harness import Deployment, wait_for  # noqa: E402
 
-DAGS = {"ours": "bench_deferred_ours", "worker": "bench_deferred_worker"}
+DAGS = {"ours": "bench_deferred_ours", "floor": "bench_deferred_floor", "worker": "bench_deferred_worker"}
+LABELS = {"ours": "ours (the trigger pushes the result and ends the task)",
+          "floor": "Airflow's floor (a bare trigger: one small push, then `TaskSuccessEvent`)",
+          "worker": "old path (`execute_complete` on a worker)"}
 RESUMED_ON_WORKER = "Resumed on a worker after the trigger fired"
 
 
@@ -100,12 +106,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=1, help="rounds of both sides (the order flips each round)")
-    parser.add_argument("--only", choices=sorted(DAGS), help="measure one side only (to look into it)")
+    parser.add_argument("--sides", default="ours,floor,worker",
+                        help="comma-separated sides to measure, of: " + ", ".join(DAGS))
     parser.add_argument("--keep", type=Path, help="run the deployment in this directory and keep its logs")
     args = parser.parse_args()
     # A SIGTERM (a bounded run's timeout) still stops the deployment: the finally below runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    command = f".venv/bin/python bench/bench_deferred.py --steps {args.steps} --rounds {args.rounds}"
+    sides = [side.strip() for side in args.sides.split(",") if side.strip()]
+    unknown = [side for side in sides if side not in DAGS]
+    if unknown or not sides:
+        parser.error(f"--sides: {unknown or 'none'} not of {', '.join(DAGS)}")
+    command = (f".venv/bin/python bench/bench_deferred.py --steps {args.steps} --rounds {args.rounds} "
+               f"--sides {','.join(sides)}")
     start_load = load()
     with tempfile.TemporaryDirectory(prefix="bench-deferred-") as tmp:
         root = args.keep or Path(tmp)
@@ -120,9 +132,7 @@ def main() -> int:
                   flush=True)
             results: list[dict[str, Any]] = []
             for i in range(args.rounds):
-                for side in (("ours", "worker") if i % 2 == 0 else ("worker", "ours")):
-                    if args.only and side != args.only:
-                        continue
+                for side in sides[i % len(sides):] + sides[:i % len(sides)]:
                     result = one_round(live, side, args.steps, root)
                     d = result["delays"]
                     print(f"round {i + 1} {side}: median {statistics.median(d):.2f} s, p90 {p90(d):.2f} s, "
@@ -137,12 +147,12 @@ def main() -> int:
     print("| path | steps | step end -> task success: median | p90 | min-max | release -> last success | "
           "resumed on a worker |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for side in ("ours", "worker"):
+    for side in sides:
         rows = [r for r in results if r["side"] == side]
         if not rows:
             continue
         d = [x for r in rows for x in r["delays"]]
-        label = "ours (ends in the triggerer)" if side == "ours" else "old path (execute_complete on a worker)"
+        label = LABELS[side]
         lasts = ", ".join(f"{r['last']:.1f} s" for r in rows)
         resumed = sum(r["resumed"] for r in rows)
         print(f"| {label} | {args.steps} x {len(rows)} | {statistics.median(d):.2f} s | {p90(d):.2f} s | "

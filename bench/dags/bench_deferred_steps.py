@@ -7,6 +7,8 @@ writing the time it ended. Two DAGs, the same steps:
 - ``bench_deferred_ours``: ``RemoteExecutionOperator``; a success ends in the triggerer.
 - ``bench_deferred_worker``: a subclass with its own ``execute_complete`` (which only calls the
   operator's), so every success resumes on a worker, as every deferred step did before (the old path).
+- ``bench_deferred_floor``: Airflow's own floor (bench/deferred_floor.py): the same shell lines as a bare
+  process, a trigger that waits on its pidfd, pushes one small XCom and ends the task. No provider code.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from airflow.sdk import DAG, Param, task
 
 from airflow_remote_ml.operators import RemoteExecutionOperator
+from bench.deferred_floor import FloorOperator
 
 STEP = r"""
 touch "$CTL/started.$IDX"
@@ -51,3 +54,14 @@ for dag_id, operator in (("bench_deferred_ours", RemoteExecutionOperator),
             deferrable=True,
         ).expand(parameters=steps())
     globals()[dag_id] = dag
+
+
+with DAG(dag_id="bench_deferred_floor", schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
+         max_active_tasks=1000, tags=["bench"],
+         params={"control_dir": Param("", type="string"), "steps": Param(200, type="integer")}) as floor_dag:
+
+    @task
+    def floor_steps(params: dict[str, Any] | None = None) -> list[dict[str, str]]:
+        return [{"CTL": (params or {})["control_dir"], "IDX": str(i)} for i in range(int((params or {})["steps"]))]
+
+    FloorOperator.partial(task_id="step", command=STEP).expand(env=floor_steps())

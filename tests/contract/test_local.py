@@ -287,6 +287,29 @@ def test_a_deleted_job_is_reported_lost(tmp_path, reaper):
     assert outcome.status.state is RunState.LOST, outcome.status
 
 
+def test_a_step_exiting_between_the_exit_file_read_and_the_liveness_check_is_not_lost(tmp_path, monkeypatch):
+    """The runtime writes its exit code and then exits; a poll that reads no exit code yet and then finds the
+    process gone must read it again. Found by bench/bench_deferred.py: one of 200 steps ending at once was
+    reported lost, with exit code 0 on disk. The window is forced here: the exit code appears exactly when
+    the liveness check runs, and the process is gone by then."""
+    import sys
+
+    backend = make_backend(tmp_path)
+    handle = backend.submit(make_request(tmp_path, command=[sys.executable, "-c", "pass"]))
+    assert wait_for_completion(backend, handle, deadline=time.monotonic() + BOUND).status.is_successful
+    exit_file = os.path.join(handle.data["job_dir"], "exit_code")
+    os.rename(exit_file, exit_file + ".later")
+    observer = LocalBackend.from_config(backend.config_json())  # not the step's parent: a triggerer's view
+
+    def exits_now(_handle: RunHandle) -> bool:
+        os.rename(exit_file + ".later", exit_file)  # the runtime's last write, then its exit
+        return False
+
+    monkeypatch.setattr(observer, "_alive", exits_now)
+    status = observer.poll(handle)
+    assert status.state is RunState.SUCCEEDED and status.exit_code == 0, status
+
+
 # -- the step's environment (issue 9 item 7) -------------------------------------------------------------
 
 PRINT_ENV = "import json, os; print(json.dumps({'env': dict(os.environ)}))"

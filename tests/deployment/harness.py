@@ -447,11 +447,26 @@ class Deployment:
         return json.dumps(body["content"])
 
     def describe_run(self, dag_id: str, run_id: str) -> str:
-        """Every task instance of a run, with the log of its latest try: what a failure report needs."""
+        """The task instances of a run, with the log of their latest try: what a failure report needs.
+
+        Every page of them (the API serves 50 by default, so a failed map index 194 was left out), the ones
+        that did not succeed first, and the logs of at most ``20`` succeeded ones."""
         parts: list[str] = []
         with contextlib.suppress(Exception):
-            tis = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+            tis: list[dict[str, Any]] = []
+            while True:
+                page = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100, offset=len(tis))
+                tis.extend(page["task_instances"])
+                if not page["task_instances"] or len(tis) >= page["total_entries"]:
+                    break
+            tis.sort(key=lambda ti: ti["state"] == "success")
+            succeeded_shown = 0
             for ti in tis:
+                if ti["state"] == "success":
+                    succeeded_shown += 1
+                    if succeeded_shown > 20:
+                        parts.append(f"-- ... and {len(tis) - tis.index(ti)} more succeeded task instances")
+                        break
                 parts.append(f"-- {ti['task_id']}[{ti['map_index']}] state={ti['state']} try={ti['try_number']}")
                 with contextlib.suppress(Exception):
                     lines = self.task_log(dag_id, run_id, ti["task_id"], max(1, ti["try_number"]), ti["map_index"])

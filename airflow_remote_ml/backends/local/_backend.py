@@ -158,7 +158,15 @@ class LocalBackend(Backend):
         child = self._children.get(handle.job_id)
         if child is not None:
             child.poll()  # reap it so it does not linger as a zombie
-        code = _read(os.path.join(job_dir, "exit_code"))
+        exit_file = os.path.join(job_dir, "exit_code")
+        code = _read(exit_file)
+        if code is None:
+            if self._alive(handle):
+                return RunStatus(RunState.RUNNING, "running")
+            # The runtime writes its exit code (atomically) just before it exits, so one that exited between
+            # the read above and the liveness check has written it by now: read it again before calling the
+            # job lost. (200 deferred steps ending at once hit this window: a success reported "lost".)
+            code = _read(exit_file)
         cancelled = os.path.exists(os.path.join(job_dir, "cancelled"))
         if code is not None:
             exited = int(code)
@@ -167,8 +175,6 @@ class LocalBackend(Backend):
             if exited == 0:
                 return RunStatus(RunState.SUCCEEDED, "exited", "", 0)
             return RunStatus(RunState.FAILED, "exited", f"the step exited with code {exited}", exited)
-        if self._alive(handle):
-            return RunStatus(RunState.RUNNING, "running")
         # The process is gone without writing its exit code: killed hard, or the machine restarted.
         exit_code: int | None = None
         if child is not None and child.returncode is not None:
