@@ -70,9 +70,11 @@ class FloorOperator(BaseOperator):
         self.env = env
 
     def execute(self, context: Any) -> None:
-        # Its own session: the task process ends at defer(), the step goes on (reparented and reaped by init).
+        # Its own session and no handle on the task's stdout/stderr: the task process ends at defer() (the
+        # supervisor waits for those pipes to close), the step goes on, reparented and reaped by init.
         proc = subprocess.Popen(["sh", "-c", self.command], env={**os.environ, **self.env},
-                                start_new_session=True, stdin=subprocess.DEVNULL)
+                                start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         self.defer(trigger=FloorTrigger(proc.pid), method_name="execute_complete")
 
     def execute_complete(self, context: Any, event: Any = None) -> None:  # never reached: the trigger ends it

@@ -78,3 +78,13 @@ def docker_engine():
     client = docker_client(RUNNER_IMAGE)
     yield client
     client.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_retention_sweeps():
+    """Each test's first finishing job sweeps for retention, whatever earlier tests finished in this process
+    (core/jobs.py remembers the last sweep per backend location and process)."""
+    from airflow_remote_ml.core import jobs
+
+    jobs._last_sweep.clear()
+    yield

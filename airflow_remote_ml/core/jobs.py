@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 #: The most jobs one finishing step removes. Retention runs inside the task that just finished; a backlog
 #: (429 job directories after an afternoon) is worked off a batch per finish, or at once by ``jobs gc``.
 RETIRE_BATCH = 20
+#: A finishing job sweeps for retention at most once per this many seconds per backend location and process
+#: (:func:`retire_on_finish`): a burst of finishes, e.g. 200 mapped steps ending together in one triggerer,
+#: pays for one listing of the jobs, not 200 (each listed every job directory while holding the GIL that the
+#: triggerer's event loop needs: bench/bench_deferred.py).
+SWEEP_INTERVAL = 30.0
 
 JobState = Literal["running", "terminal"]
 
@@ -230,6 +236,29 @@ def retire(admin: JobAdmin, retention: Retention, *, now: float | None = None, l
         log.info("%s: removed %d finished job(s) by the retention policy (max_age=%s s, max_count=%s)",
                  admin.name, len(removed), retention.max_age, retention.max_count)
     return removed
+
+
+_last_sweep: dict[tuple[str, str], float] = {}
+_sweep_lock = threading.Lock()
+
+
+def retire_on_finish(admin: JobAdmin, retention: Retention, *, keep: str, where: str) -> list[JobInfo]:
+    """:func:`retire` for a job that just finished, at most once per :data:`SWEEP_INTERVAL` seconds for the
+    backend location ``where`` (a state directory, an engine, a namespace) in this process.
+
+    Housekeeping, not bookkeeping: a finish inside the interval retires nothing, and the next finish after it
+    catches up (at most :data:`RETIRE_BATCH` removals a sweep). ``airflow remote-ml jobs gc`` is unthrottled.
+    """
+    if retention.max_age is None and retention.max_count is None:
+        return []
+    key = (admin.name, where)
+    now = time.monotonic()
+    with _sweep_lock:
+        last = _last_sweep.get(key)
+        if last is not None and now - last < SWEEP_INTERVAL:
+            return []
+        _last_sweep[key] = now
+    return retire(admin, retention, keep=keep)
 
 
 def remove_jobs(admin: JobAdmin, jobs: Sequence[JobInfo], limit: int = RETIRE_BATCH) -> list[JobInfo]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from airflow_remote_ml.core import ArtifactStore, RunState, StepIdentity, StepRequest, StepSpec
+from airflow_remote_ml.core import jobs as core_jobs
 from airflow_remote_ml.core.backend import Backend
 from airflow_remote_ml.core.jobs import JobInfo
 from airflow_remote_ml.core.status import RunHandle
@@ -195,7 +196,9 @@ class TestKubernetesJobs(JobsContract):
     def image(self) -> str:
         return "python:3.11-slim"
 
-    def test_finishing_a_pod_retires_kept_pods_by_count(self, k8s, k8s_root):  # noqa: F811
+    def test_finishing_a_pod_retires_kept_pods_by_count(self, k8s, k8s_root, monkeypatch):  # noqa: F811
+        # What each finish retires: no sweep interval between the finishes (core/jobs.py SWEEP_INTERVAL).
+        monkeypatch.setattr(core_jobs, "SWEEP_INTERVAL", 0.0)
         from tests.integration.kubernetes_support import make_backend
 
         backend = make_backend(k8s, k8s_root, delete_policy="never", retention={"max_count": 1})

@@ -256,6 +256,48 @@ def test_remove_deletes_the_job_directory_and_refuses_a_running_job(tmp_path):
         backend.cancel(handle)
 
 
+@pytest.fixture
+def every_finish_sweeps(monkeypatch):
+    """The policy tests below look at what each finish retires: no sweep interval between them."""
+    monkeypatch.setattr(core_jobs, "SWEEP_INTERVAL", 0.0)
+
+
+def test_a_burst_of_finishes_lists_the_jobs_once_and_the_next_sweep_catches_up(tmp_path, monkeypatch):
+    backend = make_backend(tmp_path, retention={"max_age": "0s", "max_count": 0})
+    listings = []
+    real_list = backend.list_jobs
+    monkeypatch.setattr(backend, "list_jobs", lambda dag_id=None: listings.append(dag_id) or real_list(dag_id))
+    monkeypatch.setattr(core_jobs, "SWEEP_INTERVAL", 3600.0)
+    handles = [finish(backend, make_request(tmp_path, command=["python3", "-c", "pass"]))[0] for _ in range(3)]
+    assert len(listings) == 1, "every finish of the burst listed the jobs"
+    assert all(os.path.isdir(h.data["job_dir"]) for h in handles)  # nothing older than the first to retire
+    # Once the interval has passed, the next finish sweeps and retires the backlog (up to a batch).
+    monkeypatch.setattr(core_jobs, "SWEEP_INTERVAL", 0.0)
+    last, _ = finish(backend, make_request(tmp_path, command=["python3", "-c", "pass"]))
+    assert len(listings) == 2
+    assert [j.job_id for j in backend.list_jobs()] == [last.job_id]
+
+
+def test_the_sweep_interval_is_per_backend_location(tmp_path, monkeypatch):
+    # Two state directories in one process: a sweep of one does not hold back the other's.
+    monkeypatch.setattr(core_jobs, "SWEEP_INTERVAL", 3600.0)
+    listed: dict[str, int] = {}
+    backends = {}
+    for where in ("one", "two"):
+        backend = backends[where] = make_backend(tmp_path / where, retention={"max_age": "0s", "max_count": 0})
+        real_list = backend.list_jobs
+
+        def counting(dag_id=None, _where=where, _real=real_list):
+            listed[_where] = listed.get(_where, 0) + 1
+            return _real(dag_id)
+
+        monkeypatch.setattr(backend, "list_jobs", counting)
+    for where in ("one", "two", "one"):
+        finish(backends[where], make_request(tmp_path / where, command=["python3", "-c", "pass"]))
+    assert listed == {"one": 1, "two": 1}
+
+
+@pytest.mark.usefixtures("every_finish_sweeps")
 def test_finishing_a_job_retires_old_job_directories_by_age(tmp_path, monkeypatch):
     backend = make_backend(tmp_path, retention={"max_age": "1d", "max_count": None})
     old, _ = finish(backend, make_request(tmp_path, command=["python3", "-c", "pass"]))
@@ -268,6 +310,7 @@ def test_finishing_a_job_retires_old_job_directories_by_age(tmp_path, monkeypatc
     assert os.path.isdir(new.data["job_dir"])
 
 
+@pytest.mark.usefixtures("every_finish_sweeps")
 def test_finishing_a_job_keeps_only_the_newest_by_count_and_never_a_running_one(tmp_path):
     backend = make_backend(tmp_path, retention={"max_age": None, "max_count": 2})
     running = backend.submit(make_request(tmp_path, command=["sleep", "300"]))
@@ -280,6 +323,7 @@ def test_finishing_a_job_keeps_only_the_newest_by_count_and_never_a_running_one(
         backend.cancel(running)
 
 
+@pytest.mark.usefixtures("every_finish_sweeps")
 def test_the_job_that_just_finished_is_kept_even_beyond_the_count(tmp_path):
     backend = make_backend(tmp_path, retention={"max_age": "0s", "max_count": 0})
     first, _ = finish(backend, make_request(tmp_path, command=["python3", "-c", "pass"]))
@@ -288,6 +332,7 @@ def test_the_job_that_just_finished_is_kept_even_beyond_the_count(tmp_path):
     assert not os.path.exists(first.data["job_dir"]) and os.path.isdir(second.data["job_dir"])
 
 
+@pytest.mark.usefixtures("every_finish_sweeps")
 def test_a_job_airflow_has_not_marked_finished_is_kept(tmp_path):
     # A step that ended while its worker was away: a retry will still read its exit code from the directory.
     backend = make_backend(tmp_path, retention={"max_age": "0s", "max_count": 0})

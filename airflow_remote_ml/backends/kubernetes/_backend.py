@@ -61,7 +61,7 @@ from airflow_remote_ml.core.artifacts import read_json
 from airflow_remote_ml.core.backend import Backend, StepRequest, result_from_manifest
 from airflow_remote_ml.core.errors import BackendAPIError, ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import LABEL_STEP_ID, StepIdentity
-from airflow_remote_ml.core.jobs import JobInfo, retention_of, retire
+from airflow_remote_ml.core.jobs import JobInfo, retention_of, retire_on_finish
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus, StepResult
 
@@ -658,7 +658,8 @@ class KubernetesBackend(Backend):
 
     def _retire(self, handle: RunHandle) -> None:
         """Kept pods (failed ones, delete_policy=never) go when the retention policy retires them."""
-        retire(self, retention_of(self.config, self.name), keep=handle.job_id)
+        retire_on_finish(self, retention_of(self.config, self.name), keep=handle.job_id,
+                         where=json.dumps(self.config_json(), sort_keys=True, default=str))
 
     # -- jobs (see ._jobs) ------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from airflow_remote_ml.backends.local._validation import check_request
 from airflow_remote_ml.core.backend import Backend, StepRequest
 from airflow_remote_ml.core.errors import ConfigError, TransientBackendError
 from airflow_remote_ml.core.identity import StepIdentity
-from airflow_remote_ml.core.jobs import JobInfo, retention_of, retire
+from airflow_remote_ml.core.jobs import JobInfo, retention_of, retire_on_finish
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
 
@@ -293,7 +293,8 @@ class LocalBackend(Backend):
 
     def cleanup(self, handle: RunHandle, status: RunStatus) -> None:
         """Job directories are kept (the log, for debugging) until the retention policy retires them."""
-        retire(self, retention_of(self.config, self.name), keep=handle.job_id)
+        retire_on_finish(self, retention_of(self.config, self.name), keep=handle.job_id,
+                         where=self.config.state_dir)
 
     # -- jobs (see ._jobs) ----------------------------------------------------------------------------------
 
