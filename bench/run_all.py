@@ -33,7 +33,8 @@ RUNS: list[tuple[str, str, list[str]]] = [
     ("valohai", "bench_valohai.py", ["-n", "12", "--duration", "120", "--spread", "20", "--deferred", "--many", "50",
                                      "--idle"]),
     ("valohai", "bench_valohai.py", ["-n", "0", "--duration", "120", "--spread", "20", "--many", "500", "--idle"]),
-    ("deferred", "bench_deferred.py", ["--steps", "200", "--rounds", "1"]),
+    ("deferred", "bench_deferred.py", ["--steps", "200", "--rounds", "1", "--sides", "ours,floor"]),
+    ("deferred", "bench_deferred.py", ["--steps", "20", "--rounds", "2", "--sides", "ours,floor"]),
     ("s3", "bench_s3.py", ["--iterations", "7", "--sizes", "4,128"]),
 ]
 
