@@ -39,6 +39,8 @@ from airflow_remote_ml.backends.docker._config import (
 from airflow_remote_ml.backends.docker._containers import (
     container_request,
     demux,
+    is_count_cursor,
+    lines_after_counts,
     marks,
     next_log_chunk,
     parse_log_entries,
@@ -61,6 +63,8 @@ __all__ = [
     "DockerConfig",
     "container_request",
     "demux",
+    "is_count_cursor",
+    "lines_after_counts",
     "marks",
     "next_log_chunk",
     "parse_log_entries",
