@@ -17,6 +17,7 @@ import requests
 
 from airflow_remote_ml.backends.docker import DockerBackend, DockerConfig, _attach, lines_after_counts
 from airflow_remote_ml.core import RunState
+from airflow_remote_ml.core.errors import TransientBackendError
 from airflow_remote_ml.core.wait import wait_for_completion
 from tests.unit.test_docker_backend import FakeAPI, api_error, backend, frame, make_request
 
@@ -92,7 +93,8 @@ def test_wait_returns_early_to_relay_a_backlog_without_an_engine_call(tmp_path, 
     assert lines == ["a", "b", "c", "d"]
 
 
-@pytest.mark.parametrize("how", ["closed by us", "dropped by the engine while the container runs"])
+@pytest.mark.parametrize("how", ["closed by us", "dropped by the engine while the container runs",
+                                 "ended by an engine that then fails a call"])
 def test_a_broken_stream_falls_back_to_the_log_without_loss_or_repeat(tmp_path, how):
     b, api, handle, cid = started(tmp_path)
     block_while_running(api)
@@ -103,11 +105,23 @@ def test_a_broken_stream_falls_back_to_the_log_without_loss_or_repeat(tmp_path, 
     emit(1, "out 3\n")  # on the stream too, perhaps read but not handed out yet
     if how == "closed by us":
         b._attached[cid].close()
-    else:
+    elif how == "dropped by the engine while the container runs":
         for engine, _ in api.attached.pop(cid):
             engine.close()  # EOF although the container still runs: the connection, not the output, ended
         status = b.wait(handle, 5)
         assert status.state is RunState.RUNNING
+    else:
+        for engine, _ in api.attached.pop(cid):
+            engine.close()  # a restarting engine ends every stream, then refuses connections for a while
+
+        def refused(container: str, condition: str | None) -> None:
+            raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
+
+        api.on_wait = refused
+        with pytest.raises(TransientBackendError):
+            b.wait(handle, 5)
+        block_while_running(api)
+    assert not b._attached[cid].usable
     emit(2, "err 2\n")
     emit(1, "out 4\n")
     api.exit(cid, 0)
