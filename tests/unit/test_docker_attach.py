@@ -8,6 +8,7 @@ tests/integration/test_docker_attach.py.
 
 from __future__ import annotations
 
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -211,3 +212,44 @@ def test_close_detaches_and_leaves_the_container_running(tmp_path):
     session = b._attached[cid]
     b.close()
     assert not session.usable and api._get(cid)["State"]["Status"] == "running"
+
+
+class RecvOnly:
+    """A transport with only ``recv`` (an SSH channel, paramiko's ``Channel``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for(condition: Any) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_the_reader_splits_frames_torn_anywhere_over_a_recv_only_transport():
+    ours, engine = socket.socketpair()
+    session = _attach.AttachedOutput(RecvOnly(ours), "test")
+    stream = frame(1, "été\nsecond".encode()) + frame(2, b"err\r\n") + frame(1, b" line\n")
+    for i in range(len(stream)):  # one byte at a time: every frame header and payload torn
+        engine.sendall(stream[i:i + 1])
+    engine.close()
+    wait_for(lambda: session.eof)
+    session.confirm_end()
+    assert session.take() == (["été", "err", "second line"], {"stdout": 2, "stderr": 1})
+
+
+def test_a_stream_that_ends_inside_a_frame_is_broken_not_ended():
+    ours, engine = socket.socketpair()
+    session = _attach.AttachedOutput(ours, "test")
+    engine.sendall(frame(1, b"whole\n") + frame(1, b"cut short\n")[:-3])
+    engine.close()
+    wait_for(lambda: not session.usable)
+    assert not session.eof and session.take() == ([], {"stdout": 0, "stderr": 0})

@@ -92,14 +92,18 @@ class AttachedOutput:
                     return
                 pending = rest
             self._finish(pending)
-        except (OSError, ValueError) as exc:  # ValueError: the socket was closed under the read
+        except Exception as exc:  # whatever ends the read (a closed socket, an SSH error), the log has the rest
             self._break(f"reading the attach stream failed: {exc}")
 
     def _recv(self, view: memoryview) -> int:
         raw = self._raw
         if hasattr(raw, "recv_into"):
             return int(raw.recv_into(view))
-        return int(raw.readinto(view) or 0)
+        if hasattr(raw, "readinto"):
+            return int(raw.readinto(view) or 0)
+        data = raw.recv(len(view))  # an SSH channel (paramiko) has only recv
+        view[:len(data)] = data
+        return len(data)
 
     def _frames(self, data: bytes) -> bytes | None:
         """Split the complete frames of ``data`` into lines; the torn tail of the last frame is returned."""
