@@ -87,7 +87,7 @@ def test_wait_returns_early_to_relay_a_backlog_without_an_engine_call(tmp_path, 
     b, api, handle, cid = started(tmp_path)
     Emitter(api, cid)(1, "a\nb\nc\nd\n")
     before = len(api.calls)
-    status = b.wait(handle, 300)  # returns on the backlog, not at the timeout (the test's own limit is lower)
+    status = b.wait(handle, 3600)  # returns on the backlog: pytest-timeout (300 s) fails it otherwise
     assert status.state is RunState.RUNNING
     assert api.calls[before:] == []  # neither the wait API nor an inspect
     lines, _ = read_until(b, handle, None, 4)
