@@ -1,14 +1,18 @@
 """The attach stream on a real engine: a chatty step relayed whole without reading its log back, and an
-attach broken mid-step (closed on our side, dropped under the reader, a worker without the stream) that
-goes on from the engine's log with no line lost and none twice.
+attach broken mid-step (closed on our side, dropped under the reader, a worker without the stream, a
+worker killed while attached) that goes on from the engine's log with no line lost and none twice.
 
 Without the engine these fail under CI (``CI`` set) and skip elsewhere.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,8 +21,9 @@ from typing import Any
 import pytest
 
 from airflow_remote_ml.backends.docker import DockerBackend
-from airflow_remote_ml.core import RunState
+from airflow_remote_ml.core import RunHandle, RunState
 from airflow_remote_ml.core.wait import wait_for_completion
+from tests.conftest import RUNNER_IMAGE
 from tests.integration.test_docker_backend import TEST_LABEL, request_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.integration, pytest.mark.timeout(300)]
@@ -163,3 +168,51 @@ def test_a_worker_without_the_stream_goes_on_from_the_counts_it_was_handed(make_
     assert outcome.status.is_successful
     check_exactly_once(seen + rest)
     assert os.path.exists(flag)
+
+
+WORKER = """
+import json, sys, time
+from airflow_remote_ml.backends.docker import DockerBackend
+from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
+
+config, image, code, root, run = json.loads(sys.argv[1])
+backend = DockerBackend.from_config(config)
+request = StepRequest.create(StepSpec.build(image=image, command=["python3", "-c", code]),
+                             StepIdentity("integration", "killed", run), ArtifactStore(root))
+backend.validate(request)
+handle = backend.submit(request)
+lines, cursor = [], None
+while len(lines) < 400:
+    chunk = backend.read_logs(handle, cursor)
+    lines += chunk.lines
+    cursor = chunk.cursor
+    time.sleep(0.02)
+print(json.dumps({"handle": handle.to_json(), "cursor": cursor, "lines": lines}), flush=True)
+sys.stdin.read()  # attached until killed
+"""
+
+
+def test_a_killed_worker_leaves_the_step_running_and_the_next_goes_on_from_its_cursor(make_backend, tmp_path):
+    backend = make_backend()  # its labels, so the fixture removes the container
+    flag = str(tmp_path / "artifacts" / "go-on")
+    config = {"network_mode": "none", "pull": "never", "labels": dict(backend.config.labels)}
+    argv = json.dumps([config, RUNNER_IMAGE, STEP_WITH_A_PAUSE.replace("{flag!r}", repr(flag)), str(tmp_path / "artifacts"),
+                       f"run-{uuid.uuid4().hex[:12]}"])
+    worker = subprocess.Popen([sys.executable, "-c", WORKER, argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert worker.stdout is not None
+        state = json.loads(worker.stdout.readline())
+    finally:
+        worker.send_signal(signal.SIGKILL)  # no close(), no detach: the kernel drops its connection
+        worker.wait()
+    handle = RunHandle.from_json(state["handle"])
+    assert backend.poll(handle).state is RunState.RUNNING
+    with open(flag, "w"):
+        pass
+    rest: list[str] = []
+    # The step was not held up by the dead worker's attach: it runs to its end.
+    outcome = wait_for_completion(backend, handle, on_line=rest.append, cursor=state["cursor"],
+                                  deadline=time.monotonic() + 240)
+    assert outcome.status.is_successful
+    check_exactly_once(state["lines"] + rest)
