@@ -14,9 +14,11 @@ The engine behaviour this relies on (moby; Docker Engine API "Attach to a contai
 * Without a TTY the stream is multiplexed: frames of an 8-byte header (stream 1 = stdout, 2 = stderr,
   three zero bytes, a big-endian uint32 size) and the payload (``pkg/stdcopy``, the same framing as the
   log endpoint's).
-* The engine ends the stream when the container's stdio closes on exit (``daemon/monitor.go``
-  ``handleContainerExit``: the streams are closed before the container is marked stopped), after every
-  byte the step wrote was copied to it.
+* The engine ends the stream when the container exits (``daemon/monitor.go`` ``handleContainerExit``:
+  ``c.StreamConfig.Wait(ctx)`` lets the copy of the container's stdio finish, for up to 2 s, then
+  ``c.Reset`` closes the streams and only then ``SetStopped`` marks the container stopped). The reader
+  here only buffers, so it never holds that copy up; the end of the stream can come a moment before an
+  inspect shows the container stopped, which is why :meth:`DockerBackend.wait` asks the wait API after it.
 
 The cursor this hands out counts the lines relayed per stream, ``{"stdout": n, "stderr": m}``. Whenever
 the stream cannot be trusted (our side closed it, the read failed, nobody drained it), the backend falls

@@ -373,7 +373,8 @@ class DockerBackend(Backend):
         return status_after_removal(manifest, handle.data.get("identity"))
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
-        """Block in the engine's wait API until the container stops, at most ``timeout`` seconds."""
+        """Block until the container stops, at most ``timeout`` seconds: on its attach stream while that is
+        open (returning early, running, when output waits to be relayed), then in the engine's wait API."""
         if timeout <= 0:
             return self.poll(handle)
         container_id = handle.data["container_id"]
