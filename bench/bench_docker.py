@@ -12,7 +12,9 @@ flips every iteration so neither side always runs on a warmer engine). Each side
 * bare: ``docker run --rm --network none IMAGE COMMAND`` through the CLI, its output to a log file: what
   a user without Airflow's operators would run (issue 11's second chatty-step peer).
 
-The three take turns, and the order rotates every iteration.
+The three take turns, and the order rotates every iteration. With ``--log-path`` a fourth side takes its
+turn: ours with ``attach=False`` (the log read back from the engine after the exit, the path before the
+attach stream).
 
 It also reports how soon our wait noticed each container's exit: the moment ``wait`` returned minus the
 engine's ``State.FinishedAt`` (same host clock).
@@ -21,6 +23,7 @@ Run (needs the engine and the runner image: ``bash .ci/docker-engine.sh && bash 
 
     .venv/bin/python bench/bench_docker.py --iterations 10 --phases   # no-op and 1-second steps
     .venv/bin/python bench/bench_docker.py --chatty --iterations 5     # 200k lines
+    .venv/bin/python bench/bench_docker.py --chatty --log-path -n 5    # + ours with attach=False, in turn
 
 Prints a markdown table.
 """
@@ -117,14 +120,15 @@ def make_timed_backend_class() -> Any:
     return TimedDockerBackend
 
 
-def run_ours(backend_class: Any, command: list[str], artifact_root: str, probe: Probe) -> dict[str, float]:
+def run_ours(backend_class: Any, command: list[str], artifact_root: str, probe: Probe,
+             attach: bool = True) -> dict[str, float]:
     from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
     from airflow_remote_ml.core.wait import wait_for_completion
 
     probe.reset()
     phases: dict[str, float] = {}
     started = time.perf_counter()
-    backend = backend_class.from_config({"network_mode": "none", "pull": "never"})
+    backend = backend_class.from_config({"network_mode": "none", "pull": "never", "attach": attach})
     identity = StepIdentity("bench", "step", f"run-{uuid.uuid4().hex[:12]}")
     request = StepRequest.create(StepSpec.build(image=RUNNER_IMAGE, command=command), identity,
                                  ArtifactStore(artifact_root))
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", action="store_true", help="also print where our time goes")
     parser.add_argument("--chatty", action="store_true", help="run only the 200k-line step")
     parser.add_argument("--step", action="append", choices=sorted(STEPS), help="run only this step (repeatable)")
+    parser.add_argument("--log-path", action="store_true",
+                        help="also run ours with attach=False (the log read back after the exit), in turn")
     args = parser.parse_args(argv)
     steps = CHATTY if args.chatty else {name: STEPS[name] for name in (args.step or STEPS)}
     # Importing Airflow configures its logging; quieten it afterwards. The operator and our backend log
@@ -203,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ours: dict[str, list[dict[str, float]]] = defaultdict(list)
     theirs: dict[str, list[dict[str, float]]] = defaultdict(list)
     bare: dict[str, list[float]] = defaultdict(list)
+    logpath: dict[str, list[dict[str, float]]] = defaultdict(list)
     if not shutil.which("docker"):
         raise SystemExit("the docker CLI is needed for the bare `docker run` peer")
     with tempfile.TemporaryDirectory(prefix="bench-docker-") as artifact_root:
@@ -217,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
                 turns = [lambda c=command, n=name: ours[n].append(run_ours(backend_class, c, artifact_root, probe)),
                          lambda c=command, n=name: theirs[n].append(run_theirs(c, probe)),
                          lambda c=command, n=name: bare[n].append(run_bare(c, log_dir))]
-                for run in turns[i % 3:] + turns[:i % 3]:
+                if args.log_path:
+                    turns.append(lambda c=command, n=name: logpath[n].append(
+                        run_ours(backend_class, c, artifact_root, probe, attach=False)))
+                k = i % len(turns)
+                for run in turns[k:] + turns[:k]:
                     run()
             print(f"iteration {i + 1}/{args.iterations} done", file=sys.stderr)
 
@@ -240,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
         mine = statistics.median(mine_all)
         print(f"| {name} | {span(mine_all)} | {span(other_all)} | {mine / statistics.median(other_all):.2f}× | "
               f"{span(bare[name])} | {mine / statistics.median(bare[name]):.2f}× |")
+    if args.log_path:
+        print("\nOurs with `attach=False` (the log read back from the engine after the exit), in the same turns:\n")
+        print("| step | attach=False, median s (min–max) | attach (default) ÷ attach=False |")
+        print("|---|---:|---:|")
+        for name in steps:
+            values = [r["total"] for r in logpath[name]]
+            mine = statistics.median(r["total"] for r in ours[name])
+            print(f"| {name} | {span(values)} | {mine / statistics.median(values):.2f}× |")
     print("\nMilliseconds from the container's exit (`State.FinishedAt`) to ... (median / max over all runs):\n")
     print("| | docker backend | DockerOperator |")
     print("|---|---:|---:|")
@@ -265,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             med = {k: statistics.median(r[k] for r in ours[name]) for k in ("submit", "wait", "finish")}
             print(f"| {name} | {med['submit']:.3f} | {med['wait']:.3f} | {med['finish']:.3f} |")
     flags = ((" --chatty" if args.chatty else "") + (" --phases" if args.phases else "")
+             + (" --log-path" if args.log_path else "")
              + "".join(f" --step {name}" for name in args.step or ()))
     print(f"\ncommand: .venv/bin/python bench/bench_docker.py{flags} --iterations {args.iterations}")
     return 0

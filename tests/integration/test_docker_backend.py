@@ -292,7 +292,9 @@ def test_local_input_outside_the_artifact_root_is_readable_but_not_writable(back
 # -- logs and waiting ----------------------------------------------------------------------------------
 
 
-def test_chatty_step_logs_arrive_once_and_complete(backend, tmp_path):
+@pytest.mark.parametrize("attach", [True, False], ids=["attached", "log read back"])
+def test_chatty_step_logs_arrive_once_and_complete(make_backend, tmp_path, attach):
+    backend = make_backend(attach=attach)
     code = ("import sys, time\n"
             "for i in range(3000):\n"
             "    print(f'out {i}', flush=True)\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from datetime import UTC, datetime
 from typing import Any
 
@@ -464,6 +465,10 @@ class FakeAPI:
         self.on_create: Any = None
         self.on_wait: Any = None
         self.list_result: list[dict[str, Any]] = []
+        # What containers wrote (emit), per container id: the log endpoint's entries, stamped.
+        self.logs: dict[str, list[tuple[int, bytes]]] = {}
+        # The engine's ends of the open attach streams, per container id, with the streams each asked for.
+        self.attached: dict[str, list[tuple[socket.socket, dict[str, Any]]]] = {}
 
     def add(self, doc: dict[str, Any]) -> dict[str, Any]:
         self.containers_by_id[doc["Id"]] = doc
@@ -491,6 +496,43 @@ class FakeAPI:
         self.calls.append(("start", container))
         self._get(container)["State"]["Status"] = "running"
 
+    def attach_socket(self, container: str, params: dict[str, Any] | None = None) -> socket.socket:
+        """``POST /containers/{id}/attach`` hijacked: the engine's end of the stream is kept on the container.
+
+        As the engine: 404 for a container that does not exist; a paused or restarting container is a 409
+        (moby daemon/attach.go ContainerAttach: "container is paused, unpause first"); only stdout and
+        stderr that were asked for are sent; the stream ends when the container stops (:meth:`exit`).
+        """
+        self.calls.append(("attach", container))
+        doc = self._get(container)
+        if doc["State"]["Status"] in ("paused", "restarting"):
+            raise api_error(409, f"container {container} is {doc['State']['Status']}, unpause first")
+        ours, engine = socket.socketpair()
+        self.attached.setdefault(doc["Id"], []).append((engine, dict(params or {})))
+        return ours
+
+    def emit(self, container: str, stream: int, text: bytes, stamp: str = "2026-11-24T17:34:48.1Z") -> None:
+        """The container writes ``text``: one log entry per line (with its stamp) and the raw bytes to every
+        attach stream, as the engine's log copier and attach broadcaster both read the container's stdio."""
+        doc = self._get(container)
+        for line in text.splitlines(keepends=True):
+            self.logs.setdefault(doc["Id"], []).append((stream, f"{stamp} ".encode() + line))
+        for attached in list(self.attached.get(doc["Id"], [])):
+            engine, params = attached
+            if params.get({1: "stdout", 2: "stderr"}[stream]):
+                try:
+                    engine.sendall(frame(stream, text))
+                except OSError:  # the client went away: the engine drops that attach, the container runs on
+                    self.attached[doc["Id"]].remove(attached)
+
+    def exit(self, container: str, code: int = 0) -> None:
+        """The container's process ended: the engine closes its stdio (every attach stream ends) and marks
+        it exited (daemon/monitor.go handleContainerExit)."""
+        doc = self._get(container)
+        for engine, _ in self.attached.pop(doc["Id"], []):
+            engine.close()
+        doc["State"].update(Status="exited", ExitCode=code)
+
     def inspect_container(self, container: str) -> dict[str, Any]:
         self.calls.append(("inspect", container))
         return json.loads(json.dumps(self._get(container)))
@@ -503,8 +545,7 @@ class FakeAPI:
 
     def stop(self, container: str, timeout: int | None = None) -> None:
         self.calls.append(("stop", timeout))
-        doc = self._get(container)
-        doc["State"].update(Status="exited", ExitCode=143)
+        self.exit(container, 143)
 
     def rename(self, container: str, name: str) -> None:
         self.calls.append(("rename", name))
@@ -514,7 +555,10 @@ class FakeAPI:
 
     def remove_container(self, container: str, v: bool = False, force: bool = False) -> None:
         self.calls.append(("remove", force))
-        del self.containers_by_id[self._get(container)["Id"]]
+        doc = self._get(container)
+        for engine, _ in self.attached.pop(doc["Id"], []):
+            engine.close()
+        del self.containers_by_id[doc["Id"]]
 
     def containers(self, all: bool = False, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]:  # noqa: A002
         self.calls.append(("list", filters))
@@ -536,7 +580,8 @@ class FakeAPI:
             response._content = json.dumps({"message": f"No such container: {container}"}).encode()
             return response
         response.status_code = 200
-        response._content = b"".join(frame(stream, text) for stream, text in doc.get("Logs", []))
+        entries = doc.get("Logs", []) + self.logs.get(doc["Id"], [])
+        response._content = b"".join(frame(stream, text) for stream, text in entries)
         return response
 
     def pull(self, repository: str, tag: str | None = None, auth_config: Any = None) -> None:
@@ -559,7 +604,7 @@ def test_demux_drops_frame_headers_in_order():
 
 
 def test_read_logs_through_the_fake_engine(tmp_path):
-    b, api, _, handle = submitted(tmp_path)
+    b, api, _, handle = submitted(tmp_path, attach=False)  # the log endpoint itself (attached: below)
     doc = api.containers_by_id[handle.data["container_id"]]
     doc["Logs"] = [(1, b"2026-11-24T17:34:48.100000000Z preparing\n"), (2, b"2026-11-24T17:34:48.2Z warn\n")]
     first = b.read_logs(handle, None)
@@ -577,7 +622,8 @@ def submitted(tmp_path, **config: Any):
 
 def test_submit_creates_then_starts_once(tmp_path):
     b, api, request, handle = submitted(tmp_path)
-    assert [c[0] for c in api.calls] == ["create", "start"]
+    # Attached before the start, as `docker run` does, so the stream holds the container's first byte.
+    assert [c[0] for c in api.calls] == ["create", "attach", "start"]
     assert handle.job_id == handle.data["container_id"][:12]
     assert handle.data["manifest_uri"] == request.manifest_uri
     assert json.loads(json.dumps(handle.to_json())) == handle.to_json()
@@ -793,7 +839,7 @@ def test_cleanup_follows_the_removal_policy(tmp_path, policy, state, removed):
 
 
 def test_read_logs_sends_since_only_after_the_first_read(tmp_path):
-    b, api, _, handle = submitted(tmp_path)
+    b, api, _, handle = submitted(tmp_path, attach=False)
     b.read_logs(handle, None)
     b.read_logs(handle, {"since": 1795542888, "seen": 3})
     assert [c[1] for c in api.calls if c[0] == "logs"] == [None, 1795542888]

@@ -11,7 +11,8 @@ cancels it and ``.finished`` appended once Airflow is done with it. Identity nam
 so the marks are the dot-separated suffixes of the name, and a finished container is never reattached.
 
 Completion is event-driven: :meth:`DockerBackend.wait` blocks in the engine's container wait API and
-returns the moment the container stops.
+returns the moment the container stops. A container this object starts is followed over its attach stream
+(:mod:`._attach`), its log read back only where the stream cannot be trusted.
 
 A package because it outgrew one module: :mod:`._config` holds the settings and reads the Airflow connection,
 :mod:`._containers` builds the container request and reads the engine's answers (pure, no I/O), and
@@ -39,6 +40,8 @@ from airflow_remote_ml.backends.docker._config import (
 from airflow_remote_ml.backends.docker._containers import (
     container_request,
     demux,
+    is_count_cursor,
+    lines_after_counts,
     marks,
     next_log_chunk,
     parse_log_entries,
@@ -61,6 +64,8 @@ __all__ = [
     "DockerConfig",
     "container_request",
     "demux",
+    "is_count_cursor",
+    "lines_after_counts",
     "marks",
     "next_log_chunk",
     "parse_log_entries",

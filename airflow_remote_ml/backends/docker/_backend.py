@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -20,6 +21,7 @@ from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 from airflow_remote_ml import runtime
 from airflow_remote_ml.backends.docker import _jobs
+from airflow_remote_ml.backends.docker._attach import AttachedOutput
 from airflow_remote_ml.backends.docker._config import (
     DEFAULT_SOCKET,
     LABEL_MANIFEST,
@@ -36,6 +38,8 @@ from airflow_remote_ml.backends.docker._containers import (
     _volume_mounts,
     container_request,
     demux,
+    is_count_cursor,
+    lines_after_counts,
     marks,
     next_log_chunk,
     parse_log_entries,
@@ -59,6 +63,10 @@ from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.status import LogChunk, RunHandle, RunState, RunStatus
 
 log = logging.getLogger(__name__)
+
+#: Seconds the log read after a container stopped waits for the engine to end its attach stream (it does
+#: once the last output is copied, milliseconds after the exit); past it the log is read instead.
+ATTACH_DRAIN_SECONDS = 10.0
 
 #: Where on a mounted artifact root the runtime's copies live (one per version, see runtime.install).
 RUNTIME_DIR = ".remote-ml/runtime"
@@ -105,6 +113,8 @@ class DockerBackend(Backend):
         # an engine call after every step (DockerOperator makes none after its wait but the one DELETE).
         self._stopped: dict[str, RunStatus] = {}
         self._removed: set[str] = set()
+        # The output of the containers this object started, followed over their attach streams (._attach).
+        self._attached: dict[str, AttachedOutput] = {}
 
     # -- the engine client and the one place SDK errors are mapped ----------------------------------------
 
@@ -279,16 +289,36 @@ class DockerBackend(Backend):
                 log.info("docker: container %s for %s already started; reusing it", name, request.identity.key)
                 return self._handle(container_id, name, create["labels"], request.identity)
             log.info("docker: reusing the created, never started container %s", name)
+        self._attach(container_id, name)
         try:
             with self._mapped(f"starting container {name}"):
                 self.api.start(container_id)
         except BackendAPIError as exc:
+            self._detach(container_id)
             if "executable file not found" in str(exc):
                 raise ConfigError("python", f"{self.config.python!r} is not in image {image!r}",
                                   "use an image with python3, or set backend_config python='/path/to/python'") from None
             raise
         log.info("docker: started container %s (%s) for %s", name, container_id[:12], request.identity.key)
         return self._handle(container_id, name, create["labels"], request.identity)
+
+    def _attach(self, container_id: str, name: str) -> None:
+        """Follow the container's output from its first byte: attached before ``start``, as ``docker run``
+        does. Best effort: without the stream, the output is read from the engine's log as before."""
+        if not self.config.attach:
+            return
+        try:
+            with self._mapped(f"attaching to container {name}"):
+                sock = self.api.attach_socket(container_id, params={"stdout": 1, "stderr": 1, "stream": 1})
+        except BackendAPIError as exc:
+            log.info("docker: cannot attach to container %s (%s); reading its log instead", name, exc)
+            return
+        self._attached[container_id] = AttachedOutput(sock, container_id[:12])
+
+    def _detach(self, container_id: str) -> None:
+        session = self._attached.pop(container_id, None)
+        if session is not None:
+            session.close()
 
     def _create(self, create: dict[str, Any], host_config: dict[str, Any]) -> str:
         with self._mapped(f"creating container {create['name']}"):
@@ -343,10 +373,37 @@ class DockerBackend(Backend):
         return status_after_removal(manifest, handle.data.get("identity"))
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
-        """Block in the engine's wait API until the container stops, at most ``timeout`` seconds."""
+        """Block until the container stops, at most ``timeout`` seconds: on its attach stream while that is
+        open (returning early, running, when output waits to be relayed), then in the engine's wait API."""
         if timeout <= 0:
             return self.poll(handle)
         container_id = handle.data["container_id"]
+        session = self._attached.get(container_id)
+        if session is not None and session.live:
+            # While the attach stream is open the container's stdio is open: it has not stopped. Wake up
+            # for its end, or early when enough output waits to be relayed; no engine call meanwhile.
+            started = time.monotonic()
+            session.wait(timeout)
+            if session.live:
+                if session.backlog:
+                    return RunStatus(RunState.RUNNING, "running")
+                return self.poll(handle)
+            timeout = max(timeout - (time.monotonic() - started), 0.1)
+        try:
+            status = self._engine_wait(handle, container_id, timeout)
+        except TransientBackendError:
+            if session is not None and session.eof:
+                # The stream ended and the engine does not answer: an engine that went away (a restart)
+                # ends every stream, so the end of this one proves nothing. Read the log from the counts.
+                session.lost("the engine dropped its connections")
+            raise
+        if session is not None and session.eof and not status.is_terminal:
+            # The engine ends the stream only when the container's stdio closes: one that still runs lost
+            # its connection, not its output.
+            session.lost("the attach stream ended while the container runs")
+        return status
+
+    def _engine_wait(self, handle: RunHandle, container_id: str, timeout: float) -> RunStatus:
         try:
             self._wait(container_id, timeout, "not-running")
             status = self.poll(handle)
@@ -376,10 +433,40 @@ class DockerBackend(Backend):
         return await asyncio.to_thread(self.wait, handle, timeout)
 
     def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
+        container_id = handle.data["container_id"]
+        session = self._attached.get(container_id)
+        if session is not None and session.matches(cursor):
+            if container_id in self._stopped and not session.ended:
+                # The container stopped: the engine ends the stream once the last of its output is sent.
+                if session.drain(ATTACH_DRAIN_SECONDS):
+                    session.confirm_end()
+                else:
+                    session.lost(f"the attach stream did not end within {ATTACH_DRAIN_SECONDS:g}s of the exit")
+            if session.usable:
+                lines, counts = session.take()
+                return LogChunk(lines, counts)
+            cursor = session.cursor()  # broken: on from the lines it handed out, read from the log
+            del self._attached[container_id]
+        if is_count_cursor(cursor):
+            return self._log_after_counts(handle, cursor)
         since = int((cursor or {}).get("since", 0))
         params: dict[str, Any] = {"stdout": 1, "stderr": 1, "timestamps": 1}
         if since > 0:
             params["since"] = since
+        content = self._get_log(handle, params)
+        if content is None:
+            return LogChunk([], cursor)
+        return next_log_chunk(parse_log_entries(demux(content)), cursor)
+
+    def _log_after_counts(self, handle: RunHandle, counts: Any) -> LogChunk:
+        """The log after the lines an attach stream relayed (its counts cursor), with a timestamp cursor."""
+        content = self._get_log(handle, {"stdout": 1, "stderr": 1, "timestamps": 1})
+        if content is None:
+            return LogChunk([], counts)
+        return lines_after_counts(content, counts)
+
+    def _get_log(self, handle: RunHandle, params: dict[str, Any]) -> bytes | None:
+        """The multiplexed log (``GET /containers/{id}/logs``), None if the container is gone."""
         # One request where the SDK's logs() makes two (it inspects first to learn whether the container
         # has a TTY; ours never do, so the answer is always the multiplexed stream).
         url = f"{self.api.base_url}/v{self.api.api_version}/containers/{handle.data['container_id']}/logs"
@@ -391,8 +478,8 @@ class DockerBackend(Backend):
                 except requests.exceptions.HTTPError as exc:
                     raise docker.errors.create_api_error_from_http_exception(exc) from exc
         except _Gone:
-            return LogChunk([], cursor)
-        return next_log_chunk(parse_log_entries(demux(response.content)), cursor)
+            return None
+        return bytes(response.content)
 
     # -- cancel, marks, cleanup -------------------------------------------------------------------------------
 
@@ -467,6 +554,7 @@ class DockerBackend(Backend):
 
     def _remove(self, handle: RunHandle) -> None:
         container_id = handle.data["container_id"]
+        self._detach(container_id)
         if container_id in self._removed:
             return
         try:
@@ -480,6 +568,8 @@ class DockerBackend(Backend):
         self._removed.add(container_id)
 
     def close(self) -> None:
+        for container_id in list(self._attached):
+            self._detach(container_id)
         if self._client is not None and self._owns_client:
             self._client.close()
             self._client = None

@@ -60,6 +60,9 @@ class DockerConfig(BackendConfig):
         artifact_host_path: where the artifact root is on the Docker host when that differs from the
             worker's path (a worker that itself runs in a container).
         secrets_from: ``airflow`` (Airflow Variables) or ``env`` (the worker's environment).
+        attach: follow a container this worker starts over its attach stream (as ``docker run`` does)
+            instead of reading its log back from the engine; the log stays the fallback and is what a
+            trigger or a reattached worker reads.
     """
 
     base_url: str | None = None
@@ -85,6 +88,7 @@ class DockerConfig(BackendConfig):
     artifact_mount: bool = True
     artifact_host_path: str | None = None
     secrets_from: str = "airflow"
+    attach: bool = True
 
     # A laptop backend: a step whose profile is not configured here runs with its own resources, so a DAG
     # written for a cluster (profile="gpu") still runs on Docker.

@@ -113,6 +113,44 @@ def demux(stream: bytes) -> bytes:
     return b"".join(parts)
 
 
+def is_count_cursor(cursor: Any) -> bool:
+    """Whether ``cursor`` counts lines relayed per stream (handed out while attached, see ._attach)."""
+    return isinstance(cursor, Mapping) and "stdout" in cursor and "stderr" in cursor
+
+
+def lines_after_counts(stream: bytes, counts: Mapping[str, int]) -> LogChunk:
+    """The lines of the engine's timestamped log (``stream``, multiplexed) after the first ``counts["stdout"]``
+    stdout and ``counts["stderr"]`` stderr lines, and the timestamp cursor after the whole log.
+
+    Exact because the log holds each stream's lines in the order the attach stream carried them: the
+    engine's log copier splits each stream at its newlines into one entry per line (an entry of a line
+    longer than 16 KiB is marked partial and stored without a newline; ``daemon/logger/copier.go``), and
+    the log endpoint sends one frame per entry, its stream in the header (``pkg/stdcopy``). So an entry
+    ending in a newline ends one line of its stream, and skipping per stream up to the n-th such entry
+    skips exactly the lines relayed. Only the order *between* stdout and stderr may differ from the attach
+    stream's (two copiers race), and the counts never depend on it.
+    """
+    import struct
+
+    size_at = struct.Struct(">BxxxI").unpack_from
+    left = {1: int(counts.get("stdout", 0)), 2: int(counts.get("stderr", 0))}
+    kept: list[bytes] = []
+    everything: list[bytes] = []
+    at, end = 0, len(stream)
+    while at + 8 <= end:
+        kind, size = size_at(stream, at)
+        payload = stream[at + 8:at + 8 + size]
+        at += 8 + size
+        everything.append(payload)
+        if left.get(kind, 0) > 0:
+            if payload.endswith(b"\n"):
+                left[kind] -= 1
+            continue
+        kept.append(payload)
+    cursor = next_chunk(parse_entries(b"".join(everything), complete=True), None).cursor
+    return LogChunk([text for _, text in parse_entries(b"".join(kept), complete=True)], cursor)
+
+
 def next_log_chunk(entries: Sequence[tuple[int, str]], cursor: Mapping[str, int] | None) -> LogChunk:
     """New lines and the next cursor (the engine's ``since`` is inclusive and in whole seconds): the shared
     timestamped-log cursor of :mod:`airflow_remote_ml.core.logs`."""

@@ -159,7 +159,7 @@ def check_config(config: DockerConfig) -> None:
         expect_text(f"{CONFIG}.{name}", getattr(config, name), "a string", _EXAMPLES.get(name, "a path"))
     require_text(f"{CONFIG}.api_version", config.api_version, "an API version", "'auto' or '1.43'")
     require_text(f"{CONFIG}.python", config.python, "an interpreter", "'python3'")
-    for name in ("tls_verify", "init", "artifact_mount"):
+    for name in ("tls_verify", "init", "artifact_mount", "attach"):
         expect_bool(f"{CONFIG}.{name}", getattr(config, name))
     for name, allowed in (("removal_policy", REMOVAL_POLICIES), ("pull", PULL_POLICIES),
                           ("secrets_from", ("airflow", "env"))):
