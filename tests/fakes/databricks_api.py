@@ -506,6 +506,8 @@ class FakeDatabricks:
         self._late: dict[str, list[tuple[float, bool]]] = {}
         self._outage_until = 0.0
         self._dbfs_handles: dict[int, tuple[str, bytearray]] = {}
+        #: Every ``dbfs/move`` served, (source, destination): what a test asserts placement by.
+        self.dbfs_moves: list[tuple[str, str]] = []
         self._handle_ids = itertools.count(1)
         self._requests: list[RequestRecord] = []
         # Real run ids are large (above 2**31); using such values catches int32 assumptions.
@@ -1049,6 +1051,7 @@ class FakeDatabricks:
             ("POST", "dbfs/close"): self._dbfs_close,
             ("POST", "dbfs/mkdirs"): self._dbfs_mkdirs,
             ("POST", "dbfs/delete"): self._dbfs_delete,
+            ("POST", "dbfs/move"): self._dbfs_move,
         }
         handler = routes.get((method, endpoint))
         if endpoint.startswith("clusters/"):
@@ -1595,6 +1598,13 @@ class FakeDatabricks:
         overwrite = _as_bool(params.get("overwrite", False), "overwrite")
         if target.exists() and not overwrite:
             raise ApiError(400, f"File {path} already exists.", "RESOURCE_ALREADY_EXISTS")
+        if target.is_dir():
+            raise _invalid(f"Path {path} is a directory")
+        # The reference does not say that a reader is kept from a file while a stream writes it ("Opens a
+        # stream to write to a file"), so the stricter reading: the file is there, truncated, from create on,
+        # and each add-block appends to what readers see; close only ends the stream.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"")
         with self._cond:
             handle = next(self._handle_ids)
             self._dbfs_handles[handle] = (path, bytearray())
@@ -1608,7 +1618,11 @@ class FakeDatabricks:
         with self._cond:
             if handle not in self._dbfs_handles:
                 raise ApiError(404, f"No stream with handle {handle}", "RESOURCE_DOES_NOT_EXIST")
-            self._dbfs_handles[handle][1].extend(data)
+            path, written = self._dbfs_handles[handle]
+            written.extend(data)
+        _, target = self._dbfs_target({"path": path})
+        with target.open("ab") as fh:
+            fh.write(data)
         return {}
 
     def _dbfs_close(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -1616,9 +1630,24 @@ class FakeDatabricks:
         with self._cond:
             if handle not in self._dbfs_handles:
                 raise ApiError(404, f"No stream with handle {handle}", "RESOURCE_DOES_NOT_EXIST")
-            path, data = self._dbfs_handles.pop(handle)
-        _, target = self._dbfs_target({"path": path})
-        self._dbfs_write(path, target, bytes(data), True)
+            self._dbfs_handles.pop(handle)
+        return {}
+
+    def _dbfs_move(self, version: str, params: dict[str, Any]) -> dict[str, Any]:
+        # "If the source file does not exist, this call throws an exception with RESOURCE_DOES_NOT_EXIST. If a
+        # file already exists in the destination path, this call throws an exception with
+        # RESOURCE_ALREADY_EXISTS." (docs.databricks.com/api/workspace/dbfs/move)
+        source, source_target = self._dbfs_target({"path": params.get("source_path", "")})
+        destination, destination_target = self._dbfs_target({"path": params.get("destination_path", "")})
+        with self._cond:
+            if not source_target.exists():
+                raise self._not_found(source)
+            if destination_target.exists():
+                raise ApiError(400, f"A file or directory already exists at {destination}.",
+                               "RESOURCE_ALREADY_EXISTS")
+            destination_target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(source_target, destination_target)
+        self.dbfs_moves.append((source, destination))
         return {}
 
     def _dbfs_mkdirs(self, version: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -217,7 +217,7 @@ class DatabricksBackend(Backend):
         # Built (and so checked) before anything is uploaded or submitted.
         payload = build_submit_payload(request, self.config, runtime_file)
         if runtime_file is not None and self.config.upload_runtime and runtime_file not in self._placed:
-            self._write(runtime_file, runtime.source().encode())
+            self._storage.write_once(runtime_file, runtime.source().encode())
             self._placed.add(runtime_file)
         # Ambiguous: a timeout or a dropped connection may hide a run that was created. Sending the same
         # token again answers that run, so the caller may retry at once (TransientBackendError).
@@ -246,9 +246,7 @@ class DatabricksBackend(Backend):
             return
         if code.archive is None:
             raise ArtifactError(f"the code archive for {code.uri} was not built in this process")
-        mounted = self._mount_of(code.uri) or (local_path(code.uri) if is_local(code.uri) else None)
-        if not (mounted and os.path.isfile(mounted)):  # content-addressed: one that exists is this one
-            self._write(code.uri, code.archive)
+        self._storage.write_once(code.uri, code.archive)  # content-addressed: one that exists is this one
         self._placed.add(code.uri)
 
     def _page_url_after_submit(self, run_id: int) -> str:

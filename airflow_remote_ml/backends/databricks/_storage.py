@@ -12,11 +12,12 @@ import contextlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from airflow_remote_ml.core.artifacts import is_local, local_path
-from airflow_remote_ml.core.errors import ArtifactError, ConfigError
+from airflow_remote_ml.core.errors import ArtifactError, BackendAPIError, ConfigError
 
 #: The DBFS API's limits (docs.databricks.com/api/workspace/dbfs): ``read`` returns at most 1 MB per call
 #: (MAX_READ_SIZE_EXCEEDED beyond), ``put`` takes at most 1 MB of inline ``contents`` and ``add-block`` at
@@ -95,6 +96,52 @@ class Storage:
 
         with fsspec.open(uri, "wb") as fh:
             fh.write(data)
+
+    def write_once(self, uri: str, data: bytes) -> None:
+        """Place a content-addressed file (the runtime, a code archive: its name is its digest) that steps
+        may be reading right now: never rewritten in place, placed once.
+
+        Over the DBFS API an existing file of this size is this file and is left alone (one ``get-status``).
+        A new one is uploaded under a temporary name and moved into place: the reference does not say that a
+        streaming upload (create, add-block, close) hides the partial file from readers, so re-uploading in
+        place could hand a running step a truncated archive. ``dbfs/move`` refuses an existing destination
+        (RESOURCE_ALREADY_EXISTS): another worker placed it first, and ours is dropped. Under a mount or a
+        local path an existing file of this size is likewise kept; a write goes through :meth:`write`, which
+        renames a complete temporary file into place.
+        """
+        target = self.mount_of(uri)
+        if target is None and uri.startswith("dbfs:"):
+            self._dbfs_place(uri, data)
+            return
+        if target is None and is_local(uri):
+            target = local_path(uri)
+        if target is not None and os.path.isfile(target) and os.path.getsize(target) == len(data):
+            return
+        self.write(uri, data)
+
+    def _dbfs_place(self, uri: str, data: bytes) -> None:
+        path = dbfs_path(uri)
+        try:
+            status: dict[str, Any] | None = self._call(("GET", "2.0/dbfs/get-status"), {"path": path},
+                                                       f"looking up {uri}")
+        except NotFound:
+            status = None
+        if status is not None:
+            if not status.get("is_dir") and int(status.get("file_size", -1)) == len(data):
+                return
+            # Not this file (a partial upload left by an older version of this provider): replace it.
+            self._call(("POST", "2.0/dbfs/delete"), {"path": path, "recursive": False}, f"replacing {uri}")
+        partial = f"{uri}.part-{uuid.uuid4().hex[:12]}"
+        self._dbfs_write(partial, data)
+        try:
+            self._call(("POST", "2.0/dbfs/move"), {"source_path": dbfs_path(partial), "destination_path": path},
+                       f"placing {uri}")
+        except BackendAPIError as exc:
+            with contextlib.suppress(Exception):
+                self._call(("POST", "2.0/dbfs/delete"), {"path": dbfs_path(partial), "recursive": False},
+                           f"removing {partial}")
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
 
     def _dbfs_write(self, uri: str, data: bytes) -> None:
         path = dbfs_path(uri)
