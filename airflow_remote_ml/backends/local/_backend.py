@@ -188,6 +188,8 @@ class LocalBackend(Backend):
         return RunStatus(RunState.LOST, "gone", "the process ended without reporting an exit code", exit_code)
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """The status at the step's exit, after ``timeout``, or as soon as its log holds output not read back
+        yet (then RUNNING), so the caller reads a chatty step's log while it runs."""
         # The runtime writes its exit file just before exiting: once the process is gone, poll() knows.
         pid = self._waitable_pid(handle)
         # Also back early when the log holds output not read yet: wait_for_completion reads it while the
