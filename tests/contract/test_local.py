@@ -389,13 +389,45 @@ def test_the_wait_comes_back_while_the_step_runs_once_it_has_printed(tmp_path, r
     backend = make_backend(tmp_path)
     handle = backend.submit(make_request(tmp_path, command=[sys.executable, "-c", code]))
     reaper.update(step_processes(handle.data["job_dir"]))
-    # The step's only output is that line: the log grows once, when it is there.
-    status = backend.wait(handle, 3 * BOUND)
-    assert status.state is RunState.RUNNING, f"the wait came back only at the step's end: {status}"
-    assert "ready" in backend.read_logs(handle, None).lines
+    # An unbuffered print is two writes ("ready", then "\n"): the first may bring the wait back with only a
+    # partial line in the log, held back by read_logs; the next growth brings it back again.
+    lines: list[str] = []
+    deadline = time.monotonic() + BOUND
+    while "ready" not in lines:
+        assert time.monotonic() < deadline, f"the line never reached the log: {lines}"
+        status = backend.wait(handle, 3 * BOUND)
+        assert status.state is RunState.RUNNING, f"the wait came back only at the step's end: {status}"
+        lines = backend.read_logs(handle, None).lines
     go.write_text("")
     outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + BOUND)
     assert outcome.status.is_successful, outcome
+
+
+def test_after_a_read_cut_at_its_bound_the_wait_reads_on_at_once(tmp_path, reaper):
+    """A read that stopped at READ_MAX with more already there sends the wait straight back (no slice, no
+    look at the log): the rest is read while the step runs, not one slice per MiB."""
+    from airflow_remote_ml.backends.local._logs import LogWatch
+    from airflow_remote_ml.backends.local._procs import wait_for_exit
+
+    backend = make_backend(tmp_path)
+    handle = backend.submit(make_request(tmp_path, command=["sleep", "150"]))
+    reaper.update(step_processes(handle.data["job_dir"]))
+    looks: list[bool] = []
+
+    class Watch(LogWatch):
+        def unread(self) -> bool:
+            looks.append(True)
+            return True
+
+    watch = Watch(os.path.join(handle.data["job_dir"], "log"))
+    watch.read(0, more=True)
+    pid = backend._pid(handle)
+    assert pid is not None
+    assert wait_for_exit(pid, 3 * BOUND, watch) is False
+    assert looks == [], "the wait sliced and looked at the log instead of coming back at once"
+    watch.read(0, more=False)
+    assert wait_for_exit(pid, 3 * BOUND, watch) is False and looks == [True]  # a slice, a look, back
+    backend.cancel(handle)
 
 
 @pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "block-buffered"])
