@@ -96,10 +96,15 @@ class RunHandle:
 
 @dataclass(frozen=True)
 class LogChunk:
-    """New log lines and the cursor to ask for the ones after them."""
+    """New log lines and the cursor to ask for the ones after them.
+
+    ``more``: the read stopped at a size bound with more output already there; the waiting loops read again
+    at once (a backend that bounds its reads keeps a long log out of memory without losing its end).
+    """
 
     lines: list[str]
     cursor: Any = None
+    more: bool = False
 
 
 @dataclass(frozen=True)

@@ -70,9 +70,14 @@ class Follower:
             # Write-ahead: the cursor is saved before its lines are shown, so a restarted trigger resumes
             # after them instead of showing them twice.
             self.on_cursor(chunk.cursor)
+        on_line = self.on_line
         for line in chunk.lines:
-            self.tail.append(line)
-            self.on_line(line)
+            on_line(line)
+        # Only a chunk's last lines can stay in the tail: one slice per chunk, not an append per line (a
+        # chatty step hands on 200k lines; the appends were a third of handing them on).
+        keep = self.tail.maxlen or 0
+        if keep:
+            self.tail.extend(chunk.lines[-keep:])
         self.cursor = chunk.cursor
 
     def next_delay(self) -> float | None:
@@ -123,7 +128,7 @@ def wait_for_completion(
         except TransientBackendError as exc:
             sleep(follower.failed(backend, exc))
     while True:
-        _feed(follower, lambda: backend.read_logs(handle, follower.cursor))
+        _feed(follower, lambda: backend.read_logs(handle, follower.cursor), drain=status.is_terminal)
         if status.is_terminal:
             return follower.outcome(status)
         delay = follower.next_delay()
@@ -163,7 +168,11 @@ async def await_completion(
             await asyncio.sleep(follower.failed(backend, exc))
     while True:
         try:
-            follower.feed(await backend.aread_logs(handle, follower.cursor))
+            while True:  # at the end, the rest of a log read in bounded pieces (LogChunk.more)
+                chunk = await backend.aread_logs(handle, follower.cursor)
+                follower.feed(chunk)
+                if not (chunk.more and status.is_terminal):
+                    break
         except BackendAPIError as exc:  # logs are best effort while waiting; the status decides the outcome
             log.warning("%s: reading logs failed: %s", backend.name, exc)
         if status.is_terminal:
@@ -178,9 +187,15 @@ async def await_completion(
             await asyncio.sleep(follower.failed(backend, exc))
 
 
-def _feed(follower: Follower, read: Callable[[], LogChunk]) -> None:
+def _feed(follower: Follower, read: Callable[[], LogChunk], *, drain: bool) -> None:
     try:
-        follower.feed(read())
+        # At the end (``drain``), the rest of a log read in bounded pieces (LogChunk.more); while the job
+        # runs the next look comes after the next wait, so the deadline is checked between pieces.
+        while True:
+            chunk = read()
+            follower.feed(chunk)
+            if not (chunk.more and drain):
+                break
     except BackendAPIError as exc:
         # Logs are best effort while waiting (a job deleted remotely has no log any more); the status
         # decides the outcome.

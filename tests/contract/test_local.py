@@ -374,6 +374,82 @@ def test_the_async_wait_wakes_when_the_step_ends(tmp_path, elsewhere):
     assert status.is_successful, status
 
 
+# -- a chatty step's log is read back while it runs (issue 11) ---------------------------------------------
+
+
+def test_the_wait_comes_back_while_the_step_runs_once_it_has_printed(tmp_path, reaper):
+    """``wait`` returns as soon as the log holds unread output, not at the step's exit or its timeout, so
+    wait_for_completion reads a chatty step's lines back while it runs."""
+    import sys
+
+    go = tmp_path / "go"
+    # Prints, then waits (bounded) for the test to let it end: only an output-driven wait returns RUNNING.
+    code = (f"import os, time\nprint('ready', flush=True)\ndeadline = time.monotonic() + {BOUND}\n"
+            f"while not os.path.exists({str(go)!r}) and time.monotonic() < deadline:\n    time.sleep(0.01)")
+    backend = make_backend(tmp_path)
+    handle = backend.submit(make_request(tmp_path, command=[sys.executable, "-c", code]))
+    reaper.update(step_processes(handle.data["job_dir"]))
+    # An unbuffered print is two writes ("ready", then "\n"): the first may bring the wait back with only a
+    # partial line in the log, held back by read_logs; the next growth brings it back again.
+    lines: list[str] = []
+    deadline = time.monotonic() + BOUND
+    while "ready" not in lines:
+        assert time.monotonic() < deadline, f"the line never reached the log: {lines}"
+        status = backend.wait(handle, 3 * BOUND)
+        assert status.state is RunState.RUNNING, f"the wait came back only at the step's end: {status}"
+        lines = backend.read_logs(handle, None).lines
+    go.write_text("")
+    outcome = wait_for_completion(backend, handle, deadline=time.monotonic() + BOUND)
+    assert outcome.status.is_successful, outcome
+
+
+def test_after_a_read_cut_at_its_bound_the_wait_reads_on_at_once(tmp_path, reaper):
+    """A read that stopped at READ_MAX with more already there sends the wait straight back (no slice, no
+    look at the log): the rest is read while the step runs, not one slice per MiB."""
+    from airflow_remote_ml.backends.local._logs import LogWatch
+    from airflow_remote_ml.backends.local._procs import wait_for_exit
+
+    backend = make_backend(tmp_path)
+    handle = backend.submit(make_request(tmp_path, command=["sleep", "150"]))
+    reaper.update(step_processes(handle.data["job_dir"]))
+    looks: list[bool] = []
+
+    class Watch(LogWatch):
+        def unread(self) -> bool:
+            looks.append(True)
+            return True
+
+    watch = Watch(os.path.join(handle.data["job_dir"], "log"))
+    watch.read(0, more=True)
+    pid = backend._pid(handle)
+    assert pid is not None
+    assert wait_for_exit(pid, 3 * BOUND, watch) is False
+    assert looks == [], "the wait sliced and looked at the log instead of coming back at once"
+    watch.read(0, more=False)
+    assert wait_for_exit(pid, 3 * BOUND, watch) is False and looks == [True]  # a slice, a look, back
+    backend.cancel(handle)
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "block-buffered"])
+def test_a_chatty_step_reaches_the_task_log_line_by_line_exactly_once(tmp_path, unbuffered):
+    """Read back in pieces while the step runs, every line arrives once and in order, and the final
+    cursor lets a reattached worker resume with nothing repeated."""
+    import sys
+
+    count = 300_000  # ~4 MiB: several bounded reads, most of them while the step is still writing
+    backend = make_backend(tmp_path)
+    request = make_request(tmp_path, command=[sys.executable, "-c", f"for i in range({count}): print('line', i)"],
+                           env={"PYTHONUNBUFFERED": unbuffered})
+    handle = backend.submit(request)
+    got: list[str] = []
+    outcome = wait_for_completion(backend, handle, on_line=got.append, deadline=time.monotonic() + BOUND)
+    assert outcome.status.is_successful, outcome
+    assert got == [f"line {i}" for i in range(count)]
+    assert outcome.tail == got[-40:]
+    elsewhere = LocalBackend.from_config(backend.config_json())  # a restarted worker, from the saved cursor
+    assert elsewhere.read_logs(RunHandle.from_json(handle.to_json()), outcome.cursor).lines == []
+
+
 def test_a_python_that_cannot_run_is_a_config_error_naming_the_setting(tmp_path):
     backend = make_backend(tmp_path, python=str(tmp_path / "no-such-python"))
     with pytest.raises(ConfigError, match=r"backend_config\[local\]\.python"):

@@ -149,3 +149,41 @@ def test_without_a_platform_reason_the_steps_own_error_is_the_reason():
     handle = RunHandle("scripted", "job-2", data={"manifest_uri": "/m.json"})
     error = failure_error(backend, handle, RunStatus(RunState.FAILED, "failed", "exit code 1", exit_code=1))
     assert error.reason == "ValueError: alpha must be positive"
+
+
+class Pieces(Scripted):
+    """A backend that reads its log in bounded pieces, as the local backend does (LogChunk.more)."""
+
+    def read_logs(self, handle, cursor=None):
+        start = cursor or 0
+        end = min(start + 3, len(self.lines))
+        return LogChunk(self.lines[start:end], end, more=end < len(self.lines))
+
+
+def test_at_the_end_a_log_read_in_pieces_is_read_to_its_last_line():
+    lines = [f"line {i}" for i in range(10)]
+    got: list[str] = []
+    outcome = wait_for_completion(Pieces([DONE], lines=lines), HANDLE, on_line=got.append, policy=FAST)
+    assert got == lines and outcome.cursor == 10
+    got.clear()
+    outcome = asyncio.run(await_completion(Pieces([DONE], lines=lines), HANDLE, on_line=got.append, policy=FAST))
+    assert got == lines and outcome.cursor == 10
+
+
+def test_while_running_one_piece_is_read_per_look_so_the_deadline_is_still_checked():
+    backend = Pieces([RUNNING], lines=[f"line {i}" for i in range(10)])
+    got: list[str] = []
+    outcome = wait_for_completion(backend, HANDLE, on_line=got.append, policy=FAST, deadline=0.0,
+                                  clock=lambda: 1.0)
+    assert outcome.timed_out and got == ["line 0", "line 1", "line 2"]
+
+
+def test_the_tail_holds_the_last_lines_across_chunks():
+    from airflow_remote_ml.core.wait import Follower
+
+    follower = Follower(lambda line: None, tail=5)
+    follower.feed(LogChunk(["a", "b", "c", "d"], 4))
+    follower.feed(LogChunk(["e", "f"], 6))
+    assert list(follower.tail) == ["b", "c", "d", "e", "f"]
+    follower.feed(LogChunk([f"x{i}" for i in range(9)], 15))
+    assert list(follower.tail) == ["x4", "x5", "x6", "x7", "x8"]

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from airflow_remote_ml import runtime
 from airflow_remote_ml.backends.local import _jobs
 from airflow_remote_ml.backends.local._config import LocalConfig, step_environment
+from airflow_remote_ml.backends.local._logs import LogWatch, read_chunk, tail
 from airflow_remote_ml.backends.local._procs import (
     StepProcesses,
     group_leader_matches,
@@ -59,6 +60,8 @@ class LocalBackend(Backend):
         config.check()
         # Processes started by this object: waiting on them notices the exit at once.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # How far each job's log has been read back, for wait() to come back when there is more.
+        self._watches: dict[str, LogWatch] = {}
 
     # -- helpers ----------------------------------------------------------------------------------------
 
@@ -98,6 +101,7 @@ class LocalBackend(Backend):
             log.info("local: step %s is already running; adopting it", request.identity.key)
             return existing
         os.makedirs(job_dir, exist_ok=True)
+        self._watches.pop(job_id, None)  # a new log
         for name in _FILES:  # a job directory is only reused for the same identity after a failed start
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(job_dir, name))
@@ -184,9 +188,13 @@ class LocalBackend(Backend):
         return RunStatus(RunState.LOST, "gone", "the process ended without reporting an exit code", exit_code)
 
     def wait(self, handle: RunHandle, timeout: float) -> RunStatus:
+        """The status at the step's exit, after ``timeout``, or as soon as its log holds output not read back
+        yet (then RUNNING), so the caller reads a chatty step's log while it runs."""
         # The runtime writes its exit file just before exiting: once the process is gone, poll() knows.
         pid = self._waitable_pid(handle)
-        if pid is not None and wait_for_exit(pid, timeout) is not None:
+        # Also back early when the log holds output not read yet: wait_for_completion reads it while the
+        # step still runs, rather than a chatty step's whole output after its exit (issue 11).
+        if pid is not None and wait_for_exit(pid, timeout, self._watch(handle)) is not None:
             self._reap(handle)
             return self.poll(handle)
         child = self._children.get(handle.job_id)
@@ -270,22 +278,22 @@ class LocalBackend(Backend):
         return StepProcesses(runtime_pid, groups)
 
     def read_logs(self, handle: RunHandle, cursor: Any = None) -> LogChunk:
-        offset = int(cursor or 0)
-        path = os.path.join(handle.data["job_dir"], "log")
+        watch = self._watch(handle)
+        chunk, looked = read_chunk(watch.path, int(cursor or 0), lambda: self.poll(handle).is_terminal)
+        watch.read(looked, chunk.more)
+        return chunk
+
+    def log_tail(self, handle: RunHandle, lines: int = 40) -> list[str]:
         try:
-            with open(path, "rb") as fh:
-                fh.seek(offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return LogChunk([], offset)
-        end = data.rfind(b"\n")
-        if end < 0:
-            # No complete line yet; hand over a partial one only when the process is done.
-            if data and self.poll(handle).is_terminal:
-                return LogChunk([data.decode(errors="replace")], offset + len(data))
-            return LogChunk([], offset)
-        complete = data[: end + 1]
-        return LogChunk(complete.decode(errors="replace").splitlines(), offset + len(complete))
+            return tail(os.path.join(handle.data["job_dir"], "log"), lines)
+        except OSError:  # a courtesy in an error message; never mask the real error
+            return []
+
+    def _watch(self, handle: RunHandle) -> LogWatch:
+        watch = self._watches.get(handle.job_id)
+        if watch is None:
+            watch = self._watches[handle.job_id] = LogWatch(os.path.join(handle.data["job_dir"], "log"))
+        return watch
 
     def mark_finished(self, handle: RunHandle) -> None:
         with contextlib.suppress(OSError), open(os.path.join(handle.data["job_dir"], "finished"), "w") as fh:

@@ -93,3 +93,4 @@ def remove(backend: LocalBackend, job: JobInfo) -> None:
         raise BackendAPIError(backend.name, f"job {job.job_id} is still running (see {job_dir}); cancel it first", 409)
     shutil.rmtree(job_dir, ignore_errors=True)
     backend._children.pop(job.job_id, None)
+    backend._watches.pop(job.job_id, None)

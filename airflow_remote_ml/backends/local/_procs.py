@@ -17,6 +17,10 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from airflow_remote_ml.backends.local._logs import LogWatch
 
 #: Upper bound on how long SIGKILLed processes may take to be gone before the kill gives up waiting.
 KILL_CONFIRM_SECONDS = 1.0
@@ -129,8 +133,13 @@ def pidfd(pid: int) -> int | None:
         return None
 
 
-def wait_for_exit(pid: int, timeout: float) -> bool | None:
-    """True once ``pid`` has exited, False after ``timeout`` seconds, None when this cannot be waited on."""
+def wait_for_exit(pid: int, timeout: float, watch: LogWatch | None = None) -> bool | None:
+    """True once ``pid`` has exited, False after ``timeout`` seconds, None when this cannot be waited on.
+
+    With a ``watch`` the wait is cut into slices (``watch.slice``) and also ends (False) once the step's log
+    holds output not read yet, so it is read back while the step runs.
+    """
+    import math
     import select
 
     fd = pidfd(pid)
@@ -141,7 +150,16 @@ def wait_for_exit(pid: int, timeout: float) -> bool | None:
     try:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
-        return bool(poller.poll(max(0, int(timeout * 1000))))
+        if watch is not None and watch.behind:  # the last read stopped at its bound: read on at once
+            return bool(poller.poll(0))
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            part = left if watch is None else min(left, watch.slice)
+            if poller.poll(max(0, math.ceil(part * 1000))):
+                return True
+            if watch is None or time.monotonic() >= deadline or watch.unread():
+                return False
     finally:
         os.close(fd)
 
