@@ -23,7 +23,7 @@ from airflow_remote_ml.core.registry import available_backends, create_backend
 from airflow_remote_ml.core.spec import StepSpec
 from airflow_remote_ml.core.status import RunHandle, RunStatus, StepResult
 from airflow_remote_ml.core.validation import build_operator_spec, check_backend_name, validate_operator_arguments
-from airflow_remote_ml.core.wait import failure_error
+from airflow_remote_ml.core.wait import failure_error, log_records
 from airflow_remote_ml.links import XCOM_JOB_URL_KEY, RemoteJobLink
 from airflow_remote_ml.results import StepResultArg
 from airflow_remote_ml.triggers import RemoteStepTrigger, checkpoint_uri
@@ -260,7 +260,7 @@ class RemoteExecutionOperator(BaseOperator):
             # "deferred" report) must not cancel what the trigger is waiting for.
             lifecycle.hand_over()
             self.defer(trigger=trigger, method_name="execute_complete")
-        outcome = lifecycle.wait(on_line=self._log_line, deadline=deadline)
+        outcome = lifecycle.wait(on_line=self._log_line, on_lines=self._log_lines, deadline=deadline)
         return self._finish(lifecycle, outcome.status, outcome.tail, outcome.timed_out, spec.timeout)
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> Any:
@@ -365,6 +365,11 @@ class RemoteExecutionOperator(BaseOperator):
 
     def _log_line(self, line: str) -> None:
         self.log.info("%s", line)
+
+    def _log_lines(self, lines: list[str]) -> None:
+        """The step's lines that were read together, as few log records (core/wait.py ``log_records``)."""
+        for message in log_records(lines):
+            self.log.info("%s", message)
 
     # -- assets (docs/assets.md) --------------------------------------------------------------------------------
     # Outputs published as Airflow Assets and Assets read as inputs. The Assets join outlets/inlets when the

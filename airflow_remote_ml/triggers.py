@@ -15,7 +15,7 @@ from airflow_remote_ml.core.errors import ConfigError
 from airflow_remote_ml.core.poll import PollPolicy
 from airflow_remote_ml.core.registry import create_backend
 from airflow_remote_ml.core.status import RunHandle
-from airflow_remote_ml.core.wait import await_completion
+from airflow_remote_ml.core.wait import await_completion, log_records
 
 CLASSPATH = "airflow_remote_ml.triggers.RemoteStepTrigger"
 
@@ -112,7 +112,7 @@ class RemoteStepTrigger(BaseTrigger):
                                   self.handle.job_id)
                     cursor = saved
             outcome = await await_completion(
-                backend, self.handle, on_line=lambda line: self.log.info("%s", line),
+                backend, self.handle, on_line=lambda line: self.log.info("%s", line), on_lines=self._log_lines,
                 deadline=deadline, cursor=cursor, policy=self.poll_policy,
                 on_cursor=self.checkpoint.save if self.checkpoint is not None else None,
             )
@@ -170,6 +170,10 @@ class RemoteStepTrigger(BaseTrigger):
                 self.log.warning("Cleaning up job %s failed", self.handle.job_id, exc_info=True)
         self.log.info("Job %s succeeded; the task ends in the triggerer", self.handle.job_id)
         return True
+
+    def _log_lines(self, lines: list[str]) -> None:
+        for message in log_records(lines):  # lines read together are one record (core/wait.py)
+            self.log.info("%s", message)
 
     async def on_kill(self) -> None:
         """A user killed the deferred task (mark failed/success, clear): stop the remote job too."""

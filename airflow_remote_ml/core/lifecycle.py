@@ -351,11 +351,11 @@ class StepLifecycle:
             raise
 
     def wait(self, *, on_line: Callable[[str], None], deadline: float | None,
-             cursor: Any = None) -> Outcome:
+             cursor: Any = None, on_lines: Callable[[list[str]], None] | None = None) -> Outcome:
         """Follow the job to its end (sync); a job past ``deadline`` (a clock() time) is cancelled."""
         handle = self._owned()
         outcome = wait_for_completion(
-            self.backend, handle, on_line=on_line, cursor=cursor,
+            self.backend, handle, on_line=on_line, on_lines=on_lines, cursor=cursor,
             deadline=None if deadline is None else self.monotonic() + (deadline - self.clock()),
             budget=TransientBudget(self.budget_seconds), sleep=self.sleep, clock=self.monotonic,
         )

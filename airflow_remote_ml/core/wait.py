@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +54,10 @@ class Follower:
     def __init__(self, on_line: Callable[[str], None], cursor: Any = None, tail: int = 40, *,
                  policy: PollPolicy | None = None, deadline: float | None = None,
                  clock: Callable[[], float] = time.monotonic, budget: TransientBudget | None = None,
-                 on_cursor: Callable[[Any], None] | None = None) -> None:
+                 on_cursor: Callable[[Any], None] | None = None,
+                 on_lines: Callable[[list[str]], None] | None = None) -> None:
         self.on_line = on_line
+        self.on_lines = on_lines
         self.on_cursor = on_cursor
         self.cursor = cursor
         self.tail: deque[str] = deque(maxlen=tail)
@@ -70,9 +72,13 @@ class Follower:
             # Write-ahead: the cursor is saved before its lines are shown, so a restarted trigger resumes
             # after them instead of showing them twice.
             self.on_cursor(chunk.cursor)
-        on_line = self.on_line
-        for line in chunk.lines:
-            on_line(line)
+        if self.on_lines is not None:
+            if chunk.lines:
+                self.on_lines(chunk.lines)
+        else:
+            on_line = self.on_line
+            for line in chunk.lines:
+                on_line(line)
         # Only a chunk's last lines can stay in the tail: one slice per chunk, not an append per line (a
         # chatty step hands on 200k lines; the appends were a third of handing them on).
         keep = self.tail.maxlen or 0
@@ -116,10 +122,14 @@ def wait_for_completion(
     clock: Callable[[], float] = time.monotonic,
     budget: TransientBudget | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    on_lines: Callable[[list[str]], None] | None = None,
 ) -> Outcome:
-    """Block until the job is terminal or ``deadline`` (a ``clock()`` value) passes, streaming logs."""
+    """Block until the job is terminal or ``deadline`` (a ``clock()`` value) passes, streaming logs.
+
+    ``on_lines``, when given, gets each read's new lines at once instead of ``on_line`` one by one (see
+    :func:`log_records`)."""
     follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock,
-                        budget=budget)
+                        budget=budget, on_lines=on_lines)
     while True:
         try:
             status = backend.poll(handle)
@@ -152,13 +162,14 @@ async def await_completion(
     clock: Callable[[], float] = time.monotonic,
     budget: TransientBudget | None = None,
     on_cursor: Callable[[Any], None] | None = None,
+    on_lines: Callable[[list[str]], None] | None = None,
 ) -> Outcome:
     """The async twin of :func:`wait_for_completion`, for the trigger. ``deadline`` is a ``clock()`` value.
 
     ``on_cursor`` is called with each new log cursor before its lines are passed on (see :meth:`Follower.feed`).
     """
     follower = Follower(on_line, cursor, policy=policy or backend.poll_policy, deadline=deadline, clock=clock,
-                        budget=budget, on_cursor=on_cursor)
+                        budget=budget, on_cursor=on_cursor, on_lines=on_lines)
     while True:
         try:
             status = await backend.apoll(handle)
@@ -246,3 +257,18 @@ def failure_error(
     if status.state is RunState.LOST:
         return RemoteJobLostError(f"the remote job was lost ({reason})", **kwargs)
     return StepFailedError(reason, **kwargs)
+
+
+#: At most this many of a step's lines go into one log record (:func:`log_records`).
+LINES_PER_RECORD = 500
+
+
+def log_records(lines: list[str], limit: int = LINES_PER_RECORD) -> Iterator[str]:
+    """The messages to log for lines that were read together: one per ``limit`` lines, joined by newlines.
+
+    A log record costs ~70 µs in an Airflow task process (structlog's processors, the secrets masker, the JSON
+    sent to the supervisor): a step printing 200k lines took 14 s to log line by line, for a 0.4 s step. Lines
+    that arrive in one read are one record; a step printing a line a minute still gets a record per line.
+    """
+    for start in range(0, len(lines), limit):
+        yield "\n".join(lines[start:start + limit])

@@ -435,10 +435,12 @@ class Deployment:
         return sorted(entry["key"] for entry in body["xcom_entries"])
 
     def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> list[str]:
-        """The task's log as its events (``GET .../logs/{try}`` with ``Accept: application/json``)."""
+        """The task's log as the lines a person reads (``GET .../logs/{try}`` with ``Accept: application/json``):
+        an event of several lines (a step's lines read together are one record, core/wait.py) is split."""
         body = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
                         full_content="true", map_index=map_index)
-        return [item["event"] if isinstance(item, dict) else str(item) for item in body["content"]]
+        events = [item["event"] if isinstance(item, dict) else str(item) for item in body["content"]]
+        return [line for event in events for line in str(event).split("\n")]
 
     def task_log_json(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1) -> str:
         """The task's whole log as JSON text: each event with its fields (an error's ``error_detail`` too)."""

@@ -456,8 +456,8 @@ def test_a_restarted_trigger_does_not_repeat_log_lines(tmp_path, config, store, 
         op.execute(context(FakeTI(), store))
     _, kwargs = info.value.trigger.serialize()
 
-    def step_lines() -> list[str]:
-        return [line for line in shown if line.startswith("line-")]
+    def step_lines() -> list[str]:  # lines read together are one record (core/wait.py log_records)
+        return [line for record in shown for line in record.split("\n") if line.startswith("line-")]
 
     async def run_until_two_lines() -> None:
         trigger = RemoteStepTrigger(**json.loads(json.dumps(kwargs)))

@@ -187,3 +187,42 @@ def test_the_tail_holds_the_last_lines_across_chunks():
     assert list(follower.tail) == ["b", "c", "d", "e", "f"]
     follower.feed(LogChunk([f"x{i}" for i in range(9)], 15))
     assert list(follower.tail) == ["x4", "x5", "x6", "x7", "x8"]
+
+
+def test_lines_read_together_reach_on_lines_at_once_in_order_and_the_tail_still_fills():
+    lines = [f"line {i}" for i in range(10)]
+    for run in (lambda **kw: wait_for_completion(Pieces([DONE], lines=lines), HANDLE, policy=FAST, **kw),
+                lambda **kw: asyncio.run(await_completion(Pieces([DONE], lines=lines), HANDLE, policy=FAST, **kw))):
+        batches: list[list[str]] = []
+        single: list[str] = []
+        outcome = run(on_line=single.append, on_lines=batches.append)
+        assert single == [], "on_lines replaces on_line"
+        assert [len(b) for b in batches] == [3, 3, 3, 1] and [line for b in batches for line in b] == lines
+        assert outcome.tail == lines and outcome.cursor == 10
+
+
+def test_log_records_join_up_to_the_limit_and_keep_every_line():
+    from airflow_remote_ml.core.wait import log_records
+
+    lines = [f"l{i}" for i in range(1203)]
+    records = list(log_records(lines, limit=500))
+    assert [r.count("\n") + 1 for r in records] == [500, 500, 203]
+    assert "\n".join(records).split("\n") == lines
+    assert list(log_records(["one line"])) == ["one line"] and list(log_records([])) == []
+
+
+def test_the_operator_logs_a_chatty_read_as_few_records_with_every_line(monkeypatch):
+    from airflow_remote_ml.operators import RemoteExecutionOperator
+
+    records: list[str] = []
+
+    class TaskLog:  # the task's logger: one call is one record
+        def info(self, msg, *args):
+            records.append(msg % args if args else msg)
+
+    monkeypatch.setattr(RemoteExecutionOperator, "log", property(lambda self: TaskLog()))
+    op = RemoteExecutionOperator(task_id="chatty", backend="local", command=["true"])
+    lines = [f"step line {i}" for i in range(1200)]
+    op._log_lines(lines)
+    assert len(records) == 3
+    assert [line for record in records for line in record.split("\n")] == lines
