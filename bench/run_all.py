@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 RUNS: list[tuple[str, str, list[str]]] = [
     ("local", "bench_local.py", ["--iterations", "20"]),
     ("local", "bench_local_chatty.py", ["--iterations", "5", "--lines", "200000"]),
+    ("local", "bench_task_log.py", ["--iterations", "3", "--lines", "200000"]),
     ("local", "bench_codepkg.py", ["--iterations", "20"]),
     ("docker", "bench_docker.py", ["--iterations", "10", "--phases"]),
     ("docker", "bench_docker.py", ["--chatty", "--iterations", "5"]),
