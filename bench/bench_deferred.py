@@ -53,14 +53,8 @@ def load() -> str:
 
 
 def tis(live: Deployment, dag_id: str, run_id: str) -> list[dict[str, Any]]:
-    """Every mapped task instance of the run, page by page (the API serves at most 100 per page)."""
-    found: list[dict[str, Any]] = []
-    while True:
-        body = live.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100, offset=len(found))
-        found.extend(body["task_instances"])
-        if not body["task_instances"] or len(found) >= body["total_entries"]:
-            break
-    return [ti for ti in found if ti["task_id"] == "step" and ti["map_index"] >= 0]
+    """Every mapped task instance of the run."""
+    return [ti for ti in live.task_instances(dag_id, run_id) if ti["task_id"] == "step" and ti["map_index"] >= 0]
 
 
 def one_round(live: Deployment, side: str, steps: int, root: Path) -> dict[str, Any]:

@@ -448,6 +448,15 @@ class Deployment:
                         full_content="true", map_index=map_index)
         return json.dumps(body["content"])
 
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every task instance of a run, page by page (the API serves at most 100 per page, 50 by default)."""
+        found: list[dict[str, Any]] = []
+        while True:
+            page = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100, offset=len(found))
+            found.extend(page["task_instances"])
+            if not page["task_instances"] or len(found) >= page["total_entries"]:
+                return found
+
     def describe_run(self, dag_id: str, run_id: str) -> str:
         """The task instances of a run, with the log of their latest try: what a failure report needs.
 
@@ -455,12 +464,7 @@ class Deployment:
         that did not succeed first, and the logs of at most ``20`` succeeded ones."""
         parts: list[str] = []
         with contextlib.suppress(Exception):
-            tis: list[dict[str, Any]] = []
-            while True:
-                page = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances", limit=100, offset=len(tis))
-                tis.extend(page["task_instances"])
-                if not page["task_instances"] or len(tis) >= page["total_entries"]:
-                    break
+            tis = self.task_instances(dag_id, run_id)
             tis.sort(key=lambda ti: ti["state"] == "success")
             succeeded_shown = 0
             for ti in tis:
