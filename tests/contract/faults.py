@@ -315,7 +315,8 @@ class FaultContract:
             checkpoint_uri=checkpoint_uri(ArtifactStore(artifact_root), lifecycle.identity)).serialize()[1]))
 
         def numbered() -> list[str]:
-            return [line for line in shown if line.startswith("line ")]
+            # Lines read together are one record (core/wait.py log_records): count the lines a person reads.
+            return [line for record in shown for line in record.split("\n") if line.startswith("line ")]
 
         async def first_run() -> None:
             task = asyncio.ensure_future(RemoteStepTrigger(**kwargs).run().__anext__())
