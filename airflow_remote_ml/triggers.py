@@ -112,7 +112,7 @@ class RemoteStepTrigger(BaseTrigger):
                                   self.handle.job_id)
                     cursor = saved
             outcome = await await_completion(
-                backend, self.handle, on_line=lambda line: self.log.info("%s", line), on_lines=self._log_lines,
+                backend, self.handle, on_lines=self._log_lines,
                 deadline=deadline, cursor=cursor, policy=self.poll_policy,
                 on_cursor=self.checkpoint.save if self.checkpoint is not None else None,
             )
