@@ -140,7 +140,8 @@ class StepLifecycle:
         backend: the backend the step runs on.
         journal: the record's store, or ``None`` when there is none (each try is then its own job).
         base: the task instance's identity without generation.
-        fallback_generation: the generation to use without a journal (the try number keeps tries apart).
+        fallback_generation: the task's try number: the generation without a journal (it keeps tries apart),
+            and what a journal without a record starts from (see :meth:`start`).
         budget_seconds: how long one streak of transient API errors is borne.
         clock, monotonic, sleep: injectable for tests.
     """
@@ -204,7 +205,11 @@ class StepLifecycle:
             identity = self.base.with_generation(self.fallback_generation)
             return self._submit(make_request(identity), identity, look_first=True)
         if record is None:
-            generation = 0
+            # No record: a first try, or Airflow dropped it (``[state_store] clear_on_success`` deletes a task
+            # instance's keys when it succeeds; ``default_retention_days`` expires them). A cleared task's
+            # next try must not meet the first try's job again under the same identity, so the try number
+            # picks the generation: every try moves it up by at most one, so try - 1 is one no try used.
+            generation = max(0, self.fallback_generation - 1)
         elif record.backend != name:
             if record.phase is not Phase.FINISHED:
                 self.log.warning("The earlier try ran on backend %r, this one on %r: its job %s is not "

@@ -104,8 +104,8 @@ class FaultContract:
         return StepIdentity("faults", task, f"run-{uuid.uuid4().hex[:12]}")
 
     def lifecycle(self, backend: Backend, journal: MemoryJournal, base: StepIdentity,
-                  budget: float = 60.0) -> StepLifecycle:
-        return StepLifecycle(backend, journal, base, budget_seconds=budget)
+                  budget: float = 60.0, try_number: int = 0) -> StepLifecycle:
+        return StepLifecycle(backend, journal, base, budget_seconds=budget, fallback_generation=try_number)
 
     def make_request(self, artifact_root: str, image: str | None, **spec: Any):
         spec.setdefault("image", image)
@@ -117,8 +117,9 @@ class FaultContract:
         return make
 
     def start(self, backend: Backend, artifact_root: str, image: str | None, base: StepIdentity,
-              journal: MemoryJournal, code: str = QUICK, **spec: Any) -> tuple[StepLifecycle, RunHandle]:
-        lifecycle = self.lifecycle(backend, journal, base)
+              journal: MemoryJournal, code: str = QUICK, try_number: int = 0,
+              **spec: Any) -> tuple[StepLifecycle, RunHandle]:
+        lifecycle = self.lifecycle(backend, journal, base, try_number=try_number)
         if not spec.get("shell"):
             spec["command"] = ["python3", "-c", code]
         make = self.make_request(artifact_root, image, **spec)
@@ -150,6 +151,23 @@ class FaultContract:
         return backend.poll(handle).state is RunState.RUNNING
 
     # -- creating the job ----------------------------------------------------------------------------
+
+    def test_a_cleared_task_whose_record_airflow_dropped_runs_a_new_job(self, service, fault_backend,
+                                                                        artifact_root, image):
+        # Airflow 3.3's [state_store] clear_on_success=True deletes a task instance's state store keys when it
+        # succeeds (execution API ti_update_state); default_retention_days expires them. The next try of a
+        # cleared task then reads no record: it must run a new job, not meet the first one under the same
+        # identity (a Databricks idempotency token returns the existing run; a local job directory is reused).
+        base = self.identity()
+        first, first_handle = self.start(fault_backend, artifact_root, image, base, MemoryJournal(), try_number=1)
+        assert self.finish(first).status.is_successful
+        again, handle = self.start(fault_backend, artifact_root, image, base, MemoryJournal(), try_number=2)
+        assert self.finish(again).status.is_successful
+        assert again.identity != first.identity
+        assert handle.job_id != first_handle.job_id
+        # One job each (none listed once the removal policy removed a succeeded one).
+        assert [job for job, _ in service.jobs(again.identity)] in ([handle.job_id], [])
+        assert [job for job, _ in service.jobs(first.identity)] in ([first_handle.job_id], [])
 
     @_requires("slow_create")
     def test_a_slow_create_that_still_takes_effect_makes_one_job(self, service, fault_backend, artifact_root, image):

@@ -263,3 +263,32 @@ def test_triggerer_restart_mid_wait_succeeds_and_logs_each_line_once(live: Deplo
     assert all(count == 1 for count in counts.values()), \
         f"each step line must appear exactly once in the task log; counts: {counts}\n" + "\n".join(log)
     assert (control / "started").read_text().split() == [(control / "pid").read_text().strip()]
+
+
+# -- 5. a cleared task runs anew, also when Airflow dropped its record on success -----------------------------
+
+def test_a_cleared_task_runs_a_new_job_when_airflow_dropped_its_record(live: Deployment, control: Path) -> None:
+    """``[state_store] clear_on_success = True`` (Airflow 3.3; the API server applies it when a worker reports
+    success, execution API ``ti_update_state``) deletes the task's state store keys, the step's record among
+    them. A user's clear must still run the step again as a new job: before, the next try chose the first
+    try's identity again and met its job (the local backend reused its job directory and outputs)."""
+    dag_id = HOLD["sync"]
+    live.restart_component("api-server", {"AIRFLOW__STATE_STORE__CLEAR_ON_SUCCESS": "True"})
+    try:
+        (control / "release").touch()  # the step ends as soon as it has printed
+        run_id = live.trigger(dag_id, {"control_dir": str(control)})
+        assert live.wait_for_run(dag_id, run_id) == "success", live.describe_run(dag_id, run_id)
+        store = live.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/hold/state-store")
+        assert store["total_entries"] == 0, f"clear_on_success left the task's keys: {store}"
+
+        response = live.api.post(f"/dags/{dag_id}/clearTaskInstances", json={
+            "dag_run_id": run_id, "task_ids": ["hold"], "only_failed": False, "dry_run": False})
+        assert response.status_code == 200, f"clearTaskInstances: {response.status_code} {response.text}"
+        live.wait_for_task(dag_id, run_id, "hold", lambda ti: ti["try_number"] == 2 and ti["state"] == "success",
+                           "the cleared task's next try (2) a success")
+    finally:
+        live.restart_component("api-server", {})
+    starts = (control / "started").read_text().split()
+    jobs = _job_dirs(live, dag_id, run_id, "hold")
+    assert len(starts) == 2, f"the step ran {len(starts)} times for two tries; expected twice (pids {starts})"
+    assert len(jobs) == 2, f"{len(jobs)} remote jobs for two tries: {jobs}"

@@ -216,6 +216,19 @@ def test_a_cleared_task_runs_anew(tmp_path, config, store):
     assert store.get(STATE_KEY)["generation"] == 1
 
 
+def test_a_cleared_task_runs_anew_when_airflow_dropped_the_record_on_success(tmp_path, config, store):
+    # Airflow 3.3's [state_store] clear_on_success=True deletes a task instance's state store keys when it
+    # succeeds (execution API, ti_update_state). A later clear must still run a new job, not meet the first
+    # try's job again under the same identity.
+    step = counted_step(tmp_path, 0)
+    first = make(tmp_path, config, **step).execute(context(FakeTI(), store))
+    os.remove(store.path)  # what clear_on_success leaves: no record at all
+    second = make(tmp_path, config, **step).execute(context(FakeTI(try_number=2), store))
+    assert starts(tmp_path) == 2
+    assert first["job_id"] != second["job_id"]
+    assert first["outputs"]["model"] != second["outputs"]["model"]
+
+
 def test_a_retry_after_a_failed_step_starts_a_new_job(tmp_path, config, store):
     op = make(tmp_path, config, command=[sys.executable, "-c", "import sys; sys.exit(1)"])
     with pytest.raises(StepFailedError):
