@@ -3,10 +3,11 @@
 Both run the same image and the same command on the same engine, alternating within one run (the order
 flips every iteration so neither side always runs on a warmer engine). Each side does what a task does:
 
-* ours: build the backend from its configuration, ``validate``, ``find`` (reattachment check), ``submit``,
-  ``wait_for_completion`` (event-driven wait + logs), ``fetch_result`` (reads the manifest),
-  ``mark_finished``, ``cleanup`` (removal_policy on_success removes it), ``close``; as
-  ``RemoteExecutionOperator.execute`` does, without Airflow's task bookkeeping;
+* ours: what ``RemoteExecutionOperator.execute`` does on a first try, through the same ``StepLifecycle``:
+  build the backend from its configuration, ``validate``, record the intent, ``submit`` (a first try has no
+  record, so nothing to look up first), wait (event-driven, logs relayed), ``fetch_result`` (reads the
+  manifest), ``finish`` (records it and marks the container: removal_policy on_success removes it at once),
+  ``cleanup``, ``close``; without Airflow's task bookkeeping (the journal is in memory);
 * theirs: ``DockerOperator(...).execute(context)`` with its defaults except ``auto_remove="success"``
   (so both remove their container) and ``network_mode="none"`` (both);
 * bare: ``docker run --rm --network none IMAGE COMMAND`` through the CLI, its output to a log file: what
@@ -120,28 +121,58 @@ def make_timed_backend_class() -> Any:
     return TimedDockerBackend
 
 
+class PricedJournal:
+    """The step record in memory, each read and write taking as long as the task state store's call does
+    in a real deployment (``--record-ms``, measured by bench/bench_task_state.py); 0 ms keeps it free."""
+
+    def __init__(self, read_ms: float, write_ms: float) -> None:
+        from airflow_remote_ml.core.lifecycle import MemoryJournal
+
+        self.memory, self.read_s, self.write_s = MemoryJournal(), read_ms / 1000, write_ms / 1000
+
+    def read(self) -> dict[str, Any] | None:
+        if self.read_s:
+            time.sleep(self.read_s)
+        return self.memory.read()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.write_s:
+            time.sleep(self.write_s)
+        self.memory.write(record)
+
+
 def run_ours(backend_class: Any, command: list[str], artifact_root: str, probe: Probe,
-             attach: bool = True) -> dict[str, float]:
+             attach: bool = True, record_ms: tuple[float, float] = (0.0, 0.0)) -> dict[str, float]:
+    """What ``RemoteExecutionOperator.execute`` does on a task's first try, through the same core lifecycle.
+
+    The journal is in memory. The operator's is Airflow's task state store: a read and three writes per
+    first try, each a call to the API server; ``record_ms`` (read, write) prices them as a deployment does.
+    A first try finds no record, so it submits without listing first.
+    """
     from airflow_remote_ml.core import ArtifactStore, StepIdentity, StepRequest, StepSpec
-    from airflow_remote_ml.core.wait import wait_for_completion
+    from airflow_remote_ml.core.lifecycle import StepLifecycle
 
     probe.reset()
     phases: dict[str, float] = {}
     started = time.perf_counter()
     backend = backend_class.from_config({"network_mode": "none", "pull": "never", "attach": attach})
-    identity = StepIdentity("bench", "step", f"run-{uuid.uuid4().hex[:12]}")
-    request = StepRequest.create(StepSpec.build(image=RUNNER_IMAGE, command=command), identity,
-                                 ArtifactStore(artifact_root))
-    backend.validate(request)
-    handle = backend.find(identity) or backend.submit(request)
+    lifecycle = StepLifecycle(backend, PricedJournal(*record_ms),
+                             StepIdentity("bench", "step", f"run-{uuid.uuid4().hex[:12]}"))
+    spec = StepSpec.build(image=RUNNER_IMAGE, command=command)
+
+    def make_request(identity: StepIdentity) -> StepRequest:
+        request = StepRequest.create(spec, identity, ArtifactStore(artifact_root))
+        backend.validate(request)
+        return request
+
+    handle = lifecycle.start(make_request)
     phases["submit"] = time.perf_counter() - started
-    outcome = wait_for_completion(backend, handle, on_line=lambda line: None,
-                                  deadline=time.monotonic() + 300)
+    outcome = lifecycle.wait(on_line=lambda line: None, on_lines=lambda lines: None, deadline=None)
     phases["wait"] = time.perf_counter() - started - phases["submit"]
     if not outcome.status.is_successful:
         raise RuntimeError(f"our step failed: {outcome.status}\n" + "\n".join(outcome.tail))
     backend.fetch_result(handle)
-    backend.mark_finished(handle)
+    lifecycle.finish(outcome.status)  # records it finished and marks it (removed at once: on_success)
     backend.cleanup(handle, outcome.status)
     backend.close()
     total = time.perf_counter() - started - probe.excluded
@@ -182,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", action="append", choices=sorted(STEPS), help="run only this step (repeatable)")
     parser.add_argument("--log-path", action="store_true",
                         help="also run ours with attach=False (the log read back after the exit), in turn")
+    parser.add_argument("--record-ms", metavar="READ,WRITE",
+                        help="also run ours with each step-record read and write taking this long, as the task "
+                             "state store's calls do in a deployment (bench/bench_task_state.py), in turn")
     args = parser.parse_args(argv)
+    record_ms = tuple(float(x) for x in args.record_ms.split(",")) if args.record_ms else None
+    if record_ms is not None and len(record_ms) != 2:
+        parser.error("--record-ms: READ,WRITE in milliseconds, e.g. 7.0,8.8")
     steps = CHATTY if args.chatty else {name: STEPS[name] for name in (args.step or STEPS)}
     # Importing Airflow configures its logging; quieten it afterwards. The operator and our backend log
     # every step, and the operator warns that it runs outside a task runner: a table needs none of it.
@@ -210,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     theirs: dict[str, list[dict[str, float]]] = defaultdict(list)
     bare: dict[str, list[float]] = defaultdict(list)
     logpath: dict[str, list[dict[str, float]]] = defaultdict(list)
+    priced: dict[str, list[dict[str, float]]] = defaultdict(list)
     if not shutil.which("docker"):
         raise SystemExit("the docker CLI is needed for the bare `docker run` peer")
     with tempfile.TemporaryDirectory(prefix="bench-docker-") as artifact_root:
@@ -227,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 if args.log_path:
                     turns.append(lambda c=command, n=name: logpath[n].append(
                         run_ours(backend_class, c, artifact_root, probe, attach=False)))
+                if record_ms is not None:
+                    turns.append(lambda c=command, n=name: priced[n].append(
+                        run_ours(backend_class, c, artifact_root, probe, record_ms=record_ms)))
                 k = i % len(turns)
                 for run in turns[k:] + turns[:k]:
                     run()
@@ -259,6 +300,17 @@ def main(argv: list[str] | None = None) -> int:
             values = [r["total"] for r in logpath[name]]
             mine = statistics.median(r["total"] for r in ours[name])
             print(f"| {name} | {span(values)} | {mine / statistics.median(values):.2f}× |")
+    if record_ms is not None:
+        print(f"\nOurs with the step record priced as in a deployment ({record_ms[0]:g} ms a read, "
+              f"{record_ms[1]:g} ms a write), in the same turns:\n")
+        print("| step | ours, record priced, median s (min–max) | ratio to DockerOperator | added to ours |")
+        print("|---|---:|---:|---:|")
+        for name in steps:
+            values = [r["total"] for r in priced[name]]
+            mine = statistics.median(r["total"] for r in ours[name])
+            other = statistics.median(r["total"] for r in theirs[name])
+            print(f"| {name} | {span(values)} | {statistics.median(values) / other:.2f}× | "
+                  f"{(statistics.median(values) - mine) * 1000:+.1f} ms |")
     print("\nMilliseconds from the container's exit (`State.FinishedAt`) to ... (median / max over all runs):\n")
     print("| | docker backend | DockerOperator |")
     print("|---|---:|---:|")
@@ -285,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {med['submit']:.3f} | {med['wait']:.3f} | {med['finish']:.3f} |")
     flags = ((" --chatty" if args.chatty else "") + (" --phases" if args.phases else "")
              + (" --log-path" if args.log_path else "")
+             + (f" --record-ms {args.record_ms}" if args.record_ms else "")
              + "".join(f" --step {name}" for name in args.step or ()))
     print(f"\ncommand: .venv/bin/python bench/bench_docker.py{flags} --iterations {args.iterations}")
     return 0
