@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.execution_time.context import NEVER_EXPIRE  # airflow.sdk re-exports it; its 3.3 stub does not
 
 from airflow_remote_ml import assets as asset_support
 from airflow_remote_ml import hooks
@@ -448,7 +449,15 @@ class TaskStateJournal:
         return dict(value) if isinstance(value, Mapping) else None
 
     def write(self, record: dict[str, Any]) -> None:
-        self.store.set(self.key, record)
+        # Airflow 3.3 expires a key [state_store] default_retention_days (30) after its last write, and a
+        # deployment may set fewer days than a long step runs. A record that guards a job which may still
+        # be running (intent, submitted, deferred, cancelling) must outlive it: lost, a retry would submit
+        # a second job beside it. A finished record only moves the next generation on (without it, the
+        # try number does), so it expires as the deployment says.
+        if record.get("phase") == "finished":
+            self.store.set(self.key, record)
+        else:
+            self.store.set(self.key, record, retention=NEVER_EXPIRE)
 
 
 def _secret_refs(spec: StepSpec, backend: Backend) -> list[dict[str, Any]]:

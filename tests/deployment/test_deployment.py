@@ -84,6 +84,11 @@ def _wait_for_file(path: Path, deployment: Deployment, dag_id: str, run_id: str)
              on_timeout=lambda: deployment.describe_run(dag_id, run_id))
 
 
+def _record(deployment: Deployment, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
+    """The step's record in Airflow's task state store, read through the REST API (value and expires_at)."""
+    return deployment.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/state-store/airflow_remote_ml")
+
+
 def _assert_uri_under(value: Any, root: str) -> None:
     assert isinstance(value, str) and value.startswith(root), f"{value!r} is not a URI under {root}"
     assert os.path.exists(value), f"the artifact {value} does not exist"
@@ -178,6 +183,10 @@ def test_worker_sigkill_mid_step_retry_reattaches_to_the_one_job(live: Deploymen
     runner.send_signal(signal.SIGKILL)
     wait_for("the task runner to die", lambda: not runner.is_running() or runner.status() == psutil.STATUS_ZOMBIE, 30)
     assert psutil.pid_exists(step_pid), "the step (its own session) must survive its worker"
+    # The record that lets the retry reattach never expires while the job may run (Airflow 3.3 expires a
+    # key after [state_store] default_retention_days otherwise).
+    record = _record(live, dag_id, run_id, "hold")
+    assert record["value"]["phase"] == "submitted" and record["expires_at"] is None, record
 
     live.wait_for_task(dag_id, run_id, "hold", lambda ti: ti["try_number"] == 2 and ti["state"] == "running",
                        "the retry (try 2) running")
@@ -193,6 +202,8 @@ def test_worker_sigkill_mid_step_retry_reattaches_to_the_one_job(live: Deploymen
     assert starts == [str(step_pid)], f"the step was started {len(starts)} times (pids {starts}); expected once"
     assert len(jobs) == 1, f"{len(jobs)} remote jobs for one task instance: {jobs}"
     assert state == "success", live.describe_run(dag_id, run_id)
+    record = _record(live, dag_id, run_id, "hold")
+    assert record["value"]["phase"] == "finished" and record["expires_at"], record  # expires as configured
 
 
 # -- 3. a running task marked failed: its step is gone ------------------------------------------------------

@@ -11,8 +11,10 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Any
 
 import pytest
+from airflow.sdk import NEVER_EXPIRE
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 
 from airflow_remote_ml.core import StepFailedError, StepTimeoutError
@@ -227,6 +229,30 @@ def test_a_cleared_task_runs_anew_when_airflow_dropped_the_record_on_success(tmp
     assert starts(tmp_path) == 2
     assert first["job_id"] != second["job_id"]
     assert first["outputs"]["model"] != second["outputs"]["model"]
+
+
+class RetentionRecordingStore(FileStateStore):
+    """The file store, also keeping the ``retention`` each write asked Airflow for."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.writes: list[tuple[str, Any]] = []
+
+    def set(self, key: str, value: Any, retention: Any = None, **_: Any) -> None:
+        self.writes.append((value["phase"], retention))
+        super().set(key, value)
+
+
+def test_the_record_of_a_job_that_may_run_never_expires_a_finished_one_does(tmp_path, config):
+    # [state_store] default_retention_days (30 unless the deployment sets fewer) expires keys: a record
+    # guarding a live job must not go before the job does, or a retry would submit a second one.
+    store = RetentionRecordingStore(str(tmp_path / "state.json"))
+    make(tmp_path, config, **counted_step(tmp_path, 0)).execute(context(FakeTI(), store))
+    assert store.writes == [("intent", NEVER_EXPIRE), ("submitted", NEVER_EXPIRE), ("finished", None)]
+    op = make(tmp_path, config, deferrable=True, **counted_step(tmp_path, 0))
+    with pytest.raises(TaskDeferred):
+        op.execute(context(FakeTI(try_number=2), store))
+    assert store.writes[-1] == ("deferred", NEVER_EXPIRE)
 
 
 def test_a_retry_after_a_failed_step_starts_a_new_job(tmp_path, config, store):
