@@ -374,6 +374,23 @@ def test_the_documented_retention_settings_are_accepted_and_the_documented_error
     assert f"at most {RETIRE_BATCH} removals" in text
 
 
+def test_the_documented_scale_settings_are_airflows_own_with_their_defaults():
+    # The table of "Thousands of mapped steps": each setting exists in this Airflow with the default shown.
+    from airflow.configuration import conf
+
+    text = DOC.read_text()
+    for section, key in (("core", "max_map_length"), ("core", "max_active_tasks_per_dag"),
+                         ("triggerer", "capacity")):
+        default = conf.get_default_value(section, key)
+        assert f"`[{section}] {key}` ({default})" in text, (section, key, default)
+    # The limit is enforced where the doc says: in the execution API's XCom route, with that reason.
+    import airflow.api_fastapi.execution_api.routes.xcoms as route
+
+    source = Path(route.__file__).read_text()
+    assert 'conf.getint("core", "max_map_length"' in source and "unmappable_return_value_length" in source
+    assert "unmappable_return_value_length" in text
+
+
 def test_a_listing_that_fails_costs_the_finishing_step_nothing(caplog):
     class Down(Admin):
         def list_jobs(self, dag_id: str | None = None) -> list[JobInfo]:
